@@ -1,0 +1,107 @@
+"""The functional door to the kernels: validated, differentiable, torch.compile-friendly.
+
+    y, h_n, c_n = fusedrnn.functional.rnn_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                                 reverse=False, lengths=None)
+
+has exactly the signature and semantics of `fusedrnn.reference.rnn_layer` (see there for shapes), runs on the
+backend the dispatcher picks, and differentiates with the backend's explicit BPTT backward.
+Under autocast the floating inputs are cast to the autocast dtype, as torch.nn.LSTM does.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .reference import CELLS, GATES
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t: Tensor) -> list:
+    return list(t.shape)
+
+
+def check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths) -> None:
+    """Raises a clear error (naming the argument, expected vs got) for any malformed layer call."""
+    if cell not in CELLS:
+        raise ValueError(f"cell: expected one of {list(CELLS)}, got {cell!r}")
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        raise ValueError(f"x: expected a 3-D tensor [T, B, I], got "
+                         f"{x.dim() if isinstance(x, Tensor) else type(x).__name__}"
+                         f"{'-D tensor' if isinstance(x, Tensor) else ''}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x: expected a floating dtype in {[str(d) for d in _FLOAT_DTYPES]}, got {x.dtype}")
+    T, B, I = x.shape
+    if T == 0:
+        raise ValueError("x: expected sequence length T > 0, got 0")
+    G = GATES[cell]
+    if w_hh.dim() != 2 or w_hh.shape[0] % G != 0 or w_hh.shape[0] == 0:
+        raise ValueError(f"w_hh: expected [{G}*H, H_out] for {cell}, got {_shape(w_hh)}")
+    H = w_hh.shape[0] // G
+    if cell != "lstm" and (c0 is not None or w_hr is not None):
+        raise ValueError(f"{cell} has no cell state and no projection: c0 and w_hr must be None")
+    H_out = w_hr.shape[0] if w_hr is not None else H
+    expected = {"w_ih": (w_ih, [G * H, I]), "w_hh": (w_hh, [G * H, H_out]), "h0": (h0, [B, H_out]),
+                "c0": (c0, [B, H]), "b_ih": (b_ih, [G * H]), "b_hh": (b_hh, [G * H]), "w_hr": (w_hr, [H_out, H])}
+    if cell == "lstm" and c0 is None:
+        raise ValueError("c0: an LSTM needs an initial cell state [B, H], got None")
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError("b_ih, b_hh: give both biases or neither")
+    for name, (t, shape) in expected.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a Tensor, got {type(t).__name__}")
+        if _shape(t) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {_shape(t)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
+    if lengths is not None:
+        check_lengths(lengths, T, B, x.device)
+
+
+def check_lengths(lengths: Tensor, seq_len: int, batch_size: int, device: torch.device) -> None:
+    if not isinstance(lengths, Tensor):
+        raise TypeError(f"lengths: expected an integer Tensor [B], got {type(lengths).__name__}")
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths: expected an integer dtype, got {lengths.dtype}")
+    if _shape(lengths) != [batch_size]:
+        raise ValueError(f"lengths: expected shape [{batch_size}] (one length per sequence), got {_shape(lengths)}")
+    if lengths.device != device:
+        raise ValueError(f"lengths: expected device {device} (the device of the input), got {lengths.device}")
+    if torch.compiler.is_compiling():
+        torch._assert_async(((lengths >= 0) & (lengths <= seq_len)).all(),
+                            "lengths: every length must lie in [0, T]")
+        return
+    lo, hi = int(lengths.min()), int(lengths.max())
+    if lo < 0 or hi > seq_len:
+        raise ValueError(f"lengths: expected every length in [0, {seq_len}] (the sequence length), "
+                         f"got min {lo}, max {hi}")
+
+
+def _autocast(tensors):
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+
+
+def rnn_layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
+              b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, w_hr: Optional[Tensor] = None,
+              reverse: bool = False, lengths: Optional[Tensor] = None):
+    """One layer, one direction. Returns (y [T,B,H_out], h_n [B,H_out], c_n [B,H] for LSTM else None)."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast([x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr])
+    check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+    if lengths is not None:
+        lengths = lengths.to(torch.int64)
+    differentiable = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    need_workspace = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
+    y, h_n, c_n, _ = ops.rnn_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+                                   need_workspace)
+    return y, h_n, (c_n if cell == "lstm" else None)

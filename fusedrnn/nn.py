@@ -1,0 +1,421 @@
+"""Drop-in replacements for torch.nn.LSTM / GRU / RNN and the three cells.
+
+Same constructor arguments and validation, same parameter names, shapes, order and initialisation (so a
+state_dict loads both ways, and the same seed gives the same weights), same forward signature and results.
+Additions: `lengths=` on padded input (a PackedSequence without packing), torch.compile(fullgraph=True)
+support, and the fusedrnn backends underneath. The modules hold no math: each layer and direction is one
+call of `fusedrnn.functional.rnn_layer`.
+
+These do not subclass torch.nn.RNNBase on purpose: Dynamo special-cases RNNBase and graph-breaks on it.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .functional import check_lengths, rnn_layer
+from .reference import GATES
+
+LengthsLike = Union[Tensor, Sequence[int], None]
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than zero, got {value}")
+
+
+def _check_dtype_device(name: str, t: Tensor, like: Tensor, like_name: str) -> None:
+    if t.dtype != like.dtype and not torch.is_autocast_enabled(like.device.type):
+        raise ValueError(f"{name} must have the type {like.dtype} (the dtype of {like_name}), got type {t.dtype}")
+    if t.device != like.device:
+        raise RuntimeError(f"{name} must be on device {like.device} (the device of {like_name}), got {t.device}")
+
+
+class _RecurrentLayers(nn.Module):
+    """Shared body of LSTM, GRU and RNN (torch.nn.RNNBase's surface, not its class)."""
+
+    _mode_name = ""
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None) -> None:
+        super().__init__()
+        _check_positive_int("input_size", input_size)
+        _check_positive_int("hidden_size", hidden_size)
+        _check_positive_int("num_layers", num_layers)
+        if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1):
+            raise ValueError("dropout should be a number in range [0, 1] representing the probability of an "
+                             f"element being zeroed, got {dropout!r}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
+                          f"expects num_layers greater than 1, but got dropout={dropout} and num_layers=1")
+        if isinstance(proj_size, bool) or not isinstance(proj_size, int) or proj_size < 0:
+            raise ValueError(f"proj_size should be a positive integer or zero to disable projections, "
+                             f"got {proj_size!r}")
+        if proj_size >= hidden_size:
+            raise ValueError(f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} and "
+                             f"hidden_size={hidden_size}")
+        self.cell = cell
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.dropout = float(dropout)
+        self.bidirectional = bool(bidirectional)
+        self.proj_size = proj_size
+        num_directions = 2 if bidirectional else 1
+        gate_size = GATES[cell] * hidden_size
+        factory = {"device": device, "dtype": dtype}
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            for direction in range(num_directions):
+                real_hidden = proj_size if proj_size > 0 else hidden_size
+                layer_input = input_size if layer == 0 else real_hidden * num_directions
+                suffix = "_reverse" if direction == 1 else ""
+                shapes = [("weight_ih", (gate_size, layer_input)), ("weight_hh", (gate_size, real_hidden))]
+                if bias:
+                    shapes += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
+                if proj_size > 0:
+                    shapes += [("weight_hr", (proj_size, hidden_size))]
+                names = []
+                for stem, shape in shapes:
+                    name = f"{stem}_l{layer}{suffix}"
+                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
+                    names.append(name)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    # -- torch.nn.RNNBase surface -------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def flatten_parameters(self) -> None:
+        """No-op: fusedrnn needs no flat weight buffer (kept so code written for torch.nn runs unchanged)."""
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        return s.format(**self.__dict__)
+
+    # -- forward ------------------------------------------------------------------------------------
+    def _layer_weights(self, layer: int, direction: int):
+        suffix = "_reverse" if direction == 1 else ""
+        get = lambda stem: getattr(self, f"{stem}_l{layer}{suffix}", None)  # noqa: E731
+        return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("weight_hr")
+
+    def _normalise_input(self, input, lengths: LengthsLike):
+        """-> (x [T,B,I], lengths on x.device or None, is_batched, packed input or None)."""
+        if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError("lengths: must be None for a PackedSequence input, which carries its own lengths")
+            x, seq_lengths = pad_packed_sequence(input)  # batch in the caller's order
+            return x, seq_lengths.to(x.device), True, input
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input: expected a Tensor or PackedSequence, got {type(input).__name__}")
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{self._mode_name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        is_batched = input.dim() == 3
+        if not is_batched:
+            if lengths is not None:
+                raise ValueError("lengths: not supported for unbatched (2-D) input; add a batch dimension")
+            x = input.unsqueeze(1)
+        else:
+            x = input.transpose(0, 1) if self.batch_first else input
+        if x.shape[0] == 0:
+            raise ValueError(f"{self._mode_name}: Expected sequence length to be larger than 0, got 0")
+        if lengths is not None:
+            lengths = self._normalise_lengths(lengths, x)
+        return x, lengths, is_batched, None
+
+    @staticmethod
+    def _normalise_lengths(lengths: LengthsLike, x: Tensor) -> Tensor:
+        if not isinstance(lengths, Tensor):
+            try:
+                lengths = torch.as_tensor(list(lengths), dtype=torch.int64)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"lengths: expected a 1-D integer tensor or a list of ints, got {lengths!r}") from e
+        if lengths.device.type not in ("cpu", x.device.type) or (
+                lengths.device.type != "cpu" and lengths.device != x.device):
+            raise ValueError(f"lengths: expected a tensor on the CPU or on the input's device {x.device}, "
+                             f"got {lengths.device}")
+        if lengths.dim() != 1:
+            raise ValueError(f"lengths: expected a 1-D tensor [B], got shape {list(lengths.shape)}")
+        lengths = lengths.to(x.device)
+        check_lengths(lengths, x.shape[0], x.shape[1], x.device)
+        return lengths
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.shape[-1] != self.input_size:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                               f"got {x.shape[-1]}")
+        _check_dtype_device("input", x, self.weight_ih_l0, "the module's parameters")
+
+    def _initial_state(self, hx, x: Tensor, is_batched: bool, name: str, size: int) -> Tensor:
+        """Validates one of h0/c0 ([L*D, B, size], 2-D when unbatched) and returns it 3-D."""
+        expected = (self.num_layers * (2 if self.bidirectional else 1), x.shape[1], size)
+        if hx is None:
+            return x.new_zeros(expected)
+        if not isinstance(hx, Tensor):
+            raise TypeError(f"{name}: expected a Tensor, got {type(hx).__name__}")
+        want_dim = 3 if is_batched else 2
+        if hx.dim() != want_dim:
+            kind = "batched 3-D" if is_batched else "unbatched 2-D"
+            raise RuntimeError(f"For {kind} input, {name} should also be {want_dim}-D but got {hx.dim()}-D tensor")
+        if not is_batched:
+            hx = hx.unsqueeze(1)
+        if tuple(hx.shape) != expected:
+            shown = expected if is_batched else (expected[0], expected[2])
+            got = list(hx.shape) if is_batched else [hx.shape[0], hx.shape[2]]
+            raise RuntimeError(f"Expected {name} size {shown}, got {got}")
+        _check_dtype_device(name, hx, x, "input")
+        return hx
+
+    def _run(self, x: Tensor, h0: Tensor, c0: Optional[Tensor], lengths: Optional[Tensor]):
+        num_directions = 2 if self.bidirectional else 1
+        h_n, c_n = [], []
+        layer_input = x
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(num_directions):
+                k = layer * num_directions + direction
+                w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(layer, direction)
+                y, h, c = rnn_layer(self.cell, layer_input, h0[k], None if c0 is None else c0[k], w_ih, w_hh,
+                                    b_ih, b_hh, w_hr, reverse=direction == 1, lengths=lengths)
+                outputs.append(y)
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, -1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        return layer_input, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
+
+    def _forward(self, input, hx, lengths: LengthsLike):
+        x, lengths, is_batched, packed = self._normalise_input(input, lengths)
+        self._check_input(x)
+        h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
+        if self.cell == "lstm":
+            if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+                raise TypeError("hx: an LSTM expects a tuple (h_0, c_0) or None, got "
+                                f"{type(hx).__name__}")
+            h0 = self._initial_state(None if hx is None else hx[0], x, is_batched, "hidden[0]", h_out)
+            c0 = self._initial_state(None if hx is None else hx[1], x, is_batched, "hidden[1]", self.hidden_size)
+        else:
+            h0 = self._initial_state(hx, x, is_batched, "hidden", h_out)
+            c0 = None
+        y, h_n, c_n = self._run(x, h0, c0, lengths)
+
+        if packed is not None:
+            sorted_y = y if packed.sorted_indices is None else y.index_select(1, packed.sorted_indices)
+            sorted_lengths, _ = torch.sort(lengths.cpu(), descending=True)
+            data = pack_padded_sequence(sorted_y, sorted_lengths, enforce_sorted=True).data
+            output = PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+        elif not is_batched:
+            output = y.squeeze(1)
+            h_n = h_n.squeeze(1)
+            c_n = c_n.squeeze(1) if c_n is not None else None
+        else:
+            output = y.transpose(0, 1) if self.batch_first else y
+        return output, (h_n if c_n is None else (h_n, c_n))
+
+
+class LSTM(_RecurrentLayers):
+    """torch.nn.LSTM, on fusedrnn kernels. forward(input, hx=None, lengths=None) -> (output, (h_n, c_n))."""
+
+    _mode_name = "LSTM"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None) -> None:
+        super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size, device, dtype)
+
+    def forward(self, input, hx=None, lengths: LengthsLike = None):
+        return self._forward(input, hx, lengths)
+
+
+class GRU(_RecurrentLayers):
+    """torch.nn.GRU, on fusedrnn kernels. forward(input, hx=None, lengths=None) -> (output, h_n)."""
+
+    _mode_name = "GRU"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None) -> None:
+        super().__init__("gru", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         0, device, dtype)
+
+    def forward(self, input, hx=None, lengths: LengthsLike = None):
+        return self._forward(input, hx, lengths)
+
+
+class RNN(_RecurrentLayers):
+    """torch.nn.RNN (Elman, tanh or relu), on fusedrnn kernels. forward(input, hx=None, lengths=None)."""
+
+    _mode_name = "RNN"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        self.nonlinearity = nonlinearity
+        super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", nonlinearity={self.nonlinearity}" if self.nonlinearity != "tanh" else "")
+
+    def forward(self, input, hx=None, lengths: LengthsLike = None):
+        return self._forward(input, hx, lengths)
+
+
+# -------------------------------------------------------------------------------------------------------
+# Cells: one step, as a T=1 layer call (so they run on the same backends and compile the same way).
+# -------------------------------------------------------------------------------------------------------
+class _Cell(nn.Module):
+    _mode_name = ""
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        _check_positive_int("input_size", input_size)
+        _check_positive_int("hidden_size", hidden_size)
+        self.cell = cell
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bool(bias)
+        factory = {"device": device, "dtype": dtype}
+        gate_size = GATES[cell] * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(gate_size, input_size, **factory))
+        self.weight_hh = nn.Parameter(torch.empty(gate_size, hidden_size, **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(gate_size, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(gate_size, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if "bias" in self.__dict__ and self.bias is not True:
+            s += ", bias={bias}"
+        if "nonlinearity" in self.__dict__ and self.nonlinearity != "tanh":
+            s += ", nonlinearity={nonlinearity}"
+        return s.format(**self.__dict__)
+
+    def _step(self, input: Tensor, states: list):
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{self._mode_name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        is_batched = input.dim() == 2
+        x = input if is_batched else input.unsqueeze(0)
+        if x.shape[1] != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {x.shape[1]} expected {self.input_size}")
+        _check_dtype_device("input", x, self.weight_ih, "the module's parameters")
+        full = []
+        for i, state in enumerate(states):
+            name = f"hx[{i}]" if len(states) > 1 else "hx"
+            if state is None:
+                full.append(x.new_zeros(x.shape[0], self.hidden_size))
+                continue
+            if not isinstance(state, Tensor):
+                raise TypeError(f"{name}: expected a Tensor, got {type(state).__name__}")
+            if state.dim() != input.dim():
+                raise RuntimeError(f"{self._mode_name}: Expected {name} to be {input.dim()}D, got {state.dim()}D "
+                                   f"(it must match the input's rank)")
+            state = state if is_batched else state.unsqueeze(0)
+            if list(state.shape) != [x.shape[0], self.hidden_size]:
+                raise RuntimeError(f"{name} has inconsistent shape: expected {[x.shape[0], self.hidden_size]}, "
+                                   f"got {list(state.shape)}")
+            _check_dtype_device(name, state, x, "input")
+            full.append(state)
+        c0 = full[1] if self.cell == "lstm" else None
+        _, h, c = rnn_layer(self.cell, x.unsqueeze(0), full[0], c0, self.weight_ih, self.weight_hh,
+                            self.bias_ih, self.bias_hh)
+        if not is_batched:
+            h = h.squeeze(0)
+            c = c.squeeze(0) if c is not None else None
+        return h, c
+
+
+class LSTMCell(_Cell):
+    """torch.nn.LSTMCell. forward(input, hx=None) -> (h_1, c_1)."""
+
+    _mode_name = "LSTMCell"
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__("lstm", input_size, hidden_size, bias, device, dtype)
+
+    def forward(self, input: Tensor, hx=None):
+        if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+            raise TypeError(f"hx: an LSTMCell expects a tuple (h_0, c_0) or None, got {type(hx).__name__}")
+        return self._step(input, [None, None] if hx is None else list(hx))
+
+
+class GRUCell(_Cell):
+    """torch.nn.GRUCell. forward(input, hx=None) -> h_1."""
+
+    _mode_name = "GRUCell"
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__("gru", input_size, hidden_size, bias, device, dtype)
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        return self._step(input, [hx])[0]
+
+
+class RNNCell(_Cell):
+    """torch.nn.RNNCell. forward(input, hx=None) -> h_1."""
+
+    _mode_name = "RNNCell"
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
+                 device=None, dtype=None) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity: {nonlinearity}. Select from 'tanh' or 'relu'.")
+        self.nonlinearity = nonlinearity
+        super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, bias, device, dtype)
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        return self._step(input, [hx])[0]

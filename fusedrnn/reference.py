@@ -1,0 +1,146 @@
+"""The spec: readable pure-PyTorch time loops for one layer and one direction of every cell.
+
+Every fast path in fusedrnn (C++ CPU, Triton, CUDA) implements exactly this signature and is tested
+against these functions:
+
+    y, h_n, c_n = <cell>_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths)
+
+    x        [T, B, I]
+    h0       [B, H_out]            H_out = proj_size if w_hr is given, else H
+    c0       [B, H] (LSTM) or None
+    w_ih     [G*H, I]              G = 4 (LSTM: i, f, g, o), 3 (GRU: r, z, n), 1 (RNN)
+    w_hh     [G*H, H_out]
+    b_ih     [G*H] or None
+    b_hh     [G*H] or None
+    w_hr     [H_out, H] (LSTM projection) or None
+    reverse  run t = T-1 .. 0
+    lengths  [B] int or None: step t of sequence b is valid iff t < lengths[b]. Invalid steps leave the
+             state unchanged and write zeros to y, so a reversed sequence starts at its own last valid
+             step lengths[b]-1.
+
+    y        [T, B, H_out]
+    h_n      [B, H_out]
+    c_n      [B, H] (LSTM) or None
+
+Half-precision inputs are computed in fp32 and the results rounded once to the input dtype; fp32 and fp64
+are computed in their own precision. Autograd through these loops is the gradient spec.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    y = x @ w.t()
+    return y if b is None else y + b
+
+
+# ---------------------------------------------------------------------------------------------------
+# One time step of each cell. Shapes: x [B, I], h [B, H_out], c [B, H].
+# ---------------------------------------------------------------------------------------------------
+def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None):
+    """Returns (h_new [B, H_out], c_new [B, H])."""
+    gates = _linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh)
+    i, f, g, o = gates.chunk(4, dim=-1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    c_new = f * c + i * g
+    h_new = o * torch.tanh(c_new)
+    if w_hr is not None:
+        h_new = h_new @ w_hr.t()
+    return h_new, c_new
+
+
+def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
+    """PyTorch's reset-after GRU: n = tanh(W_in x + b_in + r * (W_hn h + b_hn)). Returns h_new [B, H]."""
+    x_r, x_z, x_n = _linear(x, w_ih, b_ih).chunk(3, dim=-1)
+    h_r, h_z, h_n = _linear(h, w_hh, b_hh).chunk(3, dim=-1)
+    r = torch.sigmoid(x_r + h_r)
+    z = torch.sigmoid(x_z + h_z)
+    n = torch.tanh(x_n + r * h_n)
+    return (1 - z) * n + z * h
+
+
+def rnn_tanh_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
+    return torch.tanh(_linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh))
+
+
+def rnn_relu_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
+    return torch.relu(_linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh))
+
+
+# ---------------------------------------------------------------------------------------------------
+# One layer, one direction: the time loop with reverse and per-sequence lengths.
+# ---------------------------------------------------------------------------------------------------
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _time_loop(step, x, state, reverse, lengths):
+    """Runs `state = step(x[t], state)` over time; state[0] is the output h. Returns (y, final state)."""
+    T = x.shape[0]
+    ys = [None] * T
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        new_state = step(x[t], state)
+        if lengths is None:
+            state = new_state
+            ys[t] = new_state[0]
+        else:
+            valid = (t < lengths).unsqueeze(-1)  # [B, 1]
+            state = tuple(torch.where(valid, new, old) for new, old in zip(new_state, state))
+            ys[t] = torch.where(valid, new_state[0], torch.zeros_like(new_state[0]))
+    if T == 0:
+        return x.new_zeros((0,) + tuple(state[0].shape)), state
+    return torch.stack(ys), state
+
+
+def _layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths):
+    out_dtype = x.dtype
+    cdt = _compute_dtype(out_dtype)
+    up = lambda t: None if t is None else t.to(cdt)  # noqa: E731
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = map(up, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+    if lengths is not None:
+        lengths = lengths.to(device=x.device, dtype=torch.int64)
+
+    if cell == "lstm":
+        def step(x_t, state):
+            return lstm_cell(x_t, state[0], state[1], w_ih, w_hh, b_ih, b_hh, w_hr)
+        y, (h_n, c_n) = _time_loop(step, x, (h0, c0), reverse, lengths)
+        return y.to(out_dtype), h_n.to(out_dtype), c_n.to(out_dtype)
+
+    cell_fn = {"gru": gru_cell, "rnn_tanh": rnn_tanh_cell, "rnn_relu": rnn_relu_cell}[cell]
+
+    def step(x_t, state):
+        return (cell_fn(x_t, state[0], w_ih, w_hh, b_ih, b_hh),)
+    y, (h_n,) = _time_loop(step, x, (h0,), reverse, lengths)
+    return y.to(out_dtype), h_n.to(out_dtype), None
+
+
+def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, reverse=False, lengths=None):
+    return _layer("lstm", x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths)
+
+
+def gru_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, reverse=False, lengths=None):
+    assert c0 is None and w_hr is None, "GRU has no cell state and no projection"
+    return _layer("gru", x, h0, None, w_ih, w_hh, b_ih, b_hh, None, reverse, lengths)
+
+
+def rnn_tanh_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, reverse=False, lengths=None):
+    assert c0 is None and w_hr is None, "RNN has no cell state and no projection"
+    return _layer("rnn_tanh", x, h0, None, w_ih, w_hh, b_ih, b_hh, None, reverse, lengths)
+
+
+def rnn_relu_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, reverse=False, lengths=None):
+    assert c0 is None and w_hr is None, "RNN has no cell state and no projection"
+    return _layer("rnn_relu", x, h0, None, w_ih, w_hh, b_ih, b_hh, None, reverse, lengths)
+
+
+LAYERS = {"lstm": lstm_layer, "gru": gru_layer, "rnn_tanh": rnn_tanh_layer, "rnn_relu": rnn_relu_layer}
+
+
+def rnn_layer(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, reverse=False, lengths=None):
+    """Dispatches by cell name to the layer functions above (same signature)."""
+    return LAYERS[cell](x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths)
