@@ -23,7 +23,9 @@ against these functions:
     c_n      [B, H] (LSTM) or None
 
 Half-precision inputs are computed in fp32 and the results rounded once to the input dtype; fp32 and fp64
-are computed in their own precision. Autograd through these loops is the gradient spec.
+are computed in their own precision. Autograd through these loops is the gradient spec. The keyword
+`compute_dtype` overrides the compute precision: tests run the reference natively in fp16/bf16 to measure
+PyTorch's own error at that dtype, from which the tolerance of a fast kernel is derived.
 """
 from __future__ import annotations
 
@@ -97,9 +99,9 @@ def _time_loop(step, x, state, reverse, lengths):
     return torch.stack(ys), state
 
 
-def _layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths):
+def _layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths, compute_dtype=None):
     out_dtype = x.dtype
-    cdt = _compute_dtype(out_dtype)
+    cdt = compute_dtype or _compute_dtype(out_dtype)
     up = lambda t: None if t is None else t.to(cdt)  # noqa: E731
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = map(up, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
     if lengths is not None:
@@ -119,28 +121,33 @@ def _layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths):
     return y.to(out_dtype), h_n.to(out_dtype), None
 
 
-def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, reverse=False, lengths=None):
-    return _layer("lstm", x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths)
+def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, reverse=False, lengths=None, *,
+        compute_dtype=None):
+    return _layer("lstm", x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths, compute_dtype)
 
 
-def gru_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, reverse=False, lengths=None):
+def gru_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, reverse=False, lengths=None, *,
+        compute_dtype=None):
     assert c0 is None and w_hr is None, "GRU has no cell state and no projection"
-    return _layer("gru", x, h0, None, w_ih, w_hh, b_ih, b_hh, None, reverse, lengths)
+    return _layer("gru", x, h0, None, w_ih, w_hh, b_ih, b_hh, None, reverse, lengths, compute_dtype)
 
 
-def rnn_tanh_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, reverse=False, lengths=None):
+def rnn_tanh_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, reverse=False, lengths=None, *,
+        compute_dtype=None):
     assert c0 is None and w_hr is None, "RNN has no cell state and no projection"
-    return _layer("rnn_tanh", x, h0, None, w_ih, w_hh, b_ih, b_hh, None, reverse, lengths)
+    return _layer("rnn_tanh", x, h0, None, w_ih, w_hh, b_ih, b_hh, None, reverse, lengths, compute_dtype)
 
 
-def rnn_relu_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, reverse=False, lengths=None):
+def rnn_relu_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, reverse=False, lengths=None, *,
+        compute_dtype=None):
     assert c0 is None and w_hr is None, "RNN has no cell state and no projection"
-    return _layer("rnn_relu", x, h0, None, w_ih, w_hh, b_ih, b_hh, None, reverse, lengths)
+    return _layer("rnn_relu", x, h0, None, w_ih, w_hh, b_ih, b_hh, None, reverse, lengths, compute_dtype)
 
 
 LAYERS = {"lstm": lstm_layer, "gru": gru_layer, "rnn_tanh": rnn_tanh_layer, "rnn_relu": rnn_relu_layer}
 
 
-def rnn_layer(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, reverse=False, lengths=None):
+def rnn_layer(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, reverse=False, lengths=None, *,
+              compute_dtype=None):
     """Dispatches by cell name to the layer functions above (same signature)."""
-    return LAYERS[cell](x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths)
+    return LAYERS[cell](x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths, compute_dtype=compute_dtype)

@@ -1,0 +1,107 @@
+"""Shared test helpers: random layer arguments and the one tolerance rule of the test suite.
+
+Tolerance rule (flash-attention's): a fast path run at dtype d is compared with the fp64 reference, and its
+error may be at most FACTOR times the error PyTorch itself makes at d -- the reference run natively in d
+(`compute_dtype=d`) on the same inputs -- plus a floor of a few units in the last place of d for outputs
+that the native run happens to get exactly right. fp64 and fp32 fast paths get fixed, tight bounds.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from fusedrnn import reference
+
+FACTOR = 2.0
+# Fixed bounds for full precision (relative to max(1, |ref|)): fp64 agrees to rounding; fp32 to ~1e-6
+# per op, accumulated over T steps of O(H) sums.
+FULL_PRECISION_TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+ULP_FLOOR = {torch.float16: 4 * 2.0 ** -10, torch.bfloat16: 4 * 2.0 ** -7}
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+
+def interpreting_triton() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def make_layer_args(cell: str, T: int, B: int, I: int, H: int, proj: int = 0, bias: bool = True,
+                    dtype=torch.float64, device="cpu", lengths: Optional[list] = None, reverse: bool = False,
+                    seed: int = 0, requires_grad: bool = True, scale: float = 1.0) -> dict:
+    """Keyword arguments of reference.rnn_layer / functional.rnn_layer, weights ~ U(-1/sqrt(H), 1/sqrt(H))
+    as torch.nn initialises them (times `scale`), inputs ~ N(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    G = reference.GATES[cell]
+    H_out = proj if proj else H
+    k = scale / H ** 0.5
+
+    def uni(*shape):
+        return ((torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1) * k).to(dtype).to(device)
+
+    def normal(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+
+    args = dict(
+        x=normal(T, B, I), h0=normal(B, H_out) * 0.5, c0=normal(B, H) * 0.5 if cell == "lstm" else None,
+        w_ih=uni(G * H, I), w_hh=uni(G * H, H_out), b_ih=uni(G * H) if bias else None,
+        b_hh=uni(G * H) if bias else None, w_hr=uni(H_out, H) if proj else None, reverse=reverse,
+        lengths=None if lengths is None else torch.tensor(lengths, dtype=torch.int64, device=device))
+    if requires_grad:
+        for name, t in args.items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                t.requires_grad_(True)
+    return args
+
+
+def tensor_args(args: dict) -> dict:
+    """The differentiable tensors of a make_layer_args dict, by name."""
+    return {n: t for n, t in args.items() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+
+
+def cast_args(args: dict, dtype, requires_grad: bool = True) -> dict:
+    out = {}
+    for n, t in args.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            t = t.detach().to(dtype)
+            if requires_grad:
+                t.requires_grad_(True)
+        out[n] = t
+    return out
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+def tolerance(dtype, native_error: float = 0.0, scale: float = 1.0) -> float:
+    """Allowed max error of a fast path at `dtype` against the fp64 reference (see module doc)."""
+    if dtype in FULL_PRECISION_TOL:
+        return FULL_PRECISION_TOL[dtype] * max(1.0, scale)
+    return FACTOR * native_error + ULP_FLOOR[dtype] * max(1.0, scale)
+
+
+def assert_close_to_reference(name: str, fast: torch.Tensor, ref64: torch.Tensor,
+                              ref_native: Optional[torch.Tensor] = None) -> None:
+    """fast: result at its dtype; ref64: fp64 reference; ref_native: reference computed natively at fast's
+    dtype (needed for fp16/bf16)."""
+    assert fast.shape == ref64.shape, f"{name}: shape {list(fast.shape)} != reference {list(ref64.shape)}"
+    scale = ref64.detach().abs().max().item() if ref64.numel() else 1.0
+    native = max_error(ref_native, ref64) if ref_native is not None else 0.0
+    tol = tolerance(fast.dtype, native, scale)
+    err = max_error(fast, ref64)
+    assert err <= tol, f"{name}: max error {err:.3g} > tolerance {tol:.3g} ({fast.dtype}, native error {native:.3g})"
+
+
+def run_and_grad(fn, args: dict, seed: int = 1):
+    """Calls fn(**args) -> (y, h_n, c_n), backpropagates fixed random cotangents, returns (outputs, grads)."""
+    outs = [o for o in fn(**args) if o is not None]
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum()
+               for o in outs)
+    inputs = tensor_args(args)
+    grads = torch.autograd.grad(loss, list(inputs.values()), allow_unused=True)
+    return outs, dict(zip(inputs, grads))
