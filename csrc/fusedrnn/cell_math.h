@@ -1,0 +1,129 @@
+// Per-element gate math of every cell, forward and backward: the one definition in C++ of what
+// fusedrnn/reference.py specifies. Included by the CPU kernels (csrc/cpu) and, compiled by nvcc as
+// __host__ __device__, by the CUDA kernels (csrc/cuda). T is the compute type (float or double); callers
+// convert half inputs to float before and after.
+//
+// Pre-activations passed in include both GEMMs and both biases, except GRU's n gate, whose recurrent part
+// (W_hn h + b_hn) is multiplied by r and so arrives separately.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define FUSEDRNN_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FUSEDRNN_HOST_DEVICE inline
+#endif
+
+namespace fusedrnn {
+
+FUSEDRNN_HOST_DEVICE float exp_(float x) { return expf(x); }
+FUSEDRNN_HOST_DEVICE double exp_(double x) { return exp(x); }
+FUSEDRNN_HOST_DEVICE float tanh_(float x) { return tanhf(x); }
+FUSEDRNN_HOST_DEVICE double tanh_(double x) { return tanh(x); }
+
+template <typename T>
+FUSEDRNN_HOST_DEVICE T sigmoid(T x) {
+  return T(1) / (T(1) + exp_(-x));  // exp overflows to inf for x < -88 (fp32): the result is 0, not NaN
+}
+
+enum class Cell : int { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3 };
+
+FUSEDRNN_HOST_DEVICE constexpr int num_gates(Cell cell) {
+  return cell == Cell::LSTM ? 4 : cell == Cell::GRU ? 3 : 1;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// LSTM: gates i, f, g, o.  c = f*c_prev + i*g;  r = o*tanh(c)  (h = r, or W_hr r with a projection)
+// ---------------------------------------------------------------------------------------------------
+template <typename T>
+struct LstmState {
+  T i, f, g, o;  // activated gates
+  T c, r;
+};
+
+template <typename T>
+FUSEDRNN_HOST_DEVICE LstmState<T> lstm_forward(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev) {
+  LstmState<T> s;
+  s.i = sigmoid(pre_i);
+  s.f = sigmoid(pre_f);
+  s.g = tanh_(pre_g);
+  s.o = sigmoid(pre_o);
+  s.c = s.f * c_prev + s.i * s.g;
+  s.r = s.o * tanh_(s.c);
+  return s;
+}
+
+template <typename T>
+struct LstmGrad {
+  T i, f, g, o;  // gradients of the pre-activations
+  T c_prev;
+};
+
+// grad_r: gradient reaching r = o*tanh(c) (after back-projection); grad_c: gradient reaching c from step t+1.
+template <typename T>
+FUSEDRNN_HOST_DEVICE LstmGrad<T> lstm_backward(T i, T f, T g, T o, T c, T c_prev, T grad_r, T grad_c) {
+  const T tanh_c = tanh_(c);
+  const T grad_c_total = grad_c + grad_r * o * (T(1) - tanh_c * tanh_c);
+  LstmGrad<T> d;
+  d.i = grad_c_total * g * i * (T(1) - i);
+  d.f = grad_c_total * c_prev * f * (T(1) - f);
+  d.g = grad_c_total * i * (T(1) - g * g);
+  d.o = grad_r * tanh_c * o * (T(1) - o);
+  d.c_prev = grad_c_total * f;
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// GRU (reset-after, PyTorch's): r, z from x- and h-parts; n = tanh(x_n + r*h_n); h = (1-z)*n + z*h_prev
+// with x_* = W_i* x + b_i* and h_* = W_h* h_prev + b_h*.
+// ---------------------------------------------------------------------------------------------------
+template <typename T>
+struct GruState {
+  T r, z, n, h;
+};
+
+template <typename T>
+FUSEDRNN_HOST_DEVICE GruState<T> gru_forward(T pre_r, T pre_z, T x_n, T h_n, T h_prev) {
+  GruState<T> s;
+  s.r = sigmoid(pre_r);
+  s.z = sigmoid(pre_z);
+  s.n = tanh_(x_n + s.r * h_n);
+  s.h = (T(1) - s.z) * s.n + s.z * h_prev;
+  return s;
+}
+
+template <typename T>
+struct GruGrad {
+  T r, z, n;     // gradients of pre_r, pre_z and of x_n (the x-side n pre-activation)
+  T h_n;         // gradient of h_n = W_hn h_prev + b_hn  (= n * r)
+  T h_prev;      // direct part of the gradient of h_prev (the GEMM part comes from the gate gradients)
+};
+
+template <typename T>
+FUSEDRNN_HOST_DEVICE GruGrad<T> gru_backward(T r, T z, T n, T h_n, T h_prev, T grad_h) {
+  GruGrad<T> d;
+  d.n = grad_h * (T(1) - z) * (T(1) - n * n);
+  d.h_n = d.n * r;
+  d.r = d.n * h_n * r * (T(1) - r);
+  d.z = grad_h * (h_prev - n) * z * (T(1) - z);
+  d.h_prev = grad_h * z;
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Elman RNN: h = tanh(pre) or relu(pre). The derivative is read from h itself.
+// ---------------------------------------------------------------------------------------------------
+template <typename T>
+FUSEDRNN_HOST_DEVICE T rnn_tanh_forward(T pre) { return tanh_(pre); }
+
+template <typename T>
+FUSEDRNN_HOST_DEVICE T rnn_relu_forward(T pre) { return pre > T(0) ? pre : T(0); }
+
+template <typename T>
+FUSEDRNN_HOST_DEVICE T rnn_tanh_backward(T h, T grad_h) { return grad_h * (T(1) - h * h); }
+
+template <typename T>
+FUSEDRNN_HOST_DEVICE T rnn_relu_backward(T h, T grad_h) { return h > T(0) ? grad_h : T(0); }
+
+}  // namespace fusedrnn

@@ -1,0 +1,88 @@
+"""Builds fusedrnn and its extension fusedrnn._C.
+
+    pip install --no-build-isolation -e .      (torch must be installed first)
+
+The extension always holds the C++ CPU kernels (csrc/**/*.cpp). The CUDA kernels (csrc/**/*.cu) are added
+when torch is a CUDA build and a CUDA toolkit is found. Environment:
+    FUSEDRNN_BUILD_CUDA=1|0     force the CUDA kernels on (error if impossible) or off; default: auto
+    FUSEDRNN_CUDA_ARCHS="80;90a" GPU archs to build (SASS for each, PTX for the last); default "80;90a"
+    FUSEDRNN_SKIP_EXTENSION=1   pure-Python install (reference backend, and Triton if present)
+    FUSEDRNN_PTXAS_VERBOSE=1    print registers / spills / shared memory of every CUDA kernel
+    MAX_JOBS                    parallel compile jobs (default: number of cores)
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    value = os.environ.get(name, "").strip().lower()
+    return {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}.get(value)
+
+
+def _cuda_arch_flags(archs):
+    flags = []
+    for arch in archs:
+        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
+    return flags
+
+
+def extensions():
+    if _flag("FUSEDRNN_SKIP_EXTENSION"):
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+    cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
+    want_cuda = _flag("FUSEDRNN_BUILD_CUDA")
+    can_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    if want_cuda and not can_cuda:
+        sys.exit(f"FUSEDRNN_BUILD_CUDA=1 but torch.version.cuda={torch.version.cuda} and CUDA_HOME={CUDA_HOME}: "
+                 "install a CUDA build of torch and set CUDA_HOME (e.g. /usr/local/cuda)")
+    with_cuda = bool(cuda_sources) and (can_cuda if want_cuda is None else want_cuda)
+
+    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not with_cuda:
+        ext = CppExtension("fusedrnn._C", cpp_sources, include_dirs=include_dirs,
+                           extra_compile_args={"cxx": cxx})
+    else:
+        archs = [a.strip() for a in os.environ.get("FUSEDRNN_CUDA_ARCHS", "80;90a").replace(",", ";").split(";")
+                 if a.strip()]
+        archs = [a.replace(".", "") for a in archs]
+        nvcc = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", "-DFUSEDRNN_WITH_CUDA"]
+        nvcc += _cuda_arch_flags(archs)
+        if _flag("FUSEDRNN_PTXAS_VERBOSE"):
+            nvcc.append("-Xptxas=-v")
+        ext = CUDAExtension("fusedrnn._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx + ["-DFUSEDRNN_WITH_CUDA"], "nvcc": nvcc},
+                            libraries=["cublas", "cublasLt"])
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="fusedrnn",
+    version="0.1.0",
+    description="Drop-in torch.nn.LSTM/GRU/RNN on fused CUDA, Triton and C++ kernels",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["fusedrnn", "fusedrnn.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11"],
+    extras_require={
+        "test": ["pytest", "numpy", "scipy"],
+        "bench": ["matplotlib", "pytest-benchmark"],
+    },
+    entry_points={"console_scripts": ["fusedrnn-bench=fusedrnn.bench.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
