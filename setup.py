@@ -48,7 +48,7 @@ def extensions():
                  "install a CUDA build of torch and set CUDA_HOME (e.g. /usr/local/cuda)")
     with_cuda = bool(cuda_sources) and (can_cuda if want_cuda is None else want_cuda)
 
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not with_cuda:
         ext = CppExtension("fusedrnn._C", cpp_sources, include_dirs=include_dirs,
@@ -57,7 +57,7 @@ def extensions():
         archs = [a.strip() for a in os.environ.get("FUSEDRNN_CUDA_ARCHS", "80;90a").replace(",", ";").split(";")
                  if a.strip()]
         archs = [a.replace(".", "") for a in archs]
-        nvcc = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", "-DFUSEDRNN_WITH_CUDA"]
+        nvcc = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", "-DFUSEDRNN_WITH_CUDA"]
         nvcc += _cuda_arch_flags(archs)
         if _flag("FUSEDRNN_PTXAS_VERBOSE"):
             nvcc.append("-Xptxas=-v")

@@ -1,0 +1,375 @@
+// Backend "cpu": one layer, one direction of every cell, forward and BPTT backward, on CPU tensors.
+//
+//   fusedrnn::cpu_rnn_layer(...)          -> (y, h_n, c_n, workspace)   same contract as fusedrnn::rnn_layer
+//   fusedrnn::cpu_rnn_layer_backward(...) -> grads of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+//
+// Structure: the input projection of all steps is one GEMM; each step is one GEMM for the recurrent term
+// (plus one for the LSTM projection) and ONE fused pass over [B, H] that adds the biases, applies the cell
+// (cell_math.h), updates the state, masks by length and writes y and the workspace. Backward runs the same
+// loop in reverse producing only the gate gradients; dx, dW_ih, dW_hh, dW_hr and the biases are one GEMM or
+// reduction each after the loop. Workspace layout: fusedrnn/backends/base.py.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+
+#include "cpu/blas.h"
+#include "fusedrnn/cell_math.h"
+
+namespace fusedrnn::cpu {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+Cell parse_cell(const std::string& name) {
+  if (name == "lstm") return Cell::LSTM;
+  if (name == "gru") return Cell::GRU;
+  if (name == "rnn_tanh") return Cell::RNN_TANH;
+  if (name == "rnn_relu") return Cell::RNN_RELU;
+  TORCH_CHECK(false, "fusedrnn cpu: cell must be one of lstm, gru, rnn_tanh, rnn_relu, got '", name, "'");
+}
+
+// Pointwise passes below this many elements run on the calling thread: forking OpenMP costs ~5-10 us,
+// more than a [1, 256] LSTM step takes.
+constexpr int64_t kGrain = 1 << 14;
+
+struct Dims {
+  Cell cell;
+  int64_t T, B, I, H, H_out, G;
+  bool proj, bias, reverse;
+  int64_t ws;  // workspace row width (per batch element)
+};
+
+Dims make_dims(Cell cell, const Tensor& x, const Tensor& w_hh, const Tensor& h0, bool proj, bool bias,
+               bool reverse) {
+  Dims d;
+  d.cell = cell;
+  d.T = x.size(0);
+  d.B = x.size(1);
+  d.I = x.size(2);
+  d.G = num_gates(cell);
+  d.H = w_hh.size(0) / d.G;
+  d.H_out = h0.size(-1);
+  d.proj = proj;
+  d.bias = bias;
+  d.reverse = reverse;
+  d.ws = cell == Cell::LSTM ? (proj ? 6 : 5) * d.H : cell == Cell::GRU ? 4 * d.H : 0;
+  return d;
+}
+
+void check_args(const Dims& d, const Tensor& x, const Tensor& h0, const OptTensor& c0, const Tensor& w_ih,
+                const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+                const OptTensor& lengths) {
+  // The Python layer validates with friendlier messages; these guard direct callers of the op.
+  TORCH_CHECK(x.dim() == 3 && d.T > 0, "fusedrnn cpu: x must be [T>0, B, I]");
+  TORCH_CHECK(w_ih.sizes() == at::IntArrayRef({d.G * d.H, d.I}), "fusedrnn cpu: w_ih must be [G*H, I]");
+  TORCH_CHECK(w_hh.sizes() == at::IntArrayRef({d.G * d.H, d.H_out}), "fusedrnn cpu: w_hh must be [G*H, H_out]");
+  TORCH_CHECK(h0.sizes() == at::IntArrayRef({d.B, d.H_out}), "fusedrnn cpu: h0 must be [B, H_out]");
+  TORCH_CHECK((d.cell == Cell::LSTM) == c0.has_value(), "fusedrnn cpu: c0 is required for LSTM only");
+  if (c0) TORCH_CHECK(c0->sizes() == at::IntArrayRef({d.B, d.H}), "fusedrnn cpu: c0 must be [B, H]");
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "fusedrnn cpu: give both biases or neither");
+  if (w_hr) TORCH_CHECK(w_hr->sizes() == at::IntArrayRef({d.H_out, d.H}), "fusedrnn cpu: w_hr must be [H_out, H]");
+  TORCH_CHECK(!w_hr || d.cell == Cell::LSTM, "fusedrnn cpu: projection is LSTM-only");
+  TORCH_CHECK(d.proj || d.H_out == d.H, "fusedrnn cpu: H_out != H needs w_hr");
+  for (const Tensor* t : {&x, &h0, &w_ih, &w_hh}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == x.scalar_type(),
+                "fusedrnn cpu: all tensors must be CPU tensors of x's dtype");
+  }
+  if (lengths) {
+    TORCH_CHECK(lengths->device().is_cpu() && lengths->scalar_type() == at::kLong && lengths->numel() == d.B,
+                "fusedrnn cpu: lengths must be a CPU int64 tensor [B]");
+  }
+}
+
+// Per-sequence number of valid steps, clamped to [0, T]; all T without lengths.
+std::vector<int64_t> valid_lengths(const Dims& d, const OptTensor& lengths) {
+  std::vector<int64_t> len(d.B, d.T);
+  if (lengths) {
+    auto acc = lengths->contiguous();
+    const int64_t* p = acc.data_ptr<int64_t>();
+    for (int64_t b = 0; b < d.B; ++b) len[b] = std::min<int64_t>(std::max<int64_t>(p[b], 0), d.T);
+  }
+  return len;
+}
+
+// Step t of the processing order s (0..T-1).
+inline int64_t step_time(const Dims& d, int64_t s) { return d.reverse ? d.T - 1 - s : s; }
+
+// The time of the step that ran just before step t in sequence b, or -1 when step t started from the
+// initial state. Only meaningful for valid (t < len) steps.
+inline int64_t previous_time(const Dims& d, int64_t t, int64_t len) {
+  if (!d.reverse) return t - 1;
+  return t + 1 < len ? t + 1 : -1;
+}
+
+Tensor contig(const Tensor& t) { return t.contiguous(); }
+OptTensor contig(const OptTensor& t) { return t ? OptTensor(t->contiguous()) : std::nullopt; }
+
+// ---------------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------------
+template <typename T>
+void forward_loop(const Dims& d, const std::vector<int64_t>& len, const T* x_gates, const T* w_hh, const T* b_hh,
+                  const T* w_hr, T* h, T* c, T* y, T* ws, T* h_gates, T* r_buf, T* h_proj) {
+  const int64_t GH = d.G * d.H;
+  for (int64_t s = 0; s < d.T; ++s) {
+    const int64_t t = step_time(d, s);
+    gemm_rowmajor<T>(d.B, GH, d.H_out, h, w_hh, /*b_transposed=*/true, T(0), h_gates);
+    const T* xg_t = x_gates + t * d.B * GH;
+    T* y_t = y + t * d.B * d.H_out;
+    T* ws_t = ws ? ws + t * d.B * d.ws : nullptr;
+
+    at::parallel_for(0, d.B * d.H, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t b = idx / d.H, j = idx % d.H;
+        const bool valid = t < len[b];
+        const T* xg = xg_t + b * GH;
+        const T* hg = h_gates + b * GH;
+        auto pre = [&](int64_t gate) {
+          const int64_t k = gate * d.H + j;
+          return xg[k] + hg[k] + (b_hh ? b_hh[k] : T(0));
+        };
+        T* w = ws_t ? ws_t + b * d.ws : nullptr;
+        if (d.cell == Cell::LSTM) {
+          const T c_prev = c[b * d.H + j];
+          const LstmState<T> st = lstm_forward<T>(pre(0), pre(1), pre(2), pre(3), c_prev);
+          if (w) {
+            w[j] = st.i, w[d.H + j] = st.f, w[2 * d.H + j] = st.g, w[3 * d.H + j] = st.o, w[4 * d.H + j] = st.c;
+            if (d.proj) w[5 * d.H + j] = st.r;
+          }
+          if (valid) c[b * d.H + j] = st.c;
+          if (d.proj) {
+            r_buf[b * d.H + j] = st.r;  // projected and masked after this pass
+          } else {
+            if (valid) h[b * d.H + j] = st.r;
+            y_t[b * d.H + j] = valid ? st.r : T(0);
+          }
+        } else if (d.cell == Cell::GRU) {
+          const T h_prev = h[b * d.H + j];
+          const int64_t kn = 2 * d.H + j;
+          const T h_n = hg[kn] + (b_hh ? b_hh[kn] : T(0));
+          const GruState<T> st = gru_forward<T>(pre(0), pre(1), xg[kn], h_n, h_prev);
+          if (w) w[j] = st.r, w[d.H + j] = st.z, w[2 * d.H + j] = st.n, w[3 * d.H + j] = h_n;
+          if (valid) h[b * d.H + j] = st.h;
+          y_t[b * d.H + j] = valid ? st.h : T(0);
+        } else {
+          const T out = d.cell == Cell::RNN_TANH ? rnn_tanh_forward<T>(pre(0)) : rnn_relu_forward<T>(pre(0));
+          if (valid) h[b * d.H + j] = out;
+          y_t[b * d.H + j] = valid ? out : T(0);
+        }
+      }
+    });
+
+    if (d.proj) {  // h = W_hr r for valid rows; y row is zero for invalid ones
+      gemm_rowmajor<T>(d.B, d.H_out, d.H, r_buf, w_hr, /*b_transposed=*/true, T(0), h_proj);
+      for (int64_t b = 0; b < d.B; ++b) {
+        const bool valid = t < len[b];
+        for (int64_t j = 0; j < d.H_out; ++j) {
+          const T v = h_proj[b * d.H_out + j];
+          if (valid) h[b * d.H_out + j] = v;
+          y_t[b * d.H_out + j] = valid ? v : T(0);
+        }
+      }
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_rnn_layer(
+    const std::string& cell_name, const Tensor& x_, const Tensor& h0_, const OptTensor& c0_, const Tensor& w_ih_,
+    const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_, const OptTensor& w_hr_,
+    const OptTensor& lengths, bool reverse, bool need_workspace) {
+  const Cell cell = parse_cell(cell_name);
+  Tensor x = contig(x_), h0 = contig(h0_), w_ih = contig(w_ih_), w_hh = contig(w_hh_);
+  OptTensor c0 = contig(c0_), b_ih = contig(b_ih_), b_hh = contig(b_hh_), w_hr = contig(w_hr_);
+  const Dims d = make_dims(cell, x, w_hh, h0, w_hr.has_value(), b_ih.has_value(), reverse);
+  check_args(d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
+  const auto len = valid_lengths(d, lengths);
+
+  // Input projection of all steps in one GEMM (b_ih folded in).
+  Tensor x2 = x.view({d.T * d.B, d.I});
+  Tensor x_gates = b_ih ? at::addmm(*b_ih, x2, w_ih.t()) : at::mm(x2, w_ih.t());
+
+  Tensor y = at::empty({d.T, d.B, d.H_out}, x.options());
+  Tensor h = h0.clone();
+  Tensor c = c0 ? c0->clone() : at::empty({0}, x.options());
+  Tensor ws = need_workspace ? at::empty({d.T, d.B, d.ws}, x.options()) : at::empty({0}, x.options());
+  Tensor h_gates = at::empty({d.B, d.G * d.H}, x.options());
+  Tensor r_buf = d.proj ? at::empty({d.B, d.H}, x.options()) : Tensor();
+  Tensor h_proj = d.proj ? at::empty({d.B, d.H_out}, x.options()) : Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fusedrnn_cpu_rnn_layer", [&] {
+    forward_loop<scalar_t>(d, len, x_gates.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
+                           b_hh ? b_hh->data_ptr<scalar_t>() : nullptr, w_hr ? w_hr->data_ptr<scalar_t>() : nullptr,
+                           h.data_ptr<scalar_t>(), c0 ? c.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
+                           (need_workspace && d.ws > 0) ? ws.data_ptr<scalar_t>() : nullptr,
+                           h_gates.data_ptr<scalar_t>(), d.proj ? r_buf.data_ptr<scalar_t>() : nullptr,
+                           d.proj ? h_proj.data_ptr<scalar_t>() : nullptr);
+  });
+  return {y, h, c, ws};
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------------
+// Fills prev [T, B, W] with the state each valid step started from: states[previous_time] or init.
+template <typename T>
+void gather_previous(const Dims& d, const std::vector<int64_t>& len, const T* states, int64_t stride,
+                     int64_t width, const T* init, T* prev) {
+  at::parallel_for(0, d.T * d.B, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t t = idx / d.B, b = idx % d.B;
+      const int64_t tp = t < len[b] ? previous_time(d, t, len[b]) : -1;
+      const T* src = tp >= 0 ? states + (tp * d.B + b) * stride : init + b * width;
+      std::copy(src, src + width, prev + idx * width);
+    }
+  });
+}
+
+template <typename T>
+void backward_loop(const Dims& d, const std::vector<int64_t>& len, const T* w_hh, const T* w_hr, const T* y,
+                   const T* ws, const T* h_prev_all, const T* c0, const T* grad_y, T* grad_h, T* grad_c,
+                   T* grad_xg, T* grad_hg, T* grad_out_all, T* grad_r, T* grad_h_next) {
+  const int64_t GH = d.G * d.H;
+  const bool masked = std::any_of(len.begin(), len.end(), [&](int64_t l) { return l < d.T; });
+  for (int64_t s = d.T - 1; s >= 0; --s) {
+    const int64_t t = step_time(d, s);
+    const T* gy_t = grad_y + t * d.B * d.H_out;
+    // grad_out = dL/dh_t for valid rows (zero for invalid ones: that step did nothing).
+    T* gout = grad_out_all + t * d.B * d.H_out;
+    for (int64_t b = 0; b < d.B; ++b) {
+      const bool valid = t < len[b];
+      for (int64_t j = 0; j < d.H_out; ++j) {
+        gout[b * d.H_out + j] = valid ? grad_h[b * d.H_out + j] + gy_t[b * d.H_out + j] : T(0);
+      }
+    }
+    const T* g_r = gout;
+    if (d.proj) {  // dL/dr = grad_out @ W_hr
+      gemm_rowmajor<T>(d.B, d.H, d.H_out, gout, w_hr, /*b_transposed=*/false, T(0), grad_r);
+      g_r = grad_r;
+    }
+    T* gxg_t = grad_xg + t * d.B * GH;
+    T* ghg_t = d.cell == Cell::GRU ? grad_hg + t * d.B * GH : gxg_t;
+    const T* ws_t = ws ? ws + t * d.B * d.ws : nullptr;
+    const T* y_t = y + t * d.B * d.H_out;
+    const T* hp_t = h_prev_all + t * d.B * d.H_out;
+
+    at::parallel_for(0, d.B * d.H, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t b = idx / d.H, j = idx % d.H;
+        const bool valid = t < len[b];
+        T* gx = gxg_t + b * GH;
+        if (d.cell == Cell::LSTM) {
+          const T* w = ws_t + b * d.ws;
+          const int64_t tp = valid ? previous_time(d, t, len[b]) : -1;
+          const T c_prev = tp >= 0 ? ws[(tp * d.B + b) * d.ws + 4 * d.H + j] : c0[b * d.H + j];
+          const T gc = valid ? grad_c[b * d.H + j] : T(0);
+          const LstmGrad<T> g = lstm_backward<T>(w[j], w[d.H + j], w[2 * d.H + j], w[3 * d.H + j], w[4 * d.H + j],
+                                                 c_prev, g_r[b * d.H + j], gc);
+          gx[j] = g.i, gx[d.H + j] = g.f, gx[2 * d.H + j] = g.g, gx[3 * d.H + j] = g.o;
+          if (valid) grad_c[b * d.H + j] = g.c_prev;
+        } else if (d.cell == Cell::GRU) {
+          const T* w = ws_t + b * d.ws;
+          const GruGrad<T> g = gru_backward<T>(w[j], w[d.H + j], w[2 * d.H + j], w[3 * d.H + j],
+                                               hp_t[b * d.H + j], gout[b * d.H + j]);
+          T* gh = ghg_t + b * GH;
+          gx[j] = g.r, gx[d.H + j] = g.z, gx[2 * d.H + j] = g.n;
+          gh[j] = g.r, gh[d.H + j] = g.z, gh[2 * d.H + j] = g.h_n;
+          grad_h_next[b * d.H + j] = g.h_prev;  // the GEMM below accumulates onto it
+        } else {
+          const T hv = y_t[b * d.H + j], go = gout[b * d.H + j];
+          gx[j] = d.cell == Cell::RNN_TANH ? rnn_tanh_backward<T>(hv, go) : rnn_relu_backward<T>(hv, go);
+        }
+      }
+    });
+
+    // dL/dh_{t-1} = grad_hg @ W_hh (+ GRU's direct term); invalid rows keep their gradient.
+    gemm_rowmajor<T>(d.B, d.H_out, GH, ghg_t, w_hh, /*b_transposed=*/false,
+                     d.cell == Cell::GRU ? T(1) : T(0), grad_h_next);
+    if (!masked) {
+      std::copy(grad_h_next, grad_h_next + d.B * d.H_out, grad_h);
+    } else {
+      for (int64_t b = 0; b < d.B; ++b) {
+        if (t < len[b]) std::copy(grad_h_next + b * d.H_out, grad_h_next + (b + 1) * d.H_out, grad_h + b * d.H_out);
+      }
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_rnn_layer_backward(
+    const std::string& cell_name, const Tensor& x_, const Tensor& h0_, const OptTensor& c0_, const Tensor& w_ih_,
+    const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_, const OptTensor& w_hr_,
+    const OptTensor& lengths, bool reverse, const Tensor& y_, const Tensor& ws_, const Tensor& grad_y_,
+    const Tensor& grad_h_n, const OptTensor& grad_c_n) {
+  const Cell cell = parse_cell(cell_name);
+  Tensor x = contig(x_), h0 = contig(h0_), w_ih = contig(w_ih_), w_hh = contig(w_hh_);
+  OptTensor c0 = contig(c0_), b_ih = contig(b_ih_), b_hh = contig(b_hh_), w_hr = contig(w_hr_);
+  Tensor y = contig(y_), ws = contig(ws_), grad_y = contig(grad_y_);
+  const Dims d = make_dims(cell, x, w_hh, h0, w_hr.has_value(), b_ih.has_value(), reverse);
+  check_args(d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
+  TORCH_CHECK(ws.numel() == d.T * d.B * d.ws,
+              "fusedrnn cpu: workspace of ", ws.numel(), " elements does not match this call (expected ",
+              d.T * d.B * d.ws, "): was the forward run with need_workspace=True?");
+  const auto len = valid_lengths(d, lengths);
+  const int64_t GH = d.G * d.H;
+  auto opts = x.options();
+
+  Tensor grad_h = grad_h_n.contiguous().clone();
+  Tensor grad_c = cell == Cell::LSTM ? (grad_c_n ? grad_c_n->contiguous().clone() : at::zeros_like(*c0))
+                                     : at::empty({0}, opts);
+  Tensor grad_xg = at::empty({d.T, d.B, GH}, opts);
+  Tensor grad_hg = cell == Cell::GRU ? at::empty({d.T, d.B, GH}, opts) : grad_xg;
+  Tensor grad_out_all = at::empty({d.T, d.B, d.H_out}, opts);
+  Tensor grad_r = d.proj ? at::empty({d.B, d.H}, opts) : Tensor();
+  Tensor grad_h_next = at::empty({d.B, d.H_out}, opts);
+  Tensor h_prev_all = at::empty({d.T, d.B, d.H_out}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fusedrnn_cpu_rnn_layer_backward", [&] {
+    gather_previous<scalar_t>(d, len, y.data_ptr<scalar_t>(), d.H_out, d.H_out, h0.data_ptr<scalar_t>(),
+                              h_prev_all.data_ptr<scalar_t>());
+    backward_loop<scalar_t>(d, len, w_hh.data_ptr<scalar_t>(), w_hr ? w_hr->data_ptr<scalar_t>() : nullptr,
+                            y.data_ptr<scalar_t>(), d.ws ? ws.data_ptr<scalar_t>() : nullptr,
+                            h_prev_all.data_ptr<scalar_t>(), c0 ? c0->data_ptr<scalar_t>() : nullptr,
+                            grad_y.data_ptr<scalar_t>(), grad_h.data_ptr<scalar_t>(),
+                            cell == Cell::LSTM ? grad_c.data_ptr<scalar_t>() : nullptr,
+                            grad_xg.data_ptr<scalar_t>(), grad_hg.data_ptr<scalar_t>(),
+                            grad_out_all.data_ptr<scalar_t>(), d.proj ? grad_r.data_ptr<scalar_t>() : nullptr,
+                            grad_h_next.data_ptr<scalar_t>());
+  });
+
+  // Everything off the recurrence: one GEMM / reduction each over all T*B rows.
+  Tensor gx2 = grad_xg.view({d.T * d.B, GH});
+  Tensor gh2 = grad_hg.view({d.T * d.B, GH});
+  Tensor grad_x = at::mm(gx2, w_ih).view({d.T, d.B, d.I});
+  Tensor grad_w_ih = at::mm(gx2.t(), x.view({d.T * d.B, d.I}));
+  Tensor grad_w_hh = at::mm(gh2.t(), h_prev_all.view({d.T * d.B, d.H_out}));
+  Tensor grad_b_ih = d.bias ? gx2.sum(0) : at::empty({0}, opts);
+  Tensor grad_b_hh = d.bias ? gh2.sum(0) : at::empty({0}, opts);
+  Tensor grad_w_hr = at::empty({0}, opts);
+  if (d.proj) {
+    Tensor r_all = ws.view({d.T * d.B, d.ws}).narrow(1, 5 * d.H, d.H);
+    grad_w_hr = at::mm(grad_out_all.view({d.T * d.B, d.H_out}).t(), r_all);
+  }
+  return {grad_x, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
+  m.def("cpu_rnn_layer(str cell, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+        "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool need_workspace) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cpu_rnn_layer_backward(str cell, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
+        "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, Tensor y, Tensor workspace, "
+        "Tensor grad_y, Tensor grad_h_n, Tensor? grad_c_n) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
+  m.impl("cpu_rnn_layer", &cpu_rnn_layer);
+  m.impl("cpu_rnn_layer_backward", &cpu_rnn_layer_backward);
+}
+
+}  // namespace fusedrnn::cpu
