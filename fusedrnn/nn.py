@@ -33,9 +33,12 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be greater than zero, got {value}")
 
 
-def _check_dtype_device(name: str, t: Tensor, like: Tensor, like_name: str) -> None:
-    if t.dtype != like.dtype and not torch.is_autocast_enabled(like.device.type):
-        raise ValueError(f"{name} must have the type {like.dtype} (the dtype of {like_name}), got type {t.dtype}")
+def _check_dtype_device(name: str, t: Tensor, like: Tensor, like_name: str, dtype_error=RuntimeError) -> None:
+    # dtype_error: the exception type torch.nn raises for this mismatch (ValueError for a layer's input vs
+    # its parameters, RuntimeError elsewhere)
+    if t.dtype != like.dtype and not (torch.amp.is_autocast_available(like.device.type)
+                                      and torch.is_autocast_enabled(like.device.type)):
+        raise dtype_error(f"{name} must have the type {like.dtype} (the dtype of {like_name}), got type {t.dtype}")
     if t.device != like.device:
         raise RuntimeError(f"{name} must be on device {like.device} (the device of {like_name}), got {t.device}")
 
@@ -155,7 +158,7 @@ class _RecurrentLayers(nn.Module):
         else:
             x = input.transpose(0, 1) if self.batch_first else input
         if x.shape[0] == 0:
-            raise ValueError(f"{self._mode_name}: Expected sequence length to be larger than 0, got 0")
+            raise RuntimeError(f"{self._mode_name}: Expected sequence length to be larger than 0, got 0")
         if lengths is not None:
             lengths = self._normalise_lengths(lengths, x)
         return x, lengths, is_batched, None
@@ -164,7 +167,7 @@ class _RecurrentLayers(nn.Module):
     def _normalise_lengths(lengths: LengthsLike, x: Tensor) -> Tensor:
         if not isinstance(lengths, Tensor):
             try:
-                lengths = torch.as_tensor(list(lengths), dtype=torch.int64)
+                lengths = torch.as_tensor(list(lengths))  # no dtype=: floats must fail, not truncate
             except (TypeError, ValueError) as e:
                 raise TypeError(f"lengths: expected a 1-D integer tensor or a list of ints, got {lengths!r}") from e
         if lengths.device.type not in ("cpu", x.device.type) or (
@@ -181,7 +184,7 @@ class _RecurrentLayers(nn.Module):
         if x.shape[-1] != self.input_size:
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                                f"got {x.shape[-1]}")
-        _check_dtype_device("input", x, self.weight_ih_l0, "the module's parameters")
+        _check_dtype_device("input", x, self.weight_ih_l0, "the module's parameters", ValueError)
 
     def _initial_state(self, hx, x: Tensor, is_batched: bool, name: str, size: int) -> Tensor:
         """Validates one of h0/c0 ([L*D, B, size], 2-D when unbatched) and returns it 3-D."""
@@ -295,10 +298,6 @@ class RNN(_RecurrentLayers):
         super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype)
 
-    def extra_repr(self) -> str:
-        s = super().extra_repr()
-        return s + (f", nonlinearity={self.nonlinearity}" if self.nonlinearity != "tanh" else "")
-
     def forward(self, input, hx=None, lengths: LengthsLike = None):
         return self._forward(input, hx, lengths)
 
@@ -364,10 +363,10 @@ class _Cell(nn.Module):
             if state.dim() != input.dim():
                 raise RuntimeError(f"{self._mode_name}: Expected {name} to be {input.dim()}D, got {state.dim()}D "
                                    f"(it must match the input's rank)")
+            if list(state.shape) != [x.shape[0], self.hidden_size][-input.dim():]:
+                raise RuntimeError(f"{name} has inconsistent shape: expected "
+                                   f"{[x.shape[0], self.hidden_size][-input.dim():]}, got {list(state.shape)}")
             state = state if is_batched else state.unsqueeze(0)
-            if list(state.shape) != [x.shape[0], self.hidden_size]:
-                raise RuntimeError(f"{name} has inconsistent shape: expected {[x.shape[0], self.hidden_size]}, "
-                                   f"got {list(state.shape)}")
             _check_dtype_device(name, state, x, "input")
             full.append(state)
         c0 = full[1] if self.cell == "lstm" else None
