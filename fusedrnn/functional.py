@@ -87,12 +87,14 @@ def check_lengths(lengths: Tensor, seq_len: int, batch_size: int, device: torch.
 
 
 def _autocast(tensors):
+    if not isinstance(tensors[0], Tensor):  # check_layer_args reports it
+        return tensors
     device_type = tensors[0].device.type
     # is_autocast_enabled raises for device types without autocast (e.g. meta)
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+    return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors]
 
 
 def rnn_layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,

@@ -447,7 +447,8 @@ CELL_CASES = [
     CellCase("lstm", None, 3, 5, hx=False), CellCase("lstm", 1, 1, 1, bias=False), CellCase("lstm", 2, 5, 63),
     CellCase("gru", 3, 4, 6), CellCase("gru", 3, 4, 6, hx=False), CellCase("gru", None, 4, 6),
     CellCase("gru", None, 3, 5, hx=False), CellCase("gru", 1, 1, 1, bias=False), CellCase("gru", 2, 5, 63),
-    CellCase("rnn_tanh", 3, 4, 6), CellCase("rnn_tanh", None, 4, 6, hx=False), CellCase("rnn_tanh", 1, 1, 1, bias=False),
+    CellCase("rnn_tanh", 3, 4, 6), CellCase("rnn_tanh", None, 4, 6, hx=False),
+    CellCase("rnn_tanh", 1, 1, 1, bias=False),
     CellCase("rnn_relu", 3, 4, 63), CellCase("rnn_relu", None, 4, 6), CellCase("rnn_relu", 3, 4, 6, hx=False),
 ]
 
