@@ -93,3 +93,111 @@ def _rnn_layer_autograd(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
 
 
 rnn_layer.register_autograd(_rnn_layer_autograd, setup_context=_setup_context)
+
+
+# =====================================================================================================
+# beam_topk (decoding, issue #6) -- this section up to the end of the file.
+#     torch.ops.fusedrnn.beam_topk  log_softmax + beam score + top-k over each item's beams, in one pass
+# Spec, tie rule and -inf/NaN policy: fusedrnn/reference_decoding.py. Backends: "reference" (that spec),
+# "cpu" (csrc/cpu/beam_topk.cpp), "triton" (fusedrnn/triton/beam_topk.py), "cuda" (csrc/cuda/beam_topk.cu),
+# chosen like the layer ops: use_backend(...) / FUSEDRNN_BACKEND names one (it must be able to run the
+# call), "auto" takes the first that can in BEAM_TOPK_PREFERENCE. Unlike rnn_layer, arguments are
+# validated here (ValueError), in the real and the fake implementation alike.
+# =====================================================================================================
+import logging as _logging  # noqa: E402
+
+from . import reference_decoding as _rd  # noqa: E402
+from ._extension import extension_error as _extension_error  # noqa: E402
+from .backends import BackendUnsupportedError as _BackendUnsupportedError  # noqa: E402
+from .backends import current_backend as _current_backend  # noqa: E402
+
+BEAM_TOPK_PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _compiled_op_missing(name: str) -> Optional[str]:
+    if hasattr(torch.ops.fusedrnn, name):
+        return None
+    return _extension_error() or f"fusedrnn._C was built without {name}; rebuild it: pip install --no-build-isolation -e ."
+
+
+def beam_topk_refusal(backend: str, logits: Tensor, k: int) -> Optional[str]:
+    """Why `backend` cannot run beam_topk on these logits with this k, or None."""
+    dev = logits.device.type
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if dev != "cpu":
+            return f"runs on CPU tensors only, got {dev}"
+        return _compiled_op_missing("cpu_beam_topk")
+    if backend in ("cuda", "triton"):
+        if logits.dtype not in _KERNEL_DTYPES:
+            return f"supports float16/bfloat16/float32 logits, got {logits.dtype}"
+        if k > _rd.MAX_KERNEL_K:
+            return f"supports k <= {_rd.MAX_KERNEL_K}, got k={k}"
+        if backend == "cuda":
+            if dev != "cuda":
+                return f"runs on CUDA tensors only, got {dev}"
+            return _compiled_op_missing("cuda_beam_topk")
+        try:
+            from .triton import beam_topk as _triton_beam_topk
+        except ImportError as e:
+            return f"triton is not importable ({e})"
+        return _triton_beam_topk.unavailable_reason(logits.device)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def beam_topk_backend(logits: Tensor, k: int) -> str:
+    """The backend that runs beam_topk(logits, ..., k) under the current setting (module section doc)."""
+    setting = _current_backend()
+    if setting != "auto":
+        why = beam_topk_refusal(setting, logits, k)
+        if why is not None:
+            raise _BackendUnsupportedError(
+                f"fusedrnn backend {setting!r} cannot run beam_topk on {logits.dtype} {list(logits.shape)} "
+                f"{logits.device.type} logits with k={k}: {why}. Use fusedrnn.use_backend('auto') to fall back")
+        return setting
+    refused = []
+    for name in BEAM_TOPK_PREFERENCE.get(logits.device.type, ("reference",)):
+        why = beam_topk_refusal(name, logits, k)
+        if why is None:
+            if refused:
+                _logging.getLogger("fusedrnn").debug("beam_topk: %s (skipped %s)", name, refused)
+            return name
+        refused.append((name, why))
+    return "reference"
+
+
+def _run_beam_topk(backend: str, logits: Tensor, beam_scores: Tensor, k: int, K: int):
+    if backend == "reference":
+        return _rd.beam_topk_reference(logits, beam_scores, k, K)
+    if backend == "cpu":
+        return torch.ops.fusedrnn.cpu_beam_topk(logits, beam_scores, k, K)
+    if backend == "cuda":
+        return torch.ops.fusedrnn.cuda_beam_topk(logits, beam_scores, k, K)
+    from .triton.beam_topk import beam_topk_triton
+    return beam_topk_triton(logits, beam_scores, k, K)
+
+
+@torch.library.custom_op("fusedrnn::beam_topk", mutates_args=())
+def beam_topk(logits: Tensor, beam_scores: Tensor, k: int, num_beams: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """One beam-search step's candidate selection without a [B*K, V] log-prob tensor.
+
+    logits [B*K, V] (fp16/bf16/fp32/fp64; rows b*K..b*K+K-1 are item b's beams), beam_scores [B*K] or
+    [B, K] (cumulative log-probs; num_beams=0 takes K from a 2-D beam_scores), 1 <= k <= K*V.
+    Returns (scores [B, k] fp32 (fp64 for fp64 logits) = log_softmax(row)[token] + beam score,
+    tokens [B, k] int64, parents [B, k] int64 beam index in 0..K-1), best first.
+    Ties: larger score, then lower beam, then larger raw logit, then lower token (in practice: lowest
+    flattened index beam*V + token). NaN/+inf in a row or its beam score makes all the row's candidates
+    NaN, ranked first; all -inf rows and -inf beam scores give -inf candidates. Details:
+    fusedrnn.reference_decoding.
+    """
+    _, K, _ = _rd.check_beam_topk_args(logits, beam_scores, k, num_beams)
+    return _run_beam_topk(beam_topk_backend(logits, k), logits, beam_scores, k, K)
+
+
+@beam_topk.register_fake
+def _beam_topk_fake(logits, beam_scores, k, num_beams=0):
+    B, _, _ = _rd.check_beam_topk_args(logits, beam_scores, k, num_beams)
+    scores = logits.new_empty(B, k, dtype=_rd.score_dtype(logits.dtype))
+    return scores, logits.new_empty(B, k, dtype=torch.long), logits.new_empty(B, k, dtype=torch.long)
