@@ -35,6 +35,9 @@ def _cuda_arch_flags(archs):
 def extensions():
     if _flag("FUSEDRNN_SKIP_EXTENSION"):
         return [], {}
+    # torch guesses /usr/local when CUDA_HOME is unset and nvcc is not on PATH; the link then fails.
+    if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -42,7 +45,8 @@ def extensions():
     cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
     want_cuda = _flag("FUSEDRNN_BUILD_CUDA")
-    can_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    can_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
+                and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
     if want_cuda and not can_cuda:
         sys.exit(f"FUSEDRNN_BUILD_CUDA=1 but torch.version.cuda={torch.version.cuda} and CUDA_HOME={CUDA_HOME}: "
                  "install a CUDA build of torch and set CUDA_HOME (e.g. /usr/local/cuda)")
@@ -62,8 +66,9 @@ def extensions():
         if _flag("FUSEDRNN_PTXAS_VERBOSE"):
             nvcc.append("-Xptxas=-v")
         ext = CUDAExtension("fusedrnn._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx + ["-DFUSEDRNN_WITH_CUDA"], "nvcc": nvcc},
-                            libraries=["cublas", "cublasLt"])
+                            extra_compile_args={"cxx": cxx + ["-DFUSEDRNN_WITH_CUDA"], "nvcc": nvcc})
+        # No -lcublas: pip's CUDA wheels ship only libcublas.so.13, which libtorch_cuda (linked above)
+        # already depends on, so cuBLAS symbols resolve at load time through it.
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -3,7 +3,7 @@
 //   fusedrnn::cpu_rnn_layer(...)          -> (y, h_n, c_n, workspace)   same contract as fusedrnn::rnn_layer
 //   fusedrnn::cpu_rnn_layer_backward(...) -> grads of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
 //
-// Structure: the input projection of all steps is one GEMM; each step is one GEMM for the recurrent term
+// Structure: the input projection of all steps is one GEMM; each step is one small GEMM (cpu/blas.h) for the recurrent term
 // (plus one for the LSTM projection) and ONE fused pass over [B, H] that adds the biases, applies the cell
 // (cell_math.h), updates the state, masks by length and writes y and the workspace. Backward runs the same
 // loop in reverse producing only the gate gradients; dx, dW_ih, dW_hh, dW_hr and the biases are one GEMM or
@@ -112,12 +112,12 @@ OptTensor contig(const OptTensor& t) { return t ? OptTensor(t->contiguous()) : s
 // Forward
 // ---------------------------------------------------------------------------------------------------
 template <typename T>
-void forward_loop(const Dims& d, const std::vector<int64_t>& len, const T* x_gates, const T* w_hh, const T* b_hh,
-                  const T* w_hr, T* h, T* c, T* y, T* ws, T* h_gates, T* r_buf, T* h_proj) {
+void forward_loop(const Dims& d, const std::vector<int64_t>& len, const T* x_gates, const T* w_hh_t,
+                  const T* b_hh, const T* w_hr_t, T* h, T* c, T* y, T* ws, T* h_gates, T* r_buf, T* h_proj) {
   const int64_t GH = d.G * d.H;
   for (int64_t s = 0; s < d.T; ++s) {
     const int64_t t = step_time(d, s);
-    gemm_rowmajor<T>(d.B, GH, d.H_out, h, w_hh, /*b_transposed=*/true, T(0), h_gates);
+    gemm_rowmajor<T>(d.B, GH, d.H_out, h, w_hh_t, T(0), h_gates);
     const T* xg_t = x_gates + t * d.B * GH;
     T* y_t = y + t * d.B * d.H_out;
     T* ws_t = ws ? ws + t * d.B * d.ws : nullptr;
@@ -164,7 +164,7 @@ void forward_loop(const Dims& d, const std::vector<int64_t>& len, const T* x_gat
     });
 
     if (d.proj) {  // h = W_hr r for valid rows; y row is zero for invalid ones
-      gemm_rowmajor<T>(d.B, d.H_out, d.H, r_buf, w_hr, /*b_transposed=*/true, T(0), h_proj);
+      gemm_rowmajor<T>(d.B, d.H_out, d.H, r_buf, w_hr_t, T(0), h_proj);
       for (int64_t b = 0; b < d.B; ++b) {
         const bool valid = t < len[b];
         for (int64_t j = 0; j < d.H_out; ++j) {
@@ -200,9 +200,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_rnn_layer(
   Tensor r_buf = d.proj ? at::empty({d.B, d.H}, x.options()) : Tensor();
   Tensor h_proj = d.proj ? at::empty({d.B, d.H_out}, x.options()) : Tensor();
 
+  // The step GEMMs read the weights transposed ([in, out], rows contiguous): transpose once per call.
+  Tensor w_hh_t = w_hh.t().contiguous();
+  Tensor w_hr_t = w_hr ? w_hr->t().contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fusedrnn_cpu_rnn_layer", [&] {
-    forward_loop<scalar_t>(d, len, x_gates.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
-                           b_hh ? b_hh->data_ptr<scalar_t>() : nullptr, w_hr ? w_hr->data_ptr<scalar_t>() : nullptr,
+    forward_loop<scalar_t>(d, len, x_gates.data_ptr<scalar_t>(), w_hh_t.data_ptr<scalar_t>(),
+                           b_hh ? b_hh->data_ptr<scalar_t>() : nullptr, w_hr ? w_hr_t.data_ptr<scalar_t>() : nullptr,
                            h.data_ptr<scalar_t>(), c0 ? c.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
                            (need_workspace && d.ws > 0) ? ws.data_ptr<scalar_t>() : nullptr,
                            h_gates.data_ptr<scalar_t>(), d.proj ? r_buf.data_ptr<scalar_t>() : nullptr,
@@ -247,7 +250,7 @@ void backward_loop(const Dims& d, const std::vector<int64_t>& len, const T* w_hh
     }
     const T* g_r = gout;
     if (d.proj) {  // dL/dr = grad_out @ W_hr
-      gemm_rowmajor<T>(d.B, d.H, d.H_out, gout, w_hr, /*b_transposed=*/false, T(0), grad_r);
+      gemm_rowmajor<T>(d.B, d.H, d.H_out, gout, w_hr, T(0), grad_r);
       g_r = grad_r;
     }
     T* gxg_t = grad_xg + t * d.B * GH;
@@ -286,8 +289,7 @@ void backward_loop(const Dims& d, const std::vector<int64_t>& len, const T* w_hh
     });
 
     // dL/dh_{t-1} = grad_hg @ W_hh (+ GRU's direct term); invalid rows keep their gradient.
-    gemm_rowmajor<T>(d.B, d.H_out, GH, ghg_t, w_hh, /*b_transposed=*/false,
-                     d.cell == Cell::GRU ? T(1) : T(0), grad_h_next);
+    gemm_rowmajor<T>(d.B, d.H_out, GH, ghg_t, w_hh, d.cell == Cell::GRU ? T(1) : T(0), grad_h_next);
     if (!masked) {
       std::copy(grad_h_next, grad_h_next + d.B * d.H_out, grad_h);
     } else {
