@@ -1,0 +1,804 @@
+// Persistent path: one launch runs all T steps of a layer, forward or backward, every cell.
+//
+// Work split. The recurrence is a skinny GEMM per step, out[rows, b] = A[rows, K] @ B[K, b]:
+//   forward   A = the G*units rows of W_hh of the hidden units this CTA owns (K = H), B = h_{t-1}^T;
+//             the CTA then has every gate of its units and runs the cell locally.
+//   backward  A = W_hh[:, units]^T (K = G*H), B = dgates_t^T; the CTA gets dL/dh_{t-1} of its units, which its
+//             own pointwise of the next step consumes; only the gate gradients are exchanged.
+// A stays in shared memory for the whole launch (loaded once). B is all of h (or of the gate gradients) and
+// changes every step: each CTA publishes its slice, then a barrier:
+//   grid      slices go to a double-buffered [2, B, K] buffer in global memory (L2), a global-atomic barrier
+//             (cooperative launch, so all CTAs are co-resident and the spin cannot hang), and each CTA stages
+//             the chunk it needs into shared memory with cp.async;
+//   cluster   (sm_90) slices are written straight into every CTA's shared-memory copy of B through distributed
+//             shared memory, then one cluster barrier; each cluster runs its own batch rows, so clusters never
+//             wait on each other.
+// MMA: mma.sync m16n8k16 (fp16/bf16) or m16n8k8 (tf32, fp32 inputs), fp32 accumulation. M = gate rows, N = 8
+// batch rows, so batch 1..8 costs one n-tile. 8 warps = warps_m x warps_k; warps_k split K and are summed in
+// shared memory. Fragment trick: K is a summation index, so any permutation of it applied to both A and B gives
+// the same product; each thread loads 8 consecutive K elements of a row (one 16-byte LDS for 16-bit types) and
+// feeds them to the MMA slots it owns, instead of the canonical slot order that needs ldmatrix or 4-byte loads.
+#include <cooperative_groups.h>
+
+#include <algorithm>
+
+#include "cuda/rnn_device.cuh"
+
+namespace cg = cooperative_groups;
+
+namespace fusedrnn::cuda {
+namespace {
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ < 900)
+constexpr bool kNoClusters = true;  // the cluster kernels are never launched below sm_90 (the planner refuses)
+#else
+constexpr bool kNoClusters = false;
+#endif
+
+constexpr int kThreads = kPersistentThreads;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMtPerWarp = 4;       // 16-row m-tiles per warp: 4 x 4 n-tiles x 4 = 64 accumulator registers
+constexpr int kMaxChunk = 32;       // batch rows per chunk
+constexpr int kNt = kMaxChunk / 8;  // n-tiles per chunk
+constexpr int kItems = 4;           // forward pointwise items per thread (x_gates prefetched into registers)
+constexpr int kKBlock = 32;         // K elements per thread row load: 8 per lane quad position
+
+// ---------------------------------------------------------------------------------------------------
+// Tensor-core MMA on fragments of 8 consecutive K elements per thread (see the file comment).
+// ---------------------------------------------------------------------------------------------------
+template <typename T>
+struct Vec8 {  // 8 elements of T: 16 bytes for 16-bit types, 32 for fp32
+  uint4 v[sizeof(T) == 2 ? 1 : 2];
+};
+
+template <typename T>
+__device__ __forceinline__ Vec8<T> lds8(const unsigned char* p) {
+  Vec8<T> r;
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(r.v) / sizeof(uint4)); ++i) r.v[i] = reinterpret_cast<const uint4*>(p)[i];
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_k(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                      uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_k<__half>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                              uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_k<__nv_bfloat16>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                     uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_k<float>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// c += A(rows g, g+8; 8 K elements) B(8 K elements; column g). Each pair of 32-bit words is one K slot pair:
+// 16-bit, m16n8k16: A regs {row g, slots 2q..}, {g+8, 2q..}, {g, 2q+8..}, {g+8, 2q+8..}; B {2q..}, {2q+8..};
+// tf32, m16n8k8: A {g, q}, {g+8, q}, {g, q+4}, {g+8, q+4}; B {q}, {q+4}. Same word of A and B -> same slot.
+template <typename T>
+__device__ __forceinline__ void mma_block(float (&c)[4], const Vec8<T>& lo, const Vec8<T>& hi, const Vec8<T>& b) {
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(b.v) / sizeof(uint4)); ++i) {
+    mma_k<T>(c, lo.v[i].x, hi.v[i].x, lo.v[i].y, hi.v[i].y, b.v[i].x, b.v[i].y);
+    mma_k<T>(c, lo.v[i].z, hi.v[i].z, lo.v[i].w, hi.v[i].w, b.v[i].z, b.v[i].w);
+  }
+}
+
+// The value an MMA operand holds: the dtype itself, or for fp32 the tf32 rounding (the MMA would truncate).
+template <typename T>
+__device__ __forceinline__ T mma_operand(float v) {
+  return from_f<T>(v);
+}
+template <>
+__device__ __forceinline__ float mma_operand<float>(float v) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
+  return __uint_as_float(r);
+}
+
+using Acc = float[kMtPerWarp][kNt][4];
+
+// acc[mt][nt] += A[m-tile mt0+mt] B[n-tile nt] over K blocks [kb0, kb1); A, B row-major in shared memory.
+template <typename T>
+__device__ __forceinline__ void warp_mma(const unsigned char* A, int a_stride, const unsigned char* B, int b_stride,
+                                         int mt0, int mt_count, int n_tiles, int kb0, int kb1, Acc& acc) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  constexpr int kBlockBytes = kKBlock * static_cast<int>(sizeof(T));
+  const unsigned char* a = A + (mt0 * 16 + g) * a_stride + q * 8 * static_cast<int>(sizeof(T));
+  const unsigned char* b = B + g * b_stride + q * 8 * static_cast<int>(sizeof(T));
+#pragma unroll 2
+  for (int kb = kb0; kb < kb1; ++kb) {
+    Vec8<T> bf[kNt];
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt) {
+      if (nt < n_tiles) bf[nt] = lds8<T>(b + nt * 8 * b_stride + kb * kBlockBytes);
+    }
+#pragma unroll
+    for (int mt = 0; mt < kMtPerWarp; ++mt) {
+      if (mt < mt_count) {
+        const Vec8<T> lo = lds8<T>(a + mt * 16 * a_stride + kb * kBlockBytes);
+        const Vec8<T> hi = lds8<T>(a + (mt * 16 + 8) * a_stride + kb * kBlockBytes);
+#pragma unroll
+        for (int nt = 0; nt < kNt; ++nt) {
+          if (nt < n_tiles) mma_block<T>(acc[mt][nt], lo, hi, bf[nt]);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Synchronisation and data movement
+// ---------------------------------------------------------------------------------------------------
+// Grid barrier on a monotonic counter (zeroed before the launch): barrier n completes at n * gridDim.x arrivals.
+// The fences make every CTA's exchange writes visible to the others (the pattern of cooperative_groups'
+// grid.sync). Co-residency is guaranteed by the cooperative launch, so the spin cannot hang.
+__device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned target) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(counter, 1u);
+    unsigned seen;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
+    } while (seen < target);
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
+
+// Copies rows [0, rows) of a [*, row_elems] global buffer into shared memory rows of b_stride bytes (through L2
+// only: other CTAs wrote it since the last step).
+template <typename T>
+__device__ __forceinline__ void stage_rows(unsigned char* dst, int b_stride, const T* src, int rows, int row_elems) {
+  const int vecs = row_elems * static_cast<int>(sizeof(T)) / 16;
+  for (int i = threadIdx.x; i < rows * vecs; i += kThreads) {
+    const int r = i / vecs, v = i % vecs;
+    cp_async16(dst + r * b_stride + v * 16, reinterpret_cast<const unsigned char*>(src + static_cast<int64_t>(r) * row_elems) + v * 16);
+  }
+  cp_async_wait_all();
+  __syncthreads();
+}
+
+// Cluster exchange: copies this CTA's stage [rows][segs][units] into columns seg * seg_stride + j0 .. + units of
+// rows [0, rows) of the B buffer `buf` in every CTA of the cluster, itself included, 16 bytes at a time.
+template <typename T>
+__device__ __forceinline__ void cluster_publish(const T* stage, int rows, int segs, int units, int seg_stride, int j0,
+                                               unsigned char* buf, int b_stride, int ctas) {
+  if constexpr (!kNoClusters) {
+    cg::cluster_group cluster = cg::this_cluster();
+    const int vecs = units * static_cast<int>(sizeof(T)) / 16;
+    const int total = ctas * rows * segs * vecs;
+    for (int i = threadIdx.x; i < total; i += kThreads) {
+      const int v = i % vecs;
+      int rest = i / vecs;
+      const int s = rest % segs;
+      rest /= segs;
+      const int r = rest % rows, rank = rest / rows;
+      const uint4 val = reinterpret_cast<const uint4*>(stage + (r * segs + s) * units)[v];
+      unsigned char* local = buf + r * b_stride + (s * seg_stride + j0) * static_cast<int>(sizeof(T)) + v * 16;
+      *cluster.map_shared_rank(reinterpret_cast<uint4*>(local), rank) = val;
+    }
+    cluster.sync();
+  }
+}
+
+__device__ __forceinline__ void cluster_sync_all() {
+  if constexpr (!kNoClusters) cg::this_cluster().sync();
+}
+
+__device__ __forceinline__ void zero_smem(unsigned char* p, int bytes) {
+  for (int i = threadIdx.x; i < bytes / 16; i += kThreads) reinterpret_cast<uint4*>(p)[i] = make_uint4(0, 0, 0, 0);
+}
+
+// Writes the warp's accumulators to its slice red[kg][rows_pad][chunk].
+__device__ __forceinline__ void store_partials(const Acc& acc, float* red, int rows_pad, int chunk, int kg, int mt0,
+                                               int mt_count, int n_tiles) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < kMtPerWarp; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt) {
+      if (mt < mt_count && nt < n_tiles) {
+        float* r = red + (static_cast<int64_t>(kg) * rows_pad + (mt0 + mt) * 16 + g) * chunk + nt * 8 + 2 * q;
+        r[0] = acc[mt][nt][0];
+        r[1] = acc[mt][nt][1];
+        r[8 * chunk] = acc[mt][nt][2];
+        r[8 * chunk + 1] = acc[mt][nt][3];
+      }
+    }
+  }
+}
+
+// Per-CTA geometry shared by both directions.
+struct Cta {
+  int rank, group, j0, n_units, b_begin, b_end;
+  int mt0, mt_count, kg, kb0, kb1;
+  unsigned char *sA, *sB;
+  float* red;
+  void* stage;
+
+  template <bool kCluster>
+  __device__ __forceinline__ void init(const PersistentPlan& plan, int H, int B, unsigned char* smem) {
+    rank = kCluster ? static_cast<int>(blockIdx.x) % plan.ctas : static_cast<int>(blockIdx.x);
+    group = kCluster ? static_cast<int>(blockIdx.x) / plan.ctas : 0;
+    j0 = rank * plan.units;
+    n_units = max(0, min(plan.units, H - j0));
+    b_begin = kCluster ? group * plan.chunk : 0;
+    b_end = kCluster ? min(B, b_begin + plan.chunk) : B;
+    const int warp = threadIdx.x / 32;
+    const int mg = warp / plan.warps_k;
+    kg = warp % plan.warps_k;
+    mt0 = mg * kMtPerWarp;
+    mt_count = max(0, min(kMtPerWarp, plan.m_tiles - mt0));
+    const int nkb = plan.k_padded / kKBlock;
+    kb0 = kg * nkb / plan.warps_k;
+    kb1 = (kg + 1) * nkb / plan.warps_k;
+    sA = smem;
+    sB = smem + plan.smem_a;
+    red = reinterpret_cast<float*>(sB + plan.smem_b);
+    stage = reinterpret_cast<unsigned char*>(red) + plan.smem_red;
+  }
+
+  // MMA of one batch chunk (rows [0, rows) of B at sB_chunk) into red[kg]; red[0] ends up holding the full sums
+  // for rows [0, rows_used).
+  template <typename T>
+  __device__ __forceinline__ void chunk_mma(const PersistentPlan& plan, const unsigned char* sB_chunk, int rows,
+                                            int rows_used) {
+    const int rows_pad = plan.m_tiles * 16, n_tiles = (rows + 7) / 8;
+    if (mt_count > 0) {
+      Acc acc;
+#pragma unroll
+      for (int mt = 0; mt < kMtPerWarp; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+      warp_mma<T>(sA, plan.a_stride, sB_chunk, plan.b_stride, mt0, mt_count, n_tiles, kb0, kb1, acc);
+      store_partials(acc, red, rows_pad, plan.chunk, kg, mt0, mt_count, n_tiles);
+    }
+    __syncthreads();
+    if (plan.warps_k > 1) {
+      const int64_t slice = static_cast<int64_t>(rows_pad) * plan.chunk;
+      for (int e = threadIdx.x; e < rows_used * plan.chunk; e += kThreads) {
+        if (e % plan.chunk >= rows) continue;
+        float s = red[e];
+        for (int k = 1; k < plan.warps_k; ++k) s += red[k * slice + e];
+        red[e] = s;
+      }
+      __syncthreads();
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------------
+// A row r = g*units + u: W_hh[g*H + j0 + u, 0:H], zero beyond H columns and for padded units / rows.
+template <typename T>
+__device__ void load_weights_forward(const PersistentPlan& plan, const T* w_hh, int G, int H, int j0, int n_units,
+                                     unsigned char* sA) {
+  const int rows_pad = plan.m_tiles * 16, vecs = plan.k_padded / 8;
+  for (int i = threadIdx.x; i < rows_pad * vecs; i += kThreads) {
+    const int r = i / vecs, k0 = (i % vecs) * 8;
+    const int g = r / plan.units, u = r % plan.units;
+    const bool row_ok = g < G && u < n_units;
+    const T* src = w_hh + (static_cast<int64_t>(g) * H + j0 + u) * H;
+    T v[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = mma_operand<T>(row_ok && k0 + e < H ? to_f(src[k0 + e]) : 0.f);
+    T* dst = reinterpret_cast<T*>(sA + r * plan.a_stride) + k0;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) dst[e] = v[e];
+  }
+}
+
+template <typename T, bool kCluster>
+__global__ void __launch_bounds__(kThreads, 1)
+    rnn_persistent_forward_kernel(const PersistentForward p, const PersistentPlan plan) {
+  if constexpr (kCluster && kNoClusters) {
+    __trap();
+  } else {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const Cell cell = static_cast<Cell>(p.cell);
+    const int G = num_gates(cell), H = p.H, B = p.B, GH = G * H, units = plan.units;
+    const int64_t W = workspace_width(cell, H, false);
+    Cta cta{};
+    cta.init<kCluster>(plan, H, B, smem);
+    T* stage = static_cast<T*>(cta.stage);
+    T* exchange = static_cast<T*>(p.exchange);
+    const int64_t exchange_step = static_cast<int64_t>(B) * plan.k_padded;
+    unsigned barrier_target = 0;
+
+    load_weights_forward<T>(plan, static_cast<const T*>(p.w_hh), G, H, cta.j0, cta.n_units, cta.sA);
+    if constexpr (kCluster) {  // B buffer 0 = h0 of this cluster's rows, zero padding everywhere else
+      zero_smem(cta.sB, plan.smem_b);
+      zero_smem(static_cast<unsigned char*>(cta.stage), plan.smem_stage);
+      __syncthreads();
+      for (int i = threadIdx.x; i < (cta.b_end - cta.b_begin) * H; i += kThreads) {
+        const int c = i / H, k = i % H;
+        reinterpret_cast<T*>(cta.sB + c * plan.b_stride)[k] =
+            mma_operand<T>(p.h_state[static_cast<int64_t>(cta.b_begin + c) * H + k]);
+      }
+      cluster_sync_all();  // every CTA's buffers are initialised before anyone writes into them
+    } else {  // exchange buffer 0 = h0, this CTA's columns
+      for (int i = threadIdx.x; i < B * cta.n_units; i += kThreads) {
+        const int b = i / cta.n_units, j = cta.j0 + i % cta.n_units;
+        exchange[static_cast<int64_t>(b) * plan.k_padded + j] = mma_operand<T>(p.h_state[static_cast<int64_t>(b) * H + j]);
+      }
+      barrier_target += gridDim.x;
+      grid_barrier(p.barrier, barrier_target);
+    }
+
+    for (int s = 0; s < p.T; ++s) {
+      const int t = p.reverse ? p.T - 1 - s : s;
+      const bool last = s + 1 == p.T;
+      const int t_next = p.reverse ? t - 1 : t + 1;
+      for (int b0 = cta.b_begin; b0 < cta.b_end; b0 += plan.chunk) {
+        const int rows = min(plan.chunk, cta.b_end - b0), n_items = cta.n_units * rows;
+        // x_gates of this chunk into registers first: their latency hides behind the MMA.
+        float xg[kItems][4];
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) {
+          const int item = threadIdx.x + i * kThreads;
+          if (item < n_items) {
+            const int b = b0 + item / cta.n_units, j = cta.j0 + item % cta.n_units;
+            const T* row = static_cast<const T*>(p.x_gates) + (static_cast<int64_t>(t) * B + b) * GH + j;
+#pragma unroll
+            for (int g = 0; g < 4; ++g) {
+              if (g < G) {
+                xg[i][g] = to_f(row[g * H]);
+                if (!last) prefetch_l2(row + static_cast<int64_t>(t_next - t) * B * GH + g * H);
+              }
+            }
+          }
+        }
+        const unsigned char* sB_chunk;
+        if constexpr (kCluster) {
+          sB_chunk = cta.sB + (s & 1) * plan.chunk * plan.b_stride;
+        } else {
+          stage_rows<T>(cta.sB, plan.b_stride, exchange + (s & 1) * exchange_step + static_cast<int64_t>(b0) * plan.k_padded,
+                        rows, plan.k_padded);
+          sB_chunk = cta.sB;
+        }
+        cta.chunk_mma<T>(plan, sB_chunk, rows, G * units);
+
+        // Pointwise: red[0][g*units + u][c] holds W_hh h of gate g of unit u, batch row b0 + c.
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) {
+          const int item = threadIdx.x + i * kThreads;
+          if (item < n_items) {
+            const int c = item / cta.n_units, u = item % cta.n_units;
+            const int b = b0 + c, j = cta.j0 + u;
+            const float* hg = cta.red + u * plan.chunk + c;  // gate g at hg[g * units * chunk]
+            const int64_t gate_stride = static_cast<int64_t>(units) * plan.chunk;
+            float pre[4] = {0.f, 0.f, 0.f, 0.f};
+            if (cell == Cell::GRU) {
+              pre[0] = hg[0] + xg[i][0];
+              pre[1] = hg[gate_stride] + xg[i][1];
+              pre[2] = xg[i][2];
+              pre[3] = hg[2 * gate_stride] + (p.b_hn != nullptr ? to_f(static_cast<const T*>(p.b_hn)[j]) : 0.f);
+            } else {
+#pragma unroll
+              for (int g = 0; g < 4; ++g) {
+                if (g < G) pre[g] = hg[g * gate_stride] + xg[i][g];
+              }
+            }
+            const int64_t si = static_cast<int64_t>(b) * H + j;
+            const bool valid = step_valid(p.lengths, b, t);
+            const float h_prev = p.h_state[si];
+            const float c_prev = cell == Cell::LSTM ? p.c_state[si] : 0.f;
+            T* ws_row = p.ws != nullptr ? static_cast<T*>(p.ws) + (static_cast<int64_t>(t) * B + b) * W : nullptr;
+            float c_new = 0.f;
+            const float out = cell_forward<T>(cell, pre, h_prev, c_prev, ws_row, H, j, false, &c_new);
+            const float h = valid ? out : h_prev;
+            p.h_state[si] = h;
+            if (cell == Cell::LSTM && valid) p.c_state[si] = c_new;
+            static_cast<T*>(p.y)[(static_cast<int64_t>(t) * B + b) * H + j] = from_f<T>(valid ? out : 0.f);
+            if (!last) {
+              if constexpr (kCluster) {
+                stage[c * units + u] = mma_operand<T>(h);
+              } else {
+                exchange[((s + 1) & 1) * exchange_step + static_cast<int64_t>(b) * plan.k_padded + j] = mma_operand<T>(h);
+              }
+            }
+          }
+        }
+        __syncthreads();  // red, the staged chunk and the stage are reused next
+      }
+      if (!last) {
+        if constexpr (kCluster) {
+          cluster_publish<T>(stage, cta.b_end - cta.b_begin, 1, units, 0, cta.j0,
+                             cta.sB + ((s + 1) & 1) * plan.chunk * plan.b_stride, plan.b_stride, plan.ctas);
+        } else {
+          barrier_target += gridDim.x;
+          grid_barrier(p.barrier, barrier_target);
+        }
+      }
+    }
+
+    for (int i = threadIdx.x; i < (cta.b_end - cta.b_begin) * cta.n_units; i += kThreads) {
+      const int64_t si = static_cast<int64_t>(cta.b_begin + i / cta.n_units) * H + cta.j0 + i % cta.n_units;
+      static_cast<T*>(p.h_n)[si] = from_f<T>(p.h_state[si]);
+      if (cell == Cell::LSTM) static_cast<T*>(p.c_n)[si] = from_f<T>(p.c_state[si]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------------
+// A row u, column n = g*HP + jj: W_hh[g*H + jj, j0 + u] (HP = hidden_padded), zero for jj >= H and padding.
+template <typename T>
+__device__ void load_weights_backward(const PersistentPlan& plan, const T* w_hh, int G, int H, int j0, int n_units,
+                                      unsigned char* sA) {
+  const int rows_pad = plan.m_tiles * 16, HP = plan.hidden_padded;
+  // u fastest: a warp reads consecutive columns of one W_hh row (coalesced); this runs once per launch.
+  for (int i = threadIdx.x; i < rows_pad * plan.k_padded; i += kThreads) {
+    const int u = i % rows_pad, n = i / rows_pad;
+    const int g = n / HP, jj = n % HP;
+    const bool ok = u < n_units && g < G && jj < H;
+    const float v = ok ? to_f(w_hh[(static_cast<int64_t>(g) * H + jj) * H + j0 + u]) : 0.f;
+    reinterpret_cast<T*>(sA + u * plan.a_stride)[n] = mma_operand<T>(v);
+  }
+}
+
+template <typename T, bool kCluster>
+__global__ void __launch_bounds__(kThreads, 1)
+    rnn_persistent_backward_kernel(const PersistentBackward p, const PersistentPlan plan) {
+  if constexpr (kCluster && kNoClusters) {
+    __trap();
+  } else {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const Cell cell = static_cast<Cell>(p.cell);
+    const int G = num_gates(cell), H = p.H, B = p.B, GH = G * H, units = plan.units, HP = plan.hidden_padded;
+    const int64_t W = workspace_width(cell, H, false);
+    Cta cta{};
+    cta.init<kCluster>(plan, H, B, smem);
+    T* stage = static_cast<T*>(cta.stage);
+    T* exchange = static_cast<T*>(p.exchange);
+    const int64_t exchange_step = static_cast<int64_t>(B) * plan.k_padded;
+    unsigned barrier_target = 0;
+
+    load_weights_backward<T>(plan, static_cast<const T*>(p.w_hh), G, H, cta.j0, cta.n_units, cta.sA);
+    if constexpr (kCluster) {
+      zero_smem(cta.sB, plan.smem_b);
+      zero_smem(static_cast<unsigned char*>(cta.stage), plan.smem_stage);
+      cluster_sync_all();
+    } else {
+      __syncthreads();
+    }
+
+    for (int bs = 0; bs < p.T; ++bs) {  // backward step bs undoes forward step T-1-bs
+      const int t = p.reverse ? bs : p.T - 1 - bs;
+      const bool last = bs + 1 == p.T;
+      const int t_next = p.reverse ? t + 1 : t - 1;
+      // 1. Pointwise: gate gradients of this CTA's units from dL/dh_t (carried in grad_h).
+      for (int b0 = cta.b_begin; b0 < cta.b_end; b0 += plan.chunk) {
+        const int rows = min(plan.chunk, cta.b_end - b0);
+        for (int item = threadIdx.x; item < cta.n_units * rows; item += kThreads) {
+          const int c = item / cta.n_units, u = item % cta.n_units;
+          const int b = b0 + c, j = cta.j0 + u;
+          const int64_t si = static_cast<int64_t>(b) * H + j, row = static_cast<int64_t>(t) * B + b;
+          const int len = p.lengths != nullptr ? static_cast<int>(p.lengths[b]) : p.T;
+          GateGrads d{};
+          if (t < len) {
+            const float grad_out = p.grad_h[si] + to_f(static_cast<const T*>(p.grad_y)[row * H + j]);
+            const T* ws_row = static_cast<const T*>(p.ws) + row * W;
+            float prev = 0.f, y_t = 0.f, grad_c = 0.f;
+            if (cell == Cell::LSTM) {
+              const int tp = previous_time(t, len, p.reverse != 0);
+              prev = tp >= 0 ? to_f(static_cast<const T*>(p.ws)[(static_cast<int64_t>(tp) * B + b) * W + 4 * H + j])
+                             : to_f(static_cast<const T*>(p.c0)[si]);
+              grad_c = p.grad_c[si];
+            } else if (cell == Cell::GRU) {
+              prev = to_f(static_cast<const T*>(p.h_prev)[row * H + j]);
+            } else {
+              y_t = to_f(static_cast<const T*>(p.y)[row * H + j]);
+            }
+            d = cell_backward<T>(cell, ws_row, H, j, prev, y_t, grad_out, grad_c);
+            if (cell == Cell::LSTM) p.grad_c[si] = d.c_prev;
+            p.grad_h[si] = d.h_direct;  // the MMA below adds dgates W_hh; invalid steps keep the carried value
+          }
+          T* gx = static_cast<T*>(p.grad_xg) + row * GH + j;
+          T* gh = cell == Cell::GRU ? static_cast<T*>(p.grad_hg) + row * GH + j : nullptr;
+#pragma unroll
+          for (int g = 0; g < 4; ++g) {
+            if (g < G) {
+              gx[g * H] = from_f<T>(d.x[g]);
+              if (gh != nullptr) gh[g * H] = from_f<T>(d.h[g]);
+              const T v = mma_operand<T>(d.h[g]);
+              if constexpr (kCluster) {
+                stage[(c * G + g) * units + u] = v;
+              } else {
+                exchange[(bs & 1) * exchange_step + static_cast<int64_t>(b) * plan.k_padded + g * HP + j] = v;
+              }
+            }
+          }
+          if (!last) {  // the next step's rows, from HBM into L2 while this step's exchange and MMA run
+            const int64_t next = static_cast<int64_t>(t_next) * B + b;
+            prefetch_l2(static_cast<const T*>(p.grad_y) + next * H + j);
+            if (W > 0) {
+              for (int g = 0; g < (cell == Cell::LSTM ? 5 : 4); ++g) prefetch_l2(static_cast<const T*>(p.ws) + next * W + g * H + j);
+            }
+          }
+        }
+      }
+      // 2. Exchange the gate gradients.
+      if constexpr (kCluster) {
+        __syncthreads();
+        cluster_publish<T>(stage, cta.b_end - cta.b_begin, G, units, HP, cta.j0, cta.sB + (bs & 1) * plan.chunk * plan.b_stride,
+                           plan.b_stride, plan.ctas);
+      } else {
+        barrier_target += gridDim.x;
+        grid_barrier(p.barrier, barrier_target);
+      }
+      // 3. dL/dh_{t-1} of this CTA's units += dgates_t W_hh[:, units].
+      for (int b0 = cta.b_begin; b0 < cta.b_end; b0 += plan.chunk) {
+        const int rows = min(plan.chunk, cta.b_end - b0);
+        const unsigned char* sB_chunk;
+        if constexpr (kCluster) {
+          sB_chunk = cta.sB + (bs & 1) * plan.chunk * plan.b_stride;
+        } else {
+          stage_rows<T>(cta.sB, plan.b_stride, exchange + (bs & 1) * exchange_step + static_cast<int64_t>(b0) * plan.k_padded,
+                        rows, plan.k_padded);
+          sB_chunk = cta.sB;
+        }
+        cta.chunk_mma<T>(plan, sB_chunk, rows, units);
+        for (int item = threadIdx.x; item < cta.n_units * rows; item += kThreads) {
+          const int c = item / cta.n_units, u = item % cta.n_units;
+          p.grad_h[static_cast<int64_t>(b0 + c) * H + cta.j0 + u] += cta.red[u * plan.chunk + c];
+        }
+        __syncthreads();
+      }
+    }
+
+    for (int i = threadIdx.x; i < (cta.b_end - cta.b_begin) * cta.n_units; i += kThreads) {
+      const int64_t si = static_cast<int64_t>(cta.b_begin + i / cta.n_units) * H + cta.j0 + i % cta.n_units;
+      static_cast<T*>(p.grad_h0)[si] = from_f<T>(p.grad_h[si]);
+      if (cell == Cell::LSTM) static_cast<T*>(p.grad_c0)[si] = from_f<T>(p.grad_c[si]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Host side: kernel selection, occupancy, launch
+// ---------------------------------------------------------------------------------------------------
+using ForwardKernel = void (*)(const PersistentForward, const PersistentPlan);
+using BackwardKernel = void (*)(const PersistentBackward, const PersistentPlan);
+
+template <typename T>
+ForwardKernel forward_kernel_t(Exchange ex) {
+  return ex == Exchange::Cluster ? rnn_persistent_forward_kernel<T, true> : rnn_persistent_forward_kernel<T, false>;
+}
+template <typename T>
+BackwardKernel backward_kernel_t(Exchange ex) {
+  return ex == Exchange::Cluster ? rnn_persistent_backward_kernel<T, true> : rnn_persistent_backward_kernel<T, false>;
+}
+
+ForwardKernel forward_kernel(Exchange ex, DType dt) {
+  return dt == DType::F32 ? forward_kernel_t<float>(ex)
+         : dt == DType::F16 ? forward_kernel_t<__half>(ex)
+                            : forward_kernel_t<__nv_bfloat16>(ex);
+}
+BackwardKernel backward_kernel(Exchange ex, DType dt) {
+  return dt == DType::F32 ? backward_kernel_t<float>(ex)
+         : dt == DType::F16 ? backward_kernel_t<__half>(ex)
+                            : backward_kernel_t<__nv_bfloat16>(ex);
+}
+
+const void* kernel_symbol(Exchange ex, bool backward, DType dt) {
+  return backward ? reinterpret_cast<const void*>(backward_kernel(ex, dt))
+                  : reinterpret_cast<const void*>(forward_kernel(ex, dt));
+}
+
+std::string cuda_reason(const char* what, cudaError_t err) {
+  cudaGetLastError();  // clear it, so that the next launch check does not report it
+  return std::string(what) + " failed: " + cudaGetErrorString(err);
+}
+
+cudaError_t prepare(const void* kernel, const PersistentPlan& plan, Exchange ex) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.smem_bytes);
+  if (err == cudaSuccess && ex == Exchange::Cluster && plan.ctas > 8) {  // 16-CTA clusters are non-portable
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  }
+  return err;
+}
+
+cudaLaunchConfig_t cluster_config(const PersistentPlan& plan, cudaStream_t stream, cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(plan.ctas * plan.groups);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = plan.smem_bytes;
+  cfg.stream = stream;
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = plan.ctas;
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+int ceil_div(int a, int b) { return (a + b - 1) / b; }
+int round_up(int a, int b) { return ceil_div(a, b) * b; }
+
+// Shared-memory row stride for rows of k elements read as 16-byte vectors by lanes (g = lane/4, q = lane%4):
+// 16-bit rows g, g+1 must fall 64 bytes apart modulo 128 (one 8-lane phase reads 2 rows x 64 bytes), fp32 rows
+// 16 bytes apart (each lane reads 32 bytes as two 16-byte halves); either way bank-conflict free.
+int smem_stride(int k, int esize) { return round_up(k * esize, 128) + (esize == 2 ? 64 : 16); }
+
+std::string kb(int64_t bytes) { return std::to_string((bytes + 1023) / 1024) + " KB"; }
+
+// Per-CTA weight bytes above which a larger cluster is preferred (more SMs share the MMA work). Placeholder to
+// be tuned on the GPU campaign (issue #8).
+constexpr int kClusterWeightTarget = 64 * 1024;
+
+std::string plan_with(Exchange ex, bool backward, int G, int esize, int B, int H, int ctas, int units,
+                      const DeviceLimits& lim, PersistentPlan* out) {
+  PersistentPlan pl;
+  pl.ctas = ctas;
+  pl.units = units;
+  pl.hidden_padded = ctas * units;
+  const int rows = backward ? units : G * units;
+  pl.m_tiles = ceil_div(rows, 16);
+  pl.warps_m = 1;
+  while (pl.warps_m * kMtPerWarp < pl.m_tiles) pl.warps_m *= 2;
+  if (pl.warps_m > kWarps) {
+    return "needs " + std::to_string(rows) + " rows of W_hh per CTA, over the " + std::to_string(kWarps * kMtPerWarp * 16) +
+           " one CTA's warps can hold";
+  }
+  pl.warps_k = kWarps / pl.warps_m;
+  pl.k_padded = round_up(backward ? G * pl.hidden_padded : pl.hidden_padded, kKBlock);
+  pl.a_stride = pl.b_stride = smem_stride(pl.k_padded, esize);
+  pl.smem_a = pl.m_tiles * 16 * pl.a_stride;
+  const bool cluster = ex == Exchange::Cluster;
+  for (int chunk = std::min(kMaxChunk, round_up(B, 8)); chunk >= 8; chunk -= 8) {
+    if (!backward && units * chunk > kItems * kThreads) continue;
+    pl.chunk = chunk;
+    pl.smem_b = (cluster ? 2 : 1) * chunk * pl.b_stride;
+    pl.smem_red = pl.warps_k * pl.m_tiles * 16 * chunk * 4;
+    pl.smem_stage = cluster ? round_up(chunk * (backward ? G : 1) * units * esize, 16) : 0;
+    pl.smem_bytes = pl.smem_a + pl.smem_b + pl.smem_red + pl.smem_stage;
+    if (pl.smem_bytes <= lim.smem_per_block) {
+      pl.groups = cluster ? ceil_div(B, chunk) : 1;
+      *out = pl;
+      return "";
+    }
+  }
+  const int chunk = 8;
+  const int need = pl.smem_a + (cluster ? 2 : 1) * chunk * pl.b_stride + pl.warps_k * pl.m_tiles * 16 * chunk * 4;
+  return "needs " + kb(need) + " of shared memory per CTA (its W_hh slice alone " + kb(pl.smem_a) + ", on " +
+         std::to_string(ctas) + " CTAs), over the " + kb(lim.smem_per_block) + " per block of this GPU";
+}
+
+}  // namespace
+
+std::string plan_persistent(Exchange ex, bool backward, int cell, DType dt, int B, int H, const DeviceLimits& lim,
+                            PersistentPlan* plan) {
+  const int G = num_gates(static_cast<Cell>(cell)), esize = dtype_size(dt);
+  if (lim.cc_major < 8) return "needs sm_80 or newer (mma.sync on bf16/tf32, cp.async)";
+  if (ex == Exchange::Grid) {
+    // As few CTAs as keep every CTA's m-tiles full: fewer CTAs read less of the exchanged B from L2.
+    int units = ceil_div(H, lim.sm_count);
+    units = backward ? round_up(units, 16) : std::max(units, ceil_div(G * units, 16) * 16 / G);
+    return plan_with(ex, backward, G, esize, B, H, ceil_div(H, units), units, lim, plan);
+  }
+  if (lim.cc_major < 9) return "thread-block clusters need sm_90 or newer";
+  // Clusters: units a multiple of 16 bytes (the DSMEM copy); the smallest cluster whose per-CTA weights stay
+  // under kClusterWeightTarget, else the smallest that fits at all.
+  std::string why = "hidden size too large for a 16-CTA cluster";
+  bool have = false;
+  PersistentPlan first;
+  for (int ctas = 1; ctas <= 16; ctas *= 2) {
+    const int units = round_up(ceil_div(H, ctas), 16 / esize);
+    if ((ctas - 1) * units >= H) continue;  // a CTA without units
+    PersistentPlan pl;
+    const std::string r = plan_with(ex, backward, G, esize, B, H, ctas, units, lim, &pl);
+    if (!r.empty()) {
+      why = "a " + std::to_string(ctas) + "-CTA cluster " + r;
+      continue;
+    }
+    if (pl.smem_a <= kClusterWeightTarget) {
+      *plan = pl;
+      return "";
+    }
+    if (!have) first = pl, have = true;
+  }
+  if (have) {
+    *plan = first;
+    return "";
+  }
+  return why;
+}
+
+std::string check_persistent_occupancy(Exchange ex, bool backward, DType dt, const PersistentPlan& plan, int device) {
+  cudaDeviceProp prop;
+  cudaError_t err = cudaGetDeviceProperties(&prop, device);
+  if (err != cudaSuccess) return cuda_reason("cudaGetDeviceProperties", err);
+  const void* kernel = kernel_symbol(ex, backward, dt);
+  err = prepare(kernel, plan, ex);
+  if (err != cudaSuccess) return cuda_reason("cudaFuncSetAttribute", err);
+  if (ex == Exchange::Grid) {
+    int per_sm = 0;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, plan.smem_bytes);
+    if (err != cudaSuccess) return cuda_reason("cudaOccupancyMaxActiveBlocksPerMultiprocessor", err);
+    if (per_sm * prop.multiProcessorCount < plan.ctas) {
+      return "its grid of " + std::to_string(plan.ctas) + " CTAs (" + kb(plan.smem_bytes) +
+             " shared memory each) cannot be co-resident: " + std::to_string(per_sm) + " per SM x " +
+             std::to_string(prop.multiProcessorCount) + " SMs";
+    }
+    return "";
+  }
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_config(plan, nullptr, &attr);
+  int clusters = 0;
+  err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
+  if (err != cudaSuccess) return cuda_reason("cudaOccupancyMaxActiveClusters", err);
+  if (clusters < 1) {
+    return "a cluster of " + std::to_string(plan.ctas) + " CTAs with " + kb(plan.smem_bytes) +
+           " shared memory each cannot be scheduled on this GPU";
+  }
+  return "";
+}
+
+cudaError_t launch_persistent_forward(Exchange ex, DType dt, const PersistentPlan& plan, const PersistentForward& p,
+                                      cudaStream_t stream) {
+  const ForwardKernel kernel = forward_kernel(ex, dt);
+  cudaError_t err = prepare(reinterpret_cast<const void*>(kernel), plan, ex);
+  if (err != cudaSuccess) return err;
+  if (ex == Exchange::Grid) {
+    void* args[] = {const_cast<PersistentForward*>(&p), const_cast<PersistentPlan*>(&plan)};
+    return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(plan.ctas), dim3(kThreads), args,
+                                       plan.smem_bytes, stream);
+  }
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_config(plan, stream, &attr);
+  return cudaLaunchKernelEx(&cfg, kernel, p, plan);
+}
+
+cudaError_t launch_persistent_backward(Exchange ex, DType dt, const PersistentPlan& plan,
+                                       const PersistentBackward& p, cudaStream_t stream) {
+  const BackwardKernel kernel = backward_kernel(ex, dt);
+  cudaError_t err = prepare(reinterpret_cast<const void*>(kernel), plan, ex);
+  if (err != cudaSuccess) return err;
+  if (ex == Exchange::Grid) {
+    void* args[] = {const_cast<PersistentBackward*>(&p), const_cast<PersistentPlan*>(&plan)};
+    return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(plan.ctas), dim3(kThreads), args,
+                                       plan.smem_bytes, stream);
+  }
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_config(plan, stream, &attr);
+  return cudaLaunchKernelEx(&cfg, kernel, p, plan);
+}
+
+}  // namespace fusedrnn::cuda
