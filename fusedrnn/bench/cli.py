@@ -269,7 +269,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                               "presets.py)"}
     print(header, file=sys.stderr)
     print(f"device: {env['device_name']} | torch {env['torch_version']} | CUDA {env['cuda_version']} | "
-          f"commit {env['commit'][:12]} | threads {env['threads']} | memory: {env['mem_method']}",
+          f"commit {env['commit'][:12]} | threads {env['threads']} | load {env['load_avg']} | "
+          f"memory: {env['mem_method']}",
           file=sys.stderr)
 
     progress = report.Progress(len(cases) * len(providers), enabled=not args.no_progress)
@@ -286,6 +287,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         progress.close()
     if stopped:
         run_meta["stopped_early"] = stopped
+    run_meta["load_avg_end"] = report.load_average()
     save(rows)
 
     print(report.format_table(rows))

@@ -27,7 +27,7 @@ ROW_FIELDS = [
     "per_step_us", "seq_per_s", "flops", "tflops", "peak_mem_mb", "mem_method", "speedup_vs_torch",
     "err_ratio", "detail",
     "device", "device_name", "torch_version", "cuda_version", "cudnn_version", "triton_version",
-    "fusedrnn_version", "commit", "git_dirty", "threads", "python", "timestamp",
+    "fusedrnn_version", "commit", "git_dirty", "threads", "load_avg", "python", "timestamp",
 ]
 
 
@@ -71,6 +71,14 @@ def _version(dist: str) -> str:
         return "none"
 
 
+def load_average() -> str:
+    """The machine's 1/5/15-minute load average: on a shared CPU, the context every CPU timing needs."""
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except (OSError, AttributeError):
+        return "n/a"
+
+
 def environment(device: torch.device) -> dict:
     commit, dirty = git_commit()
     if device.type == "cuda":
@@ -83,6 +91,7 @@ def environment(device: torch.device) -> dict:
         "cuda_version": torch.version.cuda or "none", "cudnn_version": str(cudnn) if cudnn else "none",
         "triton_version": _version("triton"), "fusedrnn_version": fusedrnn.__version__, "commit": commit,
         "git_dirty": dirty, "threads": torch.get_num_threads(), "python": platform.python_version(),
+        "load_avg": load_average(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
