@@ -1,0 +1,93 @@
+"""CPU benchmark of the "cpu" backend against torch.nn (ATen / oneDNN) on the CPU, fp32, in one run.
+
+    python bench/bench_cpu_layers.py [--repeats 5] [--cells lstm,gru,rnn_tanh] [--shapes 64,1,256,256 ...]
+
+Prints a table of median times (forward; forward+backward) and the speedup fusedrnn/torch per shape, and
+the geometric mean per cell. Weights are shared (state_dict copy), so both compute the same function;
+outputs are compared before timing.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+
+import fusedrnn
+
+DEFAULT_SHAPES = [(64, 1, 256, 256), (64, 16, 256, 256), (128, 64, 512, 512), (32, 8, 1024, 1024)]
+TORCH = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn_tanh": torch.nn.RNN, "rnn_relu": torch.nn.RNN}
+FUSED = {"lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU, "rnn_tanh": fusedrnn.RNN, "rnn_relu": fusedrnn.RNN}
+
+
+def _time(fn, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _modules(cell, I, H):
+    kw = {"nonlinearity": cell[4:]} if cell.startswith("rnn") else {}
+    ref = TORCH[cell](I, H, **kw)
+    fused = FUSED[cell](I, H, **kw)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def bench(cell, shape, repeats, backend):
+    T, B, I, H = shape
+    ref, fused = _modules(cell, I, H)
+    x = torch.randn(T, B, I)
+    with fusedrnn.use_backend(backend):
+        with torch.no_grad():
+            err = (fused(x)[0] - ref(x)[0]).abs().max().item()
+        if err > 1e-4:
+            raise AssertionError(f"{cell} {shape}: fusedrnn differs from torch by {err}")
+        xg = x.clone().requires_grad_()
+
+        def fwd(m):
+            with torch.no_grad():
+                m(x)
+
+        def fwdbwd(m):
+            y = m(xg)[0]
+            y.sum().backward()
+
+        return {
+            "fwd": (_time(lambda: fwd(fused), repeats), _time(lambda: fwd(ref), repeats)),
+            "fwdbwd": (_time(lambda: fwdbwd(fused), repeats), _time(lambda: fwdbwd(ref), repeats)),
+        }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", default="lstm,gru,rnn_tanh")
+    p.add_argument("--shapes", nargs="*", default=None, help="T,B,I,H")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--backend", default="cpu")
+    args = p.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, backend {args.backend}")
+    print(f"{'cell':9} {'T,B,I,H':18} {'fwd ms':>9} {'torch':>9} {'x':>6} {'fwd+bwd ms':>11} {'torch':>9} {'x':>6}")
+    for cell in args.cells.split(","):
+        ratios = {"fwd": [], "fwdbwd": []}
+        for shape in shapes:
+            r = bench(cell, shape, args.repeats, args.backend)
+            (f, t), (fb, tb) = r["fwd"], r["fwdbwd"]
+            ratios["fwd"].append(t / f)
+            ratios["fwdbwd"].append(tb / fb)
+            print(f"{cell:9} {','.join(map(str, shape)):18} {f * 1e3:9.2f} {t * 1e3:9.2f} {t / f:6.2f} "
+                  f"{fb * 1e3:11.2f} {tb * 1e3:9.2f} {tb / fb:6.2f}", flush=True)
+        gm = {k: math.exp(sum(map(math.log, v)) / len(v)) for k, v in ratios.items()}
+        print(f"{cell:9} {'geomean':18} {'':9} {'':9} {gm['fwd']:6.2f} {'':11} {'':9} {gm['fwdbwd']:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
