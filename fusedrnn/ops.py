@@ -60,9 +60,9 @@ def rnn_layer_backward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w
 @rnn_layer_backward.register_fake
 def _rnn_layer_backward_fake(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, y, workspace,
                              grad_y, grad_h_n, grad_c_n):
-    like = lambda t: x.new_empty(0) if t is None else torch.empty_like(t)  # noqa: E731
-    return (torch.empty_like(x), torch.empty_like(h0), like(c0), torch.empty_like(w_ih), torch.empty_like(w_hh),
-            like(b_ih), like(b_hh), like(w_hr))
+    # Contiguous like every backend's gradients (not empty_like: x may be a transposed batch_first view).
+    like = lambda t: x.new_empty(0) if t is None else t.new_empty(t.shape)  # noqa: E731
+    return like(x), like(h0), like(c0), like(w_ih), like(w_hh), like(b_ih), like(b_hh), like(w_hr)
 
 
 def _setup_context(ctx, inputs, output):

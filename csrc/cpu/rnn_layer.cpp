@@ -109,57 +109,97 @@ Tensor contig(const Tensor& t) { return t.contiguous(); }
 OptTensor contig(const OptTensor& t) { return t ? OptTensor(t->contiguous()) : std::nullopt; }
 
 // ---------------------------------------------------------------------------------------------------
+// Pointwise rows: one batch row of one step, every hidden unit j. Branch-free over j (the validity of the
+// row is a select) so the loops vectorize; multiversioned so they get AVX-512/AVX2. Pointers are never
+// null: absent biases point at zeros, an unneeded workspace at a scratch row.
+// ---------------------------------------------------------------------------------------------------
+template <typename T>
+FUSEDRNN_MULTIVERSION void lstm_forward_row(int64_t H, const T* xg, const T* hg, const T* bias, T* c, T* h,
+                                            T* y, T* ws, T* r, bool valid, bool proj) {
+  for (int64_t j = 0; j < H; ++j) {
+    const T c_prev = c[j];
+    const LstmState<T> st = lstm_forward<T>(xg[j] + hg[j] + bias[j], xg[H + j] + hg[H + j] + bias[H + j],
+                                            xg[2 * H + j] + hg[2 * H + j] + bias[2 * H + j],
+                                            xg[3 * H + j] + hg[3 * H + j] + bias[3 * H + j], c_prev);
+    ws[j] = st.i;
+    ws[H + j] = st.f;
+    ws[2 * H + j] = st.g;
+    ws[3 * H + j] = st.o;
+    ws[4 * H + j] = st.c;
+    c[j] = valid ? st.c : c_prev;
+    if (proj) {  // r is projected (and masked) after this pass
+      ws[5 * H + j] = st.r;
+      r[j] = st.r;
+    } else {
+      h[j] = valid ? st.r : h[j];
+      y[j] = valid ? st.r : T(0);
+    }
+  }
+}
+
+template <typename T>
+FUSEDRNN_MULTIVERSION void gru_forward_row(int64_t H, const T* xg, const T* hg, const T* bias, T* h, T* y, T* ws,
+                                           bool valid) {
+  for (int64_t j = 0; j < H; ++j) {
+    const T h_prev = h[j];
+    const T h_n = hg[2 * H + j] + bias[2 * H + j];
+    const GruState<T> st = gru_forward<T>(xg[j] + hg[j] + bias[j], xg[H + j] + hg[H + j] + bias[H + j],
+                                          xg[2 * H + j], h_n, h_prev);
+    ws[j] = st.r;
+    ws[H + j] = st.z;
+    ws[2 * H + j] = st.n;
+    ws[3 * H + j] = h_n;
+    h[j] = valid ? st.h : h_prev;
+    y[j] = valid ? st.h : T(0);
+  }
+}
+
+template <typename T>
+FUSEDRNN_MULTIVERSION void rnn_forward_row(int64_t H, const T* xg, const T* hg, const T* bias, T* h, T* y,
+                                           bool valid, bool tanh_cell) {
+  for (int64_t j = 0; j < H; ++j) {
+    const T pre = xg[j] + hg[j] + bias[j];
+    const T out = tanh_cell ? rnn_tanh_forward<T>(pre) : rnn_relu_forward<T>(pre);
+    h[j] = valid ? out : h[j];
+    y[j] = valid ? out : T(0);
+  }
+}
+
+// Runs fn(b) for every batch row, on several threads only when the step is big enough to pay for it.
+template <typename F>
+void for_each_row(int64_t rows, int64_t row_size, const F& fn) {
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(row_size, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) fn(b);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------
 template <typename T>
 void forward_loop(const Dims& d, const std::vector<int64_t>& len, const T* x_gates, const T* w_hh_t,
-                  const T* b_hh, const T* w_hr_t, T* h, T* c, T* y, T* ws, T* h_gates, T* r_buf, T* h_proj) {
+                  const T* b_hh, const T* w_hr_t, T* h, T* c, T* y, T* ws, int64_t ws_stride, T* h_gates,
+                  T* r_buf, T* h_proj) {
   const int64_t GH = d.G * d.H;
   for (int64_t s = 0; s < d.T; ++s) {
     const int64_t t = step_time(d, s);
     gemm_rowmajor<T>(d.B, GH, d.H_out, h, w_hh_t, T(0), h_gates);
     const T* xg_t = x_gates + t * d.B * GH;
     T* y_t = y + t * d.B * d.H_out;
-    T* ws_t = ws ? ws + t * d.B * d.ws : nullptr;
-
-    at::parallel_for(0, d.B * d.H, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t b = idx / d.H, j = idx % d.H;
-        const bool valid = t < len[b];
-        const T* xg = xg_t + b * GH;
-        const T* hg = h_gates + b * GH;
-        auto pre = [&](int64_t gate) {
-          const int64_t k = gate * d.H + j;
-          return xg[k] + hg[k] + (b_hh ? b_hh[k] : T(0));
-        };
-        T* w = ws_t ? ws_t + b * d.ws : nullptr;
-        if (d.cell == Cell::LSTM) {
-          const T c_prev = c[b * d.H + j];
-          const LstmState<T> st = lstm_forward<T>(pre(0), pre(1), pre(2), pre(3), c_prev);
-          if (w) {
-            w[j] = st.i, w[d.H + j] = st.f, w[2 * d.H + j] = st.g, w[3 * d.H + j] = st.o, w[4 * d.H + j] = st.c;
-            if (d.proj) w[5 * d.H + j] = st.r;
-          }
-          if (valid) c[b * d.H + j] = st.c;
-          if (d.proj) {
-            r_buf[b * d.H + j] = st.r;  // projected and masked after this pass
-          } else {
-            if (valid) h[b * d.H + j] = st.r;
-            y_t[b * d.H + j] = valid ? st.r : T(0);
-          }
-        } else if (d.cell == Cell::GRU) {
-          const T h_prev = h[b * d.H + j];
-          const int64_t kn = 2 * d.H + j;
-          const T h_n = hg[kn] + (b_hh ? b_hh[kn] : T(0));
-          const GruState<T> st = gru_forward<T>(pre(0), pre(1), xg[kn], h_n, h_prev);
-          if (w) w[j] = st.r, w[d.H + j] = st.z, w[2 * d.H + j] = st.n, w[3 * d.H + j] = h_n;
-          if (valid) h[b * d.H + j] = st.h;
-          y_t[b * d.H + j] = valid ? st.h : T(0);
-        } else {
-          const T out = d.cell == Cell::RNN_TANH ? rnn_tanh_forward<T>(pre(0)) : rnn_relu_forward<T>(pre(0));
-          if (valid) h[b * d.H + j] = out;
-          y_t[b * d.H + j] = valid ? out : T(0);
-        }
+    T* ws_t = ws + t * d.B * ws_stride;  // ws_stride == 0: one scratch row block reused every step
+    for_each_row(d.B, GH, [&](int64_t b) {
+      const bool valid = t < len[b];
+      const T* xg = xg_t + b * GH;
+      const T* hg = h_gates + b * GH;
+      T* w = ws_t + b * d.ws;
+      if (d.cell == Cell::LSTM) {
+        lstm_forward_row<T>(d.H, xg, hg, b_hh, c + b * d.H, h + b * d.H_out, y_t + b * d.H_out, w,
+                            r_buf + b * d.H, valid, d.proj);
+      } else if (d.cell == Cell::GRU) {
+        gru_forward_row<T>(d.H, xg, hg, b_hh, h + b * d.H, y_t + b * d.H, w, valid);
+      } else {
+        rnn_forward_row<T>(d.H, xg, hg, b_hh, h + b * d.H, y_t + b * d.H, valid, d.cell == Cell::RNN_TANH);
       }
     });
 
@@ -196,22 +236,63 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_rnn_layer(
   Tensor h = h0.clone();
   Tensor c = c0 ? c0->clone() : at::empty({0}, x.options());
   Tensor ws = need_workspace ? at::empty({d.T, d.B, d.ws}, x.options()) : at::empty({0}, x.options());
+  // Without a workspace the rows still write one: a scratch block reused every step (stride 0).
+  Tensor ws_scratch = need_workspace ? Tensor() : at::empty({d.B, d.ws}, x.options());
   Tensor h_gates = at::empty({d.B, d.G * d.H}, x.options());
-  Tensor r_buf = d.proj ? at::empty({d.B, d.H}, x.options()) : Tensor();
-  Tensor h_proj = d.proj ? at::empty({d.B, d.H_out}, x.options()) : Tensor();
+  Tensor r_buf = at::empty({d.proj ? d.B : 0, d.H}, x.options());
+  Tensor h_proj = at::empty({d.proj ? d.B : 0, d.H_out}, x.options());
+  Tensor b_hh_or_zeros = b_hh ? *b_hh : at::zeros({d.G * d.H}, x.options());
 
   // The step GEMMs read the weights transposed ([in, out], rows contiguous): transpose once per call.
   Tensor w_hh_t = w_hh.t().contiguous();
   Tensor w_hr_t = w_hr ? w_hr->t().contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fusedrnn_cpu_rnn_layer", [&] {
     forward_loop<scalar_t>(d, len, x_gates.data_ptr<scalar_t>(), w_hh_t.data_ptr<scalar_t>(),
-                           b_hh ? b_hh->data_ptr<scalar_t>() : nullptr, w_hr ? w_hr_t.data_ptr<scalar_t>() : nullptr,
+                           b_hh_or_zeros.data_ptr<scalar_t>(), w_hr ? w_hr_t.data_ptr<scalar_t>() : nullptr,
                            h.data_ptr<scalar_t>(), c0 ? c.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
-                           (need_workspace && d.ws > 0) ? ws.data_ptr<scalar_t>() : nullptr,
-                           h_gates.data_ptr<scalar_t>(), d.proj ? r_buf.data_ptr<scalar_t>() : nullptr,
-                           d.proj ? h_proj.data_ptr<scalar_t>() : nullptr);
+                           (need_workspace ? ws : ws_scratch).data_ptr<scalar_t>(), need_workspace ? d.ws : 0,
+                           h_gates.data_ptr<scalar_t>(), r_buf.data_ptr<scalar_t>(), h_proj.data_ptr<scalar_t>());
   });
   return {y, h, c, ws};
+}
+
+// Backward rows. grad_out / grad_r are zero on invalid rows (that step did nothing), so every gate gradient
+// of such a row is zero without a branch; only the carried cell-state gradient needs the select.
+template <typename T>
+FUSEDRNN_MULTIVERSION void lstm_backward_row(int64_t H, const T* ws, const T* c_prev, const T* grad_r, T* grad_c,
+                                             T* gx, bool valid) {
+  for (int64_t j = 0; j < H; ++j) {
+    const T gc = valid ? grad_c[j] : T(0);
+    const LstmGrad<T> g = lstm_backward<T>(ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j], ws[4 * H + j],
+                                           c_prev[j], grad_r[j], gc);
+    gx[j] = g.i;
+    gx[H + j] = g.f;
+    gx[2 * H + j] = g.g;
+    gx[3 * H + j] = g.o;
+    grad_c[j] = valid ? g.c_prev : grad_c[j];
+  }
+}
+
+template <typename T>
+FUSEDRNN_MULTIVERSION void gru_backward_row(int64_t H, const T* ws, const T* h_prev, const T* grad_out, T* gx,
+                                            T* gh, T* grad_h_direct) {
+  for (int64_t j = 0; j < H; ++j) {
+    const GruGrad<T> g = gru_backward<T>(ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j], h_prev[j], grad_out[j]);
+    gx[j] = g.r;
+    gx[H + j] = g.z;
+    gx[2 * H + j] = g.n;
+    gh[j] = g.r;
+    gh[H + j] = g.z;
+    gh[2 * H + j] = g.h_n;
+    grad_h_direct[j] = g.h_prev;  // the GEMM of the step accumulates onto it
+  }
+}
+
+template <typename T>
+FUSEDRNN_MULTIVERSION void rnn_backward_row(int64_t H, const T* h, const T* grad_out, T* gx, bool tanh_cell) {
+  for (int64_t j = 0; j < H; ++j) {
+    gx[j] = tanh_cell ? rnn_tanh_backward<T>(h[j], grad_out[j]) : rnn_relu_backward<T>(h[j], grad_out[j]);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -259,32 +340,18 @@ void backward_loop(const Dims& d, const std::vector<int64_t>& len, const T* w_hh
     const T* y_t = y + t * d.B * d.H_out;
     const T* hp_t = h_prev_all + t * d.B * d.H_out;
 
-    at::parallel_for(0, d.B * d.H, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t b = idx / d.H, j = idx % d.H;
-        const bool valid = t < len[b];
-        T* gx = gxg_t + b * GH;
-        if (d.cell == Cell::LSTM) {
-          const T* w = ws_t + b * d.ws;
-          const int64_t tp = valid ? previous_time(d, t, len[b]) : -1;
-          const T c_prev = tp >= 0 ? ws[(tp * d.B + b) * d.ws + 4 * d.H + j] : c0[b * d.H + j];
-          const T gc = valid ? grad_c[b * d.H + j] : T(0);
-          const LstmGrad<T> g = lstm_backward<T>(w[j], w[d.H + j], w[2 * d.H + j], w[3 * d.H + j], w[4 * d.H + j],
-                                                 c_prev, g_r[b * d.H + j], gc);
-          gx[j] = g.i, gx[d.H + j] = g.f, gx[2 * d.H + j] = g.g, gx[3 * d.H + j] = g.o;
-          if (valid) grad_c[b * d.H + j] = g.c_prev;
-        } else if (d.cell == Cell::GRU) {
-          const T* w = ws_t + b * d.ws;
-          const GruGrad<T> g = gru_backward<T>(w[j], w[d.H + j], w[2 * d.H + j], w[3 * d.H + j],
-                                               hp_t[b * d.H + j], gout[b * d.H + j]);
-          T* gh = ghg_t + b * GH;
-          gx[j] = g.r, gx[d.H + j] = g.z, gx[2 * d.H + j] = g.n;
-          gh[j] = g.r, gh[d.H + j] = g.z, gh[2 * d.H + j] = g.h_n;
-          grad_h_next[b * d.H + j] = g.h_prev;  // the GEMM below accumulates onto it
-        } else {
-          const T hv = y_t[b * d.H + j], go = gout[b * d.H + j];
-          gx[j] = d.cell == Cell::RNN_TANH ? rnn_tanh_backward<T>(hv, go) : rnn_relu_backward<T>(hv, go);
-        }
+    for_each_row(d.B, GH, [&](int64_t b) {
+      const bool valid = t < len[b];
+      T* gx = gxg_t + b * GH;
+      if (d.cell == Cell::LSTM) {
+        const int64_t tp = valid ? previous_time(d, t, len[b]) : -1;
+        const T* c_prev = tp >= 0 ? ws + (tp * d.B + b) * d.ws + 4 * d.H : c0 + b * d.H;
+        lstm_backward_row<T>(d.H, ws_t + b * d.ws, c_prev, g_r + b * d.H, grad_c + b * d.H, gx, valid);
+      } else if (d.cell == Cell::GRU) {
+        gru_backward_row<T>(d.H, ws_t + b * d.ws, hp_t + b * d.H, gout + b * d.H, gx, ghg_t + b * GH,
+                            grad_h_next + b * d.H);
+      } else {
+        rnn_backward_row<T>(d.H, y_t + b * d.H, gout + b * d.H, gx, d.cell == Cell::RNN_TANH);
       }
     });
 

@@ -8,18 +8,61 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define FUSEDRNN_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// always_inline: the CPU kernels call these from multiversioned (AVX-512 / AVX2) loops, and only inlined
+// code gets the caller's instruction set and vectorizes.
+#define FUSEDRNN_HOST_DEVICE __attribute__((always_inline)) inline
 #else
 #define FUSEDRNN_HOST_DEVICE inline
 #endif
 
 namespace fusedrnn {
 
-FUSEDRNN_HOST_DEVICE float exp_(float x) { return expf(x); }
+#if !defined(__CUDA_ARCH__)
+// exp for fp32 on the CPU: branch-free Cody-Waite range reduction + degree-6 polynomial (Cephes expf),
+// within 2 ulp of expf on [-87, 88]. Why: libm's expf/tanhf are scalar calls, ~10-20 ns each, and an LSTM
+// step needs five per element: at T=64, B=16, H=256 that was 16 ms of a 34 ms forward. This form
+// auto-vectorizes (16 lanes with AVX-512).
+FUSEDRNN_HOST_DEVICE float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+#endif
+
+FUSEDRNN_HOST_DEVICE float exp_(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  return exp_approx(x);
+#endif
+}
 FUSEDRNN_HOST_DEVICE double exp_(double x) { return exp(x); }
-FUSEDRNN_HOST_DEVICE float tanh_(float x) { return tanhf(x); }
+FUSEDRNN_HOST_DEVICE float tanh_(float x) {
+#if defined(__CUDA_ARCH__)
+  return tanhf(x);
+#else
+  // 1 - 2/(e^2x + 1): absolute error ~1e-7 (fp32 rounding), exact limits +-1, no NaN at +-inf inputs.
+  return 1.0f - 2.0f / (exp_approx(2.0f * x) + 1.0f);
+#endif
+}
 FUSEDRNN_HOST_DEVICE double tanh_(double x) { return tanh(x); }
 
 template <typename T>
