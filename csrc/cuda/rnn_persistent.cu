@@ -29,11 +29,14 @@ namespace cg = cooperative_groups;
 namespace fusedrnn::cuda {
 namespace {
 
+// Thread-block clusters exist from sm_90 (cooperative_groups declares this_cluster() only there). Below it the
+// cluster kernels compile to a trap: the planner never picks them.
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ < 900)
-constexpr bool kNoClusters = true;  // the cluster kernels are never launched below sm_90 (the planner refuses)
+#define FUSEDRNN_CLUSTERS 0
 #else
-constexpr bool kNoClusters = false;
+#define FUSEDRNN_CLUSTERS 1
 #endif
+constexpr bool kNoClusters = !FUSEDRNN_CLUSTERS;
 
 constexpr int kThreads = kPersistentThreads;
 constexpr int kWarps = kThreads / 32;
@@ -194,7 +197,8 @@ __device__ __forceinline__ void stage_rows(unsigned char* dst, int b_stride, con
 template <typename T>
 __device__ __forceinline__ void cluster_publish(const T* stage, int rows, int segs, int units, int seg_stride, int j0,
                                                unsigned char* buf, int b_stride, int ctas) {
-  if constexpr (!kNoClusters) {
+#if FUSEDRNN_CLUSTERS
+  {
     cg::cluster_group cluster = cg::this_cluster();
     const int vecs = units * static_cast<int>(sizeof(T)) / 16;
     const int total = ctas * rows * segs * vecs;
@@ -210,10 +214,13 @@ __device__ __forceinline__ void cluster_publish(const T* stage, int rows, int se
     }
     cluster.sync();
   }
+#endif
 }
 
 __device__ __forceinline__ void cluster_sync_all() {
-  if constexpr (!kNoClusters) cg::this_cluster().sync();
+#if FUSEDRNN_CLUSTERS
+  cg::this_cluster().sync();
+#endif
 }
 
 __device__ __forceinline__ void zero_smem(unsigned char* p, int bytes) {

@@ -1,7 +1,92 @@
-"""Backend "cuda": the CUDA C++ kernels of csrc/cuda."""
+"""Backend "cuda": the CUDA C++ kernels of csrc/cuda (torch ops fusedrnn::cuda_rnn_layer, ..._backward).
+
+Three paths run one layer, one direction (csrc/cuda/rnn_kernels.h describes them):
+
+    alternating  per step a cuBLAS GEMM for W_hh h and ONE fused pointwise kernel; every cell, dtype and
+                 feature (projection included), any size
+    persistent   one cooperative launch for all T steps: W_hh split across CTAs in shared memory, tensor-core
+                 MMA, h (or the gate gradients) exchanged every step through L2 and a grid barrier
+    cluster      the same on sm_90 thread-block clusters: h exchanged through distributed shared memory with a
+                 cluster barrier, one cluster per batch group; for hidden sizes whose W_hh fits one cluster
+
+The persistent paths take fp16/bf16, and fp32 only on TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32);
+no projection. What a path can take (shared memory per CTA, co-residency of the grid, cluster support) is asked
+of the extension (fusedrnn::cuda_rnn_path_reason), which answers with a reason.
+
+Path choice, per call and direction: FUSEDRNN_CUDA_PATH=alternating|persistent|cluster forces one path; a call
+the forced path cannot run (forward or backward) is then refused with the path's reason, so the dispatcher's
+"auto" falls back to the next backend and a named backend raises BackendUnsupportedError. Unset (or "auto"),
+`candidate_paths` below picks the first path of its list that can run the call; alternating runs everything.
+"""
 from __future__ import annotations
 
-from .base import Backend
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from .._extension import extension_error, has_cuda_kernels, has_extension
+from .base import Backend, LayerCall
+
+PATHS = ("alternating", "persistent", "cluster")
+PATH_ENV = "FUSEDRNN_CUDA_PATH"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# The heuristic. Every threshold is a placeholder until measured on the GPU campaign (issue #8): nothing here
+# has run on a GPU yet.
+#   T <= SHORT_SEQUENCE        alternating: a persistent launch loads all of W_hh into shared memory once,
+#                              which one or two steps do not repay (the cells run with T = 1)
+#   B > PERSISTENT_MAX_BATCH   alternating: the persistent kernels run the batch in chunks of <= 32 rows one
+#                              after another inside each step, while cuBLAS spreads a large batch over all SMs
+#   otherwise                  cluster (sm_90, W_hh fits one cluster: no grid barrier), else persistent
+#                              (cooperative grid), else alternating
+SHORT_SEQUENCE = 2
+PERSISTENT_MAX_BATCH = 64
+
+
+def candidate_paths(call: LayerCall) -> tuple[str, ...]:
+    """The paths the heuristic tries for `call`, best first; the first that can run it is taken."""
+    if call.seq_len <= SHORT_SEQUENCE or call.batch_size > PERSISTENT_MAX_BATCH:
+        return ("alternating",)
+    return ("cluster", "persistent", "alternating")
+
+
+def forced_path() -> Optional[str]:
+    """The path named by $FUSEDRNN_CUDA_PATH, or None for the heuristic."""
+    value = os.environ.get(PATH_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in PATHS:
+        raise ValueError(f"{PATH_ENV}: expected 'auto' or one of {list(PATHS)}, got {value!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=4096)
+def _path_reason(path: str, direction: str, cell: str, dtype: torch.dtype, batch: int, hidden: int, proj: bool,
+                 allow_tf32: bool, device: torch.device) -> str:
+    # Occupancy depends only on the compiled kernels and the device, so the answer is fixed per key.
+    return torch.ops.fusedrnn.cuda_rnn_path_reason(path, direction, cell, dtype, batch, hidden, proj, allow_tf32,
+                                                   device)
+
+
+def path_reason(call: LayerCall, path: str, direction: str) -> Optional[str]:
+    """None when `path` can run the `direction` ("forward" | "backward") of `call`, else why not."""
+    device = call.device if call.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    why = _path_reason(path, direction, call.cell, call.dtype, call.batch_size, call.hidden_size,
+                       call.w_hr is not None, bool(torch.backends.cuda.matmul.allow_tf32), device)
+    return why or None
+
+
+def choose_path(call: LayerCall, direction: str) -> str:
+    """The path that runs the `direction` of `call`: the forced one, else the heuristic's first that can."""
+    path = forced_path()
+    if path is not None:
+        return path
+    for path in candidate_paths(call):
+        if path_reason(call, path, direction) is None:
+            return path
+    return "alternating"
 
 
 class CudaBackend(Backend):
@@ -10,4 +95,32 @@ class CudaBackend(Backend):
     def unavailable_reason(self, device):
         if device.type != "cuda":
             return f"runs on CUDA tensors only, got {device.type}"
-        return "the CUDA kernels are not written yet (issue: CUDA kernels)"
+        if not has_extension():
+            return extension_error()
+        if not has_cuda_kernels():
+            return ("the fusedrnn extension was built without its CUDA kernels (no CUDA toolkit found at build "
+                    "time); rebuild with CUDA_HOME set, e.g. CUDA_HOME=/usr/local/cuda FUSEDRNN_BUILD_CUDA=1 "
+                    "pip install --no-build-isolation -e .")
+        return None
+
+    def unsupported_reason(self, call: LayerCall):
+        if call.dtype not in _DTYPES:
+            return f"dtype {call.dtype} not supported (float32, float16, bfloat16 only)"
+        path = forced_path()
+        if path is None:
+            return None
+        for direction in ("forward", "backward"):
+            why = path_reason(call, path, direction)
+            if why is not None:
+                return f"{PATH_ENV}={path}: {why}"
+        return None
+
+    def forward(self, call: LayerCall, need_workspace: bool):
+        return torch.ops.fusedrnn.cuda_rnn_layer(
+            call.cell, call.x, call.h0, call.c0, call.w_ih, call.w_hh, call.b_ih, call.b_hh, call.w_hr,
+            call.lengths, call.reverse, need_workspace, choose_path(call, "forward"))
+
+    def backward(self, call: LayerCall, y, workspace, grad_y, grad_h_n, grad_c_n):
+        return torch.ops.fusedrnn.cuda_rnn_layer_backward(
+            call.cell, call.x, call.h0, call.c0, call.w_ih, call.w_hh, call.b_ih, call.b_hh, call.w_hr,
+            call.lengths, call.reverse, y, workspace, grad_y, grad_h_n, grad_c_n, choose_path(call, "backward"))
