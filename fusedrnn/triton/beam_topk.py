@@ -107,9 +107,9 @@ def _beam_topk_partial(x_ptr, row_stride, V, chunk, keys_ptr, m_ptr, s_ptr, bad_
         bad = tl.maximum(bad, tl.max(is_bad.to(tl.int32), axis=0))
         xc = tl.where(is_bad, -float("inf"), x)
         m_new = tl.maximum(m, tl.max(xc, axis=0))
-        # m_new = -inf: nothing finite seen yet, s stays 0 (exp(-inf - -inf) would be NaN)
-        alive = m_new != -float("inf")
-        s = tl.where(alive, s * tl.exp(m - m_new) + tl.sum(tl.exp(xc - m_new), axis=0), 0.0)
+        # while nothing finite has been seen (m_new = -inf) s stays 0; shifting by 0 then avoids -inf - -inf
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(xc - m_ref), axis=0)
         m = m_new
 
         xz = tl.where(x == 0.0, 0.0, x)
