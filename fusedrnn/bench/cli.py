@@ -245,6 +245,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     device, preset, cases, providers, settings = resolve(args, parser)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # CUDA events and memory stats follow the current device
 
     header = (f"fusedrnn-bench: preset {preset.name}, {len(cases)} cases x {len(providers)} providers "
               f"({', '.join(p.name for p in providers)}) on {device}; warmup {settings['warmup']}, up to "
@@ -272,6 +274,14 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"commit {env['commit'][:12]} | threads {env['threads']} | load {env['load_avg']} | "
           f"memory: {env['mem_method']}",
           file=sys.stderr)
+
+    if device.type == "cpu" and env["load_avg"] != "n/a":
+        load, cores = float(env["load_avg"].split()[0]), os.cpu_count() or 1
+        if load > cores:
+            warning = (f"load average {load:.1f} exceeds the {cores} cores: other processes share this CPU and "
+                       f"multi-threaded timings swing wildly under contention; --threads 1 measures more stably")
+            run_meta["warning"] = warning
+            print(f"warning: {warning}", file=sys.stderr)
 
     progress = report.Progress(len(cases) * len(providers), enabled=not args.no_progress)
 
