@@ -245,7 +245,12 @@ def plot_speedup(path: str, rows: list[dict], title: str = "") -> Optional[str]:
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_yscale("log", base=2)  # 2x faster and 2x slower are the same distance from 1
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+            ys = [v for pts in lines.values() for _, v in pts] + [1.0]
+            lo, hi = math.floor(2 * math.log2(min(ys))), math.ceil(2 * math.log2(max(ys)))
+            step = max(1, (hi - lo) // 8)
+            ax.set_yticks([2 ** (k / 2) for k in range(lo, hi + 1, step)])
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}x"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("batch size", fontsize=7)
             ax.set_ylabel("speedup vs torch.nn", fontsize=7)
             ax.tick_params(labelsize=7)
