@@ -1,0 +1,384 @@
+"""The "cuda" backend against the spec.
+
+GPU tests (@pytest.mark.gpu, skipped without CUDA): every cell x dtype x feature (reverse, lengths with a zero
+length, no bias, LSTM projection on the alternating path) on each path -- alternating, persistent, cluster
+(forced with FUSEDRNN_CUDA_PATH) -- forward and all gradients against the fp64 reference, odd sizes, batches that
+need several chunks or clusters, the workspace contract with other backends, the modules and cells against
+torch.nn, and the refusals: a forced persistent path on a shape it cannot take raises with its reason, and
+falls back under "auto". Tests without a GPU: the backend refuses CPU tensors with a clear reason; path
+selection and its environment variable.
+
+Tolerance (tests/helpers.py): fp16/bf16 within 2x the error of the reference run natively at that dtype plus a
+few ulp; fp32 fixed on the alternating path, and on the persistent paths (TF32 tensor cores, fp16's 10-bit
+mantissa) the fp16 rule.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+import fusedrnn
+from fusedrnn import functional, reference
+from fusedrnn.backends import BACKENDS, BackendUnsupportedError, LayerCall, explain
+from fusedrnn.backends import cuda as cuda_backend
+from helpers import (CELLS, assert_close_to_reference, cast_args, make_layer_args, max_error, run_and_grad,
+                     tolerance)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PATHS = ["alternating", "persistent", "cluster"]
+CELL_PROJ = [(c, False) for c in CELLS] + [("lstm", True)]
+CELL_IDS = [c + ("-proj" if p else "") for c, p in CELL_PROJ]
+
+
+@contextlib.contextmanager
+def on_cuda(path=None):
+    """Backend "cuda" (on `path`, else its heuristic). Through the environment, which autograd's backward
+    thread sees too (use_backend's context variable it does not)."""
+    saved = {k: os.environ.get(k) for k in ("FUSEDRNN_BACKEND", cuda_backend.PATH_ENV)}
+    os.environ["FUSEDRNN_BACKEND"] = "cuda"
+    os.environ.pop(cuda_backend.PATH_ENV, None)
+    if path is not None:
+        os.environ[cuda_backend.PATH_ENV] = path
+    try:
+        with fusedrnn.use_backend("cuda"):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _proj_size(H: int, proj: bool) -> int:
+    return max(1, H // 2) if proj and H > 1 else 0
+
+
+def _call(args: dict, cell: str) -> LayerCall:
+    return LayerCall(cell, args["x"], args["h0"], args["c0"], args["w_ih"], args["w_hh"], args["b_ih"],
+                     args["b_hh"], args["w_hr"], args["lengths"], args["reverse"])
+
+
+def check_against_reference(cell, T, B, I, H, dtype, path, proj=False, reverse=False, lengths=None, bias=True,
+                            seed=0):
+    """Forward and every gradient of the cuda backend on `path` vs the fp64 spec (see module doc)."""
+    args64 = make_layer_args(cell, T, B, I, H, proj=_proj_size(H, proj), bias=bias, reverse=reverse,
+                             lengths=lengths, seed=seed, device="cuda")
+    args = cast_args(args64, dtype)
+    tensor_cores_fp32 = dtype == torch.float32 and path != "alternating"
+    with tf32(tensor_cores_fp32):
+        for direction in ("forward", "backward"):
+            why = cuda_backend.path_reason(_call(args, cell), path, direction)
+            if why is not None and path == "cluster" and torch.cuda.get_device_capability()[0] < 9:
+                pytest.skip(f"cluster path on sm_{torch.cuda.get_device_capability()[0]}0: {why}")
+            assert why is None, why
+        with on_cuda(path):
+            out, grads = run_and_grad(lambda **a: functional.rnn_layer(cell, **a), args)
+    ref_out, ref_grads = run_and_grad(lambda **a: reference.rnn_layer(cell, **a), args64)
+    native = torch.float16 if tensor_cores_fp32 else dtype
+    native_out = native_grads = None
+    if native in (torch.float16, torch.bfloat16):
+        native_out, native_grads = run_and_grad(
+            lambda **a: reference.rnn_layer(cell, **a, compute_dtype=native), cast_args(args64, native))
+
+    def close(name, fast, ref, nat):
+        if tensor_cores_fp32:  # TF32: the fp16 rule (same mantissa), on the fp32 result
+            scale = ref.detach().abs().max().item() if ref.numel() else 1.0
+            tol = tolerance(torch.float16, max_error(nat, ref), scale)
+            assert max_error(fast, ref) <= tol, f"{name}: error {max_error(fast, ref):.3g} > {tol:.3g} (tf32)"
+        else:
+            assert_close_to_reference(name, fast, ref, nat)
+
+    assert len(out) == len(ref_out)
+    for i, (o, r) in enumerate(zip(out, ref_out)):
+        assert o.dtype == dtype
+        close(["y", "h_n", "c_n"][i], o, r, native_out[i] if native_out else None)
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        assert g is not None and g.dtype == dtype, name
+        close(f"grad {name}", g, ref_grads[name], native_grads[name] if native_grads else None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# No GPU needed
+# ---------------------------------------------------------------------------------------------------------
+def test_refuses_cpu_tensors_with_a_reason():
+    backend = BACKENDS["cuda"]
+    assert backend.unavailable_reason(torch.device("cpu")) == "runs on CUDA tensors only, got cpu"
+    a = make_layer_args("lstm", 3, 2, 3, 4, dtype=torch.float32, requires_grad=False)
+    with fusedrnn.use_backend("cuda"):
+        with pytest.raises(BackendUnsupportedError, match=r"backend 'cuda' cannot run lstm .* CUDA tensors only"):
+            functional.rnn_layer("lstm", **a)
+    with fusedrnn.use_backend("auto"):  # and "auto" on CPU never tries it
+        assert "cuda" not in [n for d in explain(lambda: functional.rnn_layer("lstm", **a)) for n, _ in d.refused]
+
+
+def test_path_environment_variable(monkeypatch):
+    monkeypatch.delenv(cuda_backend.PATH_ENV, raising=False)
+    assert cuda_backend.forced_path() is None
+    for value, expected in [("auto", None), (" Persistent ", "persistent"), ("cluster", "cluster"),
+                            ("alternating", "alternating")]:
+        monkeypatch.setenv(cuda_backend.PATH_ENV, value)
+        assert cuda_backend.forced_path() == expected
+    monkeypatch.setenv(cuda_backend.PATH_ENV, "fused")
+    with pytest.raises(ValueError, match=r"FUSEDRNN_CUDA_PATH: expected 'auto' or one of .*'fused'"):
+        cuda_backend.forced_path()
+
+
+def test_heuristic_table():
+    def call(T, B):
+        a = make_layer_args("lstm", T, B, 2, 4, requires_grad=False)
+        return _call(a, "lstm")
+    assert cuda_backend.candidate_paths(call(1, 4)) == ("alternating",)  # cells
+    assert cuda_backend.candidate_paths(call(64, cuda_backend.PERSISTENT_MAX_BATCH + 1)) == ("alternating",)
+    assert cuda_backend.candidate_paths(call(64, 16)) == ("cluster", "persistent", "alternating")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every cell x dtype x direction x lengths, on every path
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [None, [5, 1, 3], [2, 5, 0]], ids=["full", "lengths", "lengths-with-0"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("cell,proj", CELL_PROJ, ids=CELL_IDS)
+@pytest.mark.parametrize("path", PATHS)
+def test_layer_matches_reference(path, cell, proj, dtype, reverse, lengths):
+    if proj and path != "alternating":
+        pytest.skip("the projection runs on the alternating path only (refusal tested below)")
+    check_against_reference(cell, T=5, B=3, I=4, H=7, dtype=dtype, path=path, proj=proj, reverse=reverse,
+                            lengths=lengths)
+
+
+SHAPES = {  # T, B, I, H, bias
+    "T1-B1-I1-H1": (1, 1, 1, 1, True),
+    "T3-B1-I2-H16-nobias": (3, 1, 2, 16, False),
+    "T4-B3-I3-H63": (4, 3, 3, 63, True),
+    "T6-B9-I5-H129": (6, 9, 5, 129, True),
+    "T5-B40-I8-H64": (5, 40, 8, 64, True),     # two batch chunks (grid) / two clusters
+    "T7-B70-I6-H33": (7, 70, 6, 33, True),     # three chunks, a partial last one
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("cell,proj", CELL_PROJ, ids=CELL_IDS)
+@pytest.mark.parametrize("path", PATHS)
+def test_odd_shapes(path, cell, proj, shape, dtype):
+    if proj and path != "alternating":
+        pytest.skip("the projection runs on the alternating path only")
+    T, B, I, H, bias = SHAPES[shape]
+    lengths = [T] + [max(0, T - 2 - b % T) for b in range(B - 1)]
+    check_against_reference(cell, T, B, I, H, dtype, path, proj=proj, bias=bias, lengths=lengths,
+                            reverse=H % 2 == 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("B,H", [(16, 256), (8, 512), (3, 768)], ids=["B16-H256", "B8-H512", "B3-H768"])
+def test_realistic_sizes(path, cell, dtype, B, H):
+    """Sizes where the persistent kernels spread over many CTAs (several m-tiles, split K, clusters of 8-16)."""
+    if path == "cluster" and (H, cell) in ((768, "lstm"), (768, "gru")):
+        pytest.skip("W_hh does not fit one cluster (refusal tested below)")
+    check_against_reference(cell, T=12, B=B, I=32, H=H, dtype=dtype, path=path, lengths=[12, 7, 1] + [12] * (B - 3),
+                            reverse=cell == "gru")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The workspace contract: any backward consumes any forward
+# ---------------------------------------------------------------------------------------------------------
+def _op(cell, a, need_workspace=True):
+    return torch.ops.fusedrnn.rnn_layer(cell, a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
+                                        a["w_hr"], a["lengths"], a["reverse"], need_workspace)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cell,proj", CELL_PROJ, ids=CELL_IDS)
+def test_workspace_layout_equals_reference(cell, proj, path):
+    """fp32 against the reference backend's fp32; the persistent paths run TF32, so the fp16 ulp floor."""
+    if proj and path != "alternating":
+        pytest.skip("the projection runs on the alternating path only")
+    if path == "cluster" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("clusters need sm_90")
+    a = make_layer_args(cell, 4, 3, 3, 5, proj=_proj_size(5, proj), dtype=torch.float32, lengths=[4, 1, 3],
+                        reverse=True, requires_grad=False, device="cuda")
+    with fusedrnn.use_backend("reference"):
+        ref = _op(cell, a)
+    with on_cuda(path), tf32(path != "alternating"):
+        out = _op(cell, a)
+        inference = _op(cell, a, need_workspace=False)
+    valid = (torch.arange(4, device="cuda")[:, None] < a["lengths"][None, :])[..., None]
+
+    def close(name, fast, r):
+        if path == "alternating":
+            assert_close_to_reference(name, fast, r)
+        else:
+            tol = tolerance(torch.float16, 0.0, r.abs().max().item())
+            assert max_error(fast, r) <= tol, f"{name}: error {max_error(fast, r):.3g} > {tol:.3g} (tf32)"
+
+    for name, o, r in zip(["y", "h_n", "c_n"], out, ref):
+        close(name, o, r)
+    assert out[3].shape == ref[3].shape
+    close("workspace (valid rows)", torch.where(valid, out[3], 0), torch.where(valid, ref[3], 0))
+    assert inference[3].numel() == 0
+    for name, o, r in zip(["y", "h_n", "c_n"], inference, out):
+        assert torch.equal(o, r), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fwd,bwd", [("cuda", "reference"), ("reference", "cuda")])
+@pytest.mark.parametrize("path", ["alternating", "persistent"])
+@pytest.mark.parametrize("cell,proj", [("lstm", True), ("lstm", False), ("gru", False), ("rnn_tanh", False)],
+                         ids=["lstm-proj", "lstm", "gru", "rnn_tanh"])
+def test_backward_consumes_other_backends_forward(cell, proj, path, fwd, bwd):
+    if proj and path != "alternating":
+        pytest.skip("the projection runs on the alternating path only")
+    args64 = make_layer_args(cell, 5, 3, 4, 6, proj=_proj_size(6, proj), lengths=[5, 2, 4], device="cuda")
+    ref_out, ref_grads = run_and_grad(lambda **a: reference.rnn_layer(cell, **a), args64)
+    args = cast_args(args64, torch.bfloat16)
+    native_out, native_grads = run_and_grad(
+        lambda **a: reference.rnn_layer(cell, **a, compute_dtype=torch.bfloat16), cast_args(args64, torch.bfloat16))
+    with on_cuda(path):
+        with fusedrnn.use_backend(fwd):
+            os.environ["FUSEDRNN_BACKEND"] = fwd
+            outs = [o for o in functional.rnn_layer(cell, **args) if o is not None]
+        g = torch.Generator().manual_seed(1)  # run_and_grad's cotangents
+        loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum()
+                   for o in outs)
+        os.environ["FUSEDRNN_BACKEND"] = bwd
+        with fusedrnn.use_backend(bwd):
+            names = [n for n, t in args.items() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            grads = torch.autograd.grad(loss, [args[n] for n in names])
+    for n, gr in zip(names, grads):
+        assert_close_to_reference(f"grad {n}", gr, ref_grads[n], native_grads[n])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs untouched, op contract, modules
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["alternating", "persistent"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_inputs_are_not_modified(cell, path):
+    a = make_layer_args(cell, 4, 2, 3, 5, dtype=torch.float16, lengths=[4, 2], device="cuda")
+    before = {n: t.detach().clone() for n, t in a.items() if isinstance(t, torch.Tensor)}
+    with on_cuda(path):
+        outs = [o for o in functional.rnn_layer(cell, **a) if o is not None]
+        cot = [torch.ones_like(o) for o in outs]
+        keep = [c.clone() for c in cot]
+        torch.autograd.grad(outs, [a["x"], a["h0"], a["w_hh"]], cot)
+    for n, t in before.items():
+        assert torch.equal(a[n].detach(), t), f"{n} was modified"
+    for c, k in zip(cot, keep):
+        assert torch.equal(c, k), "a cotangent was modified"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["alternating", "persistent"])
+def test_op_check(path):
+    a = make_layer_args("lstm", 3, 2, 3, 4, proj=2 if path == "alternating" else 0, dtype=torch.float16,
+                        lengths=[3, 1], device="cuda")
+    op_args = ("lstm", a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], a["w_hr"],
+               a["lengths"], True, True)
+    with on_cuda(path):
+        torch.library.opcheck(torch.ops.fusedrnn.rnn_layer.default, op_args,
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", [None, "alternating"], ids=["auto", "alternating"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_modules_match_torch_nn(kind, path, monkeypatch):
+    """Two layers, bidirectional, packed sequences, fp32, against torch.nn (cuDNN) with the same weights."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    ref = getattr(torch.nn, kind)(6, 12, num_layers=2, bidirectional=True, batch_first=True).cuda()
+    mine = getattr(fusedrnn, kind)(6, 12, num_layers=2, bidirectional=True, batch_first=True).cuda()
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 9, 6, device="cuda")
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, [9, 7, 3, 1], batch_first=True)
+    with on_cuda(path):
+        y, h = mine(packed)
+    y_ref, h_ref = ref(packed)
+    assert max_error(y.data, y_ref.data) < 1e-4
+    for a, b in zip(h if kind == "LSTM" else [h], h_ref if kind == "LSTM" else [h_ref]):
+        assert max_error(a, b) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cells_match_torch_nn(kind):
+    ref = getattr(torch.nn, kind)(5, 7).cuda()
+    mine = getattr(fusedrnn, kind)(5, 7).cuda()
+    mine.load_state_dict(ref.state_dict())
+    x, h = torch.randn(3, 5, device="cuda"), torch.randn(3, 7, device="cuda")
+    hx = (h, torch.randn(3, 7, device="cuda")) if kind == "LSTMCell" else h
+    with on_cuda():
+        out = mine(x, hx)
+    out_ref = ref(x, hx)
+    for a, b in zip(out if kind == "LSTMCell" else [out], out_ref if kind == "LSTMCell" else [out_ref]):
+        assert max_error(a, b) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Path choice, refusals and fallback
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_forced_persistent_on_impossible_shape_raises_and_auto_falls_back():
+    # W_hh of an fp16 LSTM with H=4096 is 128 MB: no share of it fits one SM's shared memory.
+    a = make_layer_args("lstm", 3, 2, 8, 4096, dtype=torch.float16, requires_grad=False, device="cuda")
+    with on_cuda("persistent"):
+        with pytest.raises(BackendUnsupportedError,
+                           match=r"FUSEDRNN_CUDA_PATH=persistent: the persistent forward kernel needs .* shared memory"):
+            functional.rnn_layer("lstm", **a)
+        with fusedrnn.use_backend("auto"):
+            decisions = explain(lambda: functional.rnn_layer("lstm", **a))
+    assert decisions.backends[0] != "cuda"
+    refused = dict(decisions[0].refused)
+    assert "shared memory" in refused["cuda"]
+    with on_cuda():  # the heuristic takes the alternating path instead
+        assert cuda_backend.choose_path(_call(a, "lstm"), "forward") == "alternating"
+        y, _, _ = functional.rnn_layer("lstm", **a)
+    assert y.shape == (3, 2, 4096)
+
+
+@pytest.mark.gpu
+def test_persistent_refusals_name_their_reason():
+    a = make_layer_args("lstm", 3, 2, 4, 8, proj=4, dtype=torch.float16, requires_grad=False, device="cuda")
+    assert "projection" in cuda_backend.path_reason(_call(a, "lstm"), "persistent", "forward")
+    b = make_layer_args("gru", 3, 2, 4, 8, dtype=torch.float32, requires_grad=False, device="cuda")
+    with tf32(False):
+        assert "allow_tf32" in cuda_backend.path_reason(_call(b, "gru"), "persistent", "backward")
+    with tf32(True):
+        assert cuda_backend.path_reason(_call(b, "gru"), "persistent", "backward") is None
+    c = make_layer_args("lstm", 3, 2, 4, 768, dtype=torch.float16, requires_grad=False, device="cuda")
+    cluster_reason = cuda_backend.path_reason(_call(c, "lstm"), "cluster", "forward")
+    if torch.cuda.get_device_capability()[0] < 9:
+        assert "sm_90" in cluster_reason
+    else:  # 4.5 MB of W_hh over at most 16 CTAs of 227 KB
+        assert "shared memory" in cluster_reason
+
+
+@pytest.mark.gpu
+def test_heuristic_picks_a_persistent_path_for_the_cudnn_case():
+    # fp16 LSTM H=768 B=16: the case where cuDNN runs its persistent kernel.
+    a = make_layer_args("lstm", 64, 16, 768, 768, dtype=torch.float16, requires_grad=False, device="cuda")
+    with on_cuda():
+        assert cuda_backend.choose_path(_call(a, "lstm"), "forward") == "persistent"
