@@ -14,7 +14,9 @@ decision is made per item, so results do not depend on what else is in the batch
 of fusedrnn.reference_decoding.beam_search_reference (the spec, one item at a time):
 
   - lengths count generated tokens, EOS included; the prompt / start token is not counted;
-  - min_length masks EOS while the hypothesis would be shorter; max_length bounds the generated length;
+  - min_length masks EOS while the hypothesis would be shorter, without renormalising the other tokens'
+    probabilities (scores stay the model's log-probs, as in Hugging Face and fairseq); max_length bounds
+    the generated length;
   - 2K candidates per step; an EOS candidate finalises a hypothesis only if it ranks < K (fairseq /
     FasterTransformer); the first K non-EOS candidates continue;
   - the K best finished hypotheses are kept by score = log_prob / length_penalty(length), with
@@ -75,8 +77,13 @@ def _call_step(step: StepFn, tokens: Tensor, state: Any, rows: int) -> tuple[Ten
     return logits, state
 
 
-def _mask_eos(logits: Tensor, eos_token_id: int) -> Tensor:
-    return logits.index_fill(1, torch.tensor([eos_token_id], device=logits.device), -math.inf)
+def _mask_eos(logits: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
+    """EOS masked for min_length without renormalising (as Hugging Face and fairseq: scores stay the
+    model's log-probs): the masked logits, and log(1 - p(EOS)) per row [N] to add to the beam scores --
+    beam_topk normalises over the row it is given."""
+    masked = logits.index_fill(1, torch.tensor([eos_token_id], device=logits.device), -math.inf)
+    acc = score_dtype(logits.dtype)
+    return masked, torch.logsumexp(masked.to(acc), 1) - torch.logsumexp(logits.to(acc), 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,11 +189,13 @@ def beam_search(step: StepFn, start_tokens: Union[Tensor, Sequence[int]], state:
         if live_scores is None:
             live_scores = torch.full((A, K), -math.inf, dtype=score_dtype(logits.dtype), device=logits.device)
             live_scores[:, 0] = 0.0
-        if t + 1 < min_length:
-            logits = _mask_eos(logits, eos_token_id)
         if logits.shape[1] < 2:
             raise ValueError("beam_search needs a vocabulary of at least 2 tokens")
-        scores, cand_tokens, parents = ops.beam_topk(logits, live_scores, 2 * K, K)  # [A, 2K]
+        beam_in = live_scores
+        if t + 1 < min_length:
+            logits, no_eos = _mask_eos(logits, eos_token_id)
+            beam_in = live_scores + no_eos.view(A, K)
+        scores, cand_tokens, parents = ops.beam_topk(logits, beam_in, 2 * K, K)  # [A, 2K]
         scores, cand_tokens, parents = scores.to(device), cand_tokens.to(device), parents.to(device)
         row_base = (torch.arange(A, device=device) * K)[:, None]
 
@@ -286,10 +295,11 @@ def greedy_search(step: StepFn, start_tokens: Union[Tensor, Sequence[int]], stat
         logits, state = _call_step(step, tokens, state, active.numel())
         if log_probs is None:
             log_probs = torch.zeros(B, dtype=score_dtype(logits.dtype), device=device)
+        beam_in = torch.zeros(active.numel(), 1, dtype=log_probs.dtype, device=logits.device)
         if t + 1 < min_length:
-            logits = _mask_eos(logits, eos_token_id)
-        score, token, _ = ops.beam_topk(logits, torch.zeros(active.numel(), 1, dtype=log_probs.dtype,
-                                                            device=logits.device), 1, 1)
+            logits, no_eos = _mask_eos(logits, eos_token_id)
+            beam_in = no_eos[:, None]
+        score, token, _ = ops.beam_topk(logits, beam_in, 1, 1)
         token, score = token[:, 0].to(device), score[:, 0].to(device)
         sequences[active, t] = token
         log_probs[active] += score

@@ -204,7 +204,7 @@ def beam_search_reference(logits_fn: Callable[[tuple], Tensor], beam_size: int, 
       - K = beam_size beams; at the start beam 0 is the empty prefix with score 0 and beams 1..K-1 are
         dead (-inf), so the first step expands one prefix.
       - each step: candidates = beam_topk over the K live beams with k = 2K; EOS is masked while the
-        hypothesis would be shorter than min_length. An EOS candidate of rank < K with a finite score
+        hypothesis would be shorter than min_length (probability 0, the others not renormalised). An EOS candidate of rank < K with a finite score
         becomes a finished hypothesis (length = step + 1, EOS included); EOS candidates of rank >= K are
         dropped. The first K non-EOS candidates in rank order are the next live beams.
       - finished hypotheses: the K best by penalised score are kept; ties keep the one finished earlier
@@ -238,12 +238,16 @@ def beam_search_reference(logits_fn: Callable[[tuple], Tensor], beam_size: int, 
 
     for t in range(max_length):
         logits = torch.stack([logits_fn(tokens) for _, tokens in live])
+        acc = score_dtype(logits.dtype)
+        beam = torch.tensor([s for s, _ in live], dtype=torch.float64).to(acc)
         if t + 1 < min_length:
-            logits = logits.clone()
-            logits[:, eos_token_id] = -math.inf
-        scores, tokens, parents = beam_topk_reference(
-            logits, torch.tensor([s for s, _ in live], dtype=torch.float64).to(score_dtype(logits.dtype)),
-            2 * K, K)
+            # EOS gets probability 0 but the others keep theirs (no renormalisation): beam_topk
+            # normalises over what it is given, so add log(1 - p(EOS)) to the beam scores
+            masked = logits.clone()
+            masked[:, eos_token_id] = -math.inf
+            beam = beam + (torch.logsumexp(masked.to(acc), 1) - torch.logsumexp(logits.to(acc), 1))
+            logits = masked
+        scores, tokens, parents = beam_topk_reference(logits, beam, 2 * K, K)
         scores, tokens, parents = scores[0].tolist(), tokens[0].tolist(), parents[0].tolist()
         nxt = []
         for rank, (s, tok, par) in enumerate(zip(scores, tokens, parents)):
