@@ -13,8 +13,9 @@ Nothing is hard-coded about which kernels exist. The cases are found at run time
     inference (no workspace) and training (workspace + BPTT backward) forwards; then one module case per
     cell (2 layers, bidirectional, batch_first, PackedSequence). A variant a backend refuses is listed as
     SKIP with the backend's reason.
-  * any module of fusedrnn, fusedrnn.backends or fusedrnn.triton that defines `sanitizer_cases(device) -> list[(name, callable)]` adds its
-    own cases (the hook for kernels that are not layer backends, e.g. a beam-search top-k).
+  * any module of fusedrnn, fusedrnn.backends or fusedrnn.triton that defines
+    `sanitizer_cases(device) -> list[(name, callable)]` adds its own cases (the hook for kernels that are
+    not layer backends, e.g. a beam-search top-k).
   * the fusedrnn ops registered with a CUDA kernel are listed, so an op that no case reached stands out.
 
 Each layer case is compared with the fp64 reference with deliberately loose bounds (MISMATCH): under a
@@ -260,7 +261,8 @@ def main(argv=None) -> int:
 
     backends, skipped = kernel_backends(device, split(args.backend))
     ops = registered_ops()
-    print(f"fusedrnn {fusedrnn.__version__} on {device}: extension {'loaded' if fusedrnn.has_extension() else 'absent'}")
+    ext = "loaded" if fusedrnn.has_extension() else "absent"
+    print(f"fusedrnn {fusedrnn.__version__} on {device}: extension {ext}")
     print(f"kernel backends checked: {', '.join(backends) or 'none'}")
     for b, why in skipped.items():
         print(f"  not checked: {b}: {why}")

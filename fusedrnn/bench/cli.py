@@ -215,6 +215,10 @@ def resolve(args, parser) -> tuple[torch.device, P.Preset, list[P.Case], list, d
     return device, preset, cases, providers, settings
 
 
+def explicit_shapes(args) -> bool:
+    return bool(args.shape or args.seq_len or args.batch or args.hidden or args.input_size)
+
+
 def _replot(args) -> int:
     meta, rows = report.read_rows(args.replot)
     out = args.out or os.path.dirname(os.path.abspath(args.replot))
@@ -248,7 +252,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # CUDA events and memory stats follow the current device
 
-    header = (f"fusedrnn-bench: preset {preset.name}, {len(cases)} cases x {len(providers)} providers "
+    source = "shapes from the command line" if explicit_shapes(args) else f"preset {preset.name}"
+    header = (f"fusedrnn-bench: {source}, {len(cases)} cases x {len(providers)} providers "
               f"({', '.join(p.name for p in providers)}) on {device}; warmup {settings['warmup']}, up to "
               f"{settings['repeats']} timed calls or {settings['max_seconds']:g} s each")
     if args.list:
@@ -263,7 +268,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = args.out or f"fusedrnn-bench-{device.type}-{stamp}"
     os.makedirs(out, exist_ok=True)
     json_path, csv_path, png_path = (os.path.join(out, n) for n in ("results.json", "results.csv", "speedup.png"))
-    run_meta = {**env, "preset": preset.name, "argv": sys.argv[1:] if argv is None else list(argv),
+    run_meta = {**env, "preset": preset.name, "shapes": "command line" if explicit_shapes(args) else "preset",
+                "argv": sys.argv[1:] if argv is None else list(argv),
                 "providers": [p.name for p in providers], "n_cases": len(cases), **{
                     k: (None if v == math.inf else v) for k, v in settings.items()},
                 "tolerance_rule": "max error vs float64 torch.nn <= 2 x torch.nn's own error + a few ulp",
