@@ -27,7 +27,8 @@
 #   FUSEDRNN_SUITE_PRESET=NAME     bench preset (default deepbench); FUSEDRNN_SUITE_BENCH_ARGS extra args,
 #                                  e.g. "--mode fwd"; FUSEDRNN_SUITE_BENCH_TAG names the subfolder
 #   FUSEDRNN_SUITE_PYTEST_ARGS     extra pytest arguments (e.g. "-x -k lstm")
-#   FUSEDRNN_SUITE_SANITIZERS      default "memcheck racecheck synccheck"
+#   FUSEDRNN_SUITE_SANITIZERS      default "memcheck racecheck synccheck" (one per call if they don't fit)
+#   FUSEDRNN_SUITE_SANITIZE_ARGS   extra bench/sanitizer_cases.py arguments (e.g. "--backend cuda --cell lstm")
 #   FUSEDRNN_SUITE_COPY_OUT=0      don't copy to $OUT
 #   FUSEDRNN_SUITE_DRY_RUN=1       print the commands, run none
 #   FUSEDRNN_SUITE_ALLOW_CPU=1     run the stages without a GPU (CPU build, CPU bench; no sanitizer):
@@ -225,8 +226,9 @@ stage_test() {
 stage_sanitize() {
     ensure_built
     local cs log="$RESULTS/sanitize_cases.log"
+    read -ra SARGS <<<"${FUSEDRNN_SUITE_SANITIZE_ARGS:-}"
     step sanitize-cases "$log" "$PY" bench/sanitizer_cases.py --device "$SUITE_DEVICE" \
-        --coverage "$RESULTS/kernels.json" --json "$RESULTS/sanitize_cases.json"
+        --coverage "$RESULTS/kernels.json" --json "$RESULTS/sanitize_cases.json" "${SARGS[@]}"
     [[ "$DRY" == 1 ]] || grep -E "^(kernel backends|  not checked|summary|NOT REACHED|NOTHING)" "$log" | sed 's/^/   /'
     if grep -q "NOTHING TO CHECK" "$log" 2>/dev/null; then
         record sanitize "skipped: no fusedrnn GPU kernel path available" 0 "$log"
@@ -243,7 +245,7 @@ stage_sanitize() {
         # no caching allocator: an out-of-bounds access inside a cached block would be invisible to memcheck
         step "sanitize-$tool" "$RESULTS/sanitize_$tool.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
             "$cs" --tool "$tool" --error-exitcode 86 --print-limit 100 --target-processes all \
-            "$PY" bench/sanitizer_cases.py --device cuda --quiet
+            "$PY" bench/sanitizer_cases.py --device cuda --quiet "${SARGS[@]}"
         grep -h "ERROR SUMMARY" "$RESULTS/sanitize_$tool.log" 2>/dev/null | tail -1 | sed "s/^/   $tool: /"
     done
 }
