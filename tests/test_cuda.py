@@ -15,7 +15,9 @@ mantissa) the fp16 rule.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,6 +138,22 @@ def test_path_environment_variable(monkeypatch):
     monkeypatch.setenv(cuda_backend.PATH_ENV, "fused")
     with pytest.raises(ValueError, match=r"FUSEDRNN_CUDA_PATH: expected 'auto' or one of .*'fused'"):
         cuda_backend.forced_path()
+
+
+def test_bench_script_runs_without_a_gpu(capsys):
+    """bench/bench_cuda.py imports and parses its arguments on a CPU machine (it runs on the GPU campaign)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_cuda.py"
+    spec = importlib.util.spec_from_file_location("bench_cuda", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--list"]) == 0
+    assert "600 cases x 5 providers" in capsys.readouterr().out  # the grid; the cuDNN case is on it
+    assert bench.main(["--list", "--cells", "lstm", "--dtypes", "fp16", "--batches", "16", "--hidden", "768",
+                       "--seq", "1024"]) == 0
+    assert capsys.readouterr().out.split() == ["lstm-fp16-B16-H768-T1024-fwd", "lstm-fp16-B16-H768-T1024-fwdbwd",
+                                               "2", "cases", "x", "5", "providers"]
+    if not torch.cuda.is_available():
+        assert bench.main(["--cells", "gru"]) == 2
 
 
 def test_heuristic_table():

@@ -20,6 +20,7 @@ the forced path cannot run (forward or backward) is then refused with the path's
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Optional
@@ -27,6 +28,7 @@ from typing import Optional
 import torch
 
 from .._extension import extension_error, has_cuda_kernels, has_extension
+from ..reference import GATES
 from .base import Backend, LayerCall
 
 PATHS = ("alternating", "persistent", "cluster")
@@ -124,3 +126,57 @@ class CudaBackend(Backend):
         return torch.ops.fusedrnn.cuda_rnn_layer_backward(
             call.cell, call.x, call.h0, call.c0, call.w_ih, call.w_hh, call.b_ih, call.b_hh, call.w_hr,
             call.lengths, call.reverse, y, workspace, grad_y, grad_h_n, grad_c_n, choose_path(call, "backward"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench/sanitizer_cases.py hook: every path forced, so compute-sanitizer sees each kernel whatever the heuristic
+# prefers on the machine (its own layer cases run the heuristic only).
+# ---------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _forced(path: str):
+    saved = {k: os.environ.get(k) for k in ("FUSEDRNN_BACKEND", PATH_ENV)}
+    os.environ.update({"FUSEDRNN_BACKEND": "cuda", PATH_ENV: path})  # autograd's thread reads the environment
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _sanitizer_run(device, path: str, cell: str, H: int) -> None:
+    from .. import functional
+    T, B, I, G = 5, 11, 7, GATES[cell]
+    g = torch.Generator().manual_seed(0)
+
+    def param(*shape):
+        return (torch.randn(*shape, generator=g) * 0.3).to(device=device, dtype=torch.float16).requires_grad_()
+
+    args = dict(x=param(T, B, I), h0=param(B, H), c0=param(B, H) if cell == "lstm" else None, w_ih=param(G * H, I),
+                w_hh=param(G * H, H), b_ih=param(G * H), b_hh=param(G * H), reverse=True,
+                lengths=torch.tensor([5, 3, 0, 1, 5, 2, 4, 5, 1, 3, 5], device=device))
+    with _forced(path):
+        y, h, c = functional.rnn_layer(cell, **args)
+        (y.float().sum() + h.float().sum() + (c.float().sum() if c is not None else 0)).backward()
+
+
+def sanitizer_cases(device):
+    """(name, callable) pairs: each path that can run here, each cell, fp16, reverse with lengths (a zero one),
+    forward and backward; H=40 (one CTA / cluster of one) and H=200 (many CTAs, clusters of several)."""
+    device = torch.device(device)
+    if CudaBackend().unavailable_reason(device) is not None:
+        return []
+    cases = []
+    for path in PATHS:
+        for cell in GATES:
+            for H in (40, 200):
+                x = torch.empty(5, 11, 7, device=device, dtype=torch.float16)
+                w = torch.empty(GATES[cell] * H, H, device=device, dtype=torch.float16)
+                h0 = torch.empty(11, H, device=device, dtype=torch.float16)
+                call = LayerCall(cell, x, h0, h0 if cell == "lstm" else None, w, w, None, None, None, None, True)
+                if all(path_reason(call, path, d) is None for d in ("forward", "backward")):
+                    cases.append((f"{path} {cell} fp16 T5-B11-H{H} reverse lengths",
+                                  functools.partial(_sanitizer_run, device, path, cell, H)))
+    return cases
