@@ -24,6 +24,10 @@
 #include <limits>
 #include <vector>
 
+// The 32-byte vector helpers below are internal and inlined; gcc's note that their ABI differs with and
+// without AVX does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace fusedrnn::cpu {
 namespace {
 
