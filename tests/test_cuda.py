@@ -221,6 +221,17 @@ def test_realistic_sizes(path, cell, dtype, B, H):
                             reverse=cell == "gru")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("cell", CELLS)
+def test_empty_batch(cell):
+    a = make_layer_args(cell, 3, 0, 4, 5, dtype=torch.float16, device="cuda")
+    with on_cuda():
+        out, grads = run_and_grad(lambda **k: functional.rnn_layer(cell, **k), a)
+    assert out[0].shape == (3, 0, 5)
+    for name, g in grads.items():
+        assert g.shape == a[name].shape and not g.any(), name
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The workspace contract: any backward consumes any forward
 # ---------------------------------------------------------------------------------------------------------

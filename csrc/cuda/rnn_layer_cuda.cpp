@@ -335,6 +335,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_rnn_layer(
   Tensor ws = need_workspace ? at::empty({d.T, d.B, d.ws}, opts) : at::empty({0}, opts);
   Tensor h_n = at::empty({d.B, d.H_out}, opts);
   Tensor c_n = c0 ? at::empty({d.B, d.H}, opts) : at::empty({0}, opts);
+  if (d.B == 0) return {y, h_n, c_n, ws};  // nothing to run (and no kernel may launch an empty grid)
   if (path == Path::Alternating) {
     forward_alternating(d, x_gates, h0, c0, w_hh, b_hh, w_hr, lengths, y, ws, need_workspace, h_n, c_n);
   } else {
@@ -462,6 +463,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_
               "fusedrnn cuda: y, workspace and the gradients must be on x's device");
   auto opts = x.options();
   const int64_t GH = d.G * d.H;
+  if (d.B == 0) {  // an empty batch contributes nothing to any gradient
+    auto zeros_or_empty = [&](const OptTensor& t) { return t ? at::zeros_like(*t) : at::empty({0}, opts); };
+    return {at::zeros_like(x), at::zeros_like(h0), zeros_or_empty(c0), at::zeros_like(w_ih), at::zeros_like(w_hh),
+            zeros_or_empty(b_ih), zeros_or_empty(b_hh), zeros_or_empty(w_hr)};
+  }
 
   BackwardState st;
   st.grad_h = fp32_copy(grad_h_n);

@@ -718,6 +718,7 @@ std::string plan_persistent(Exchange ex, bool backward, int cell, DType dt, int 
                             PersistentPlan* plan) {
   const int G = num_gates(static_cast<Cell>(cell)), esize = dtype_size(dt);
   if (lim.cc_major < 8) return "needs sm_80 or newer (mma.sync on bf16/tf32, cp.async)";
+  if (B < 1) return "has nothing to run on an empty batch";
   if (ex == Exchange::Grid) {
     // As few CTAs as keep every CTA's m-tiles full: fewer CTAs read less of the exchanged B from L2.
     int units = ceil_div(H, lim.sm_count);
