@@ -78,8 +78,9 @@ def plan(call: LayerCall):
         if fits:
             return "persistent", None, None
         need = P.weight_bytes(cell, P.block(H), P.block(HO), elem, has_proj)
-        return None, None, (f"persistent path: the recurrent weights of H={H} ({need // 1024} KB padded) exceed "
-                            f"one program's budget of {P.WEIGHT_BUDGET // 1024} KB")
+        return None, None, (f"persistent path: H={H} needs {need // 1024} KB of recurrent weights and "
+                            f"{P.gate_rows(cell, P.block(H), elem)} gate rows (fp32 counts twice) in one program; the budget is "
+                            f"{P.WEIGHT_BUDGET // 1024} KB and {P.MAX_GATE_ROWS} rows")
 
     why = None
     slice_h = P.barrier_slice(cell, H, elem)
@@ -90,10 +91,17 @@ def plan(call: LayerCall):
         why = f"barrier path: needs CUDA tensors, got {call.device.type}"
     elif has_proj:
         why = "barrier path: the projection needs all hidden units of a step in one program"
+    elif elem == 4:
+        why = "barrier path: fp16/bf16 only (fp32's split tf32x3 operands spill on sm_90)"
+    elif P.block(H) > P.BARRIER_MAX_BLOCK:
+        why = (f"barrier path: H={H} is over {P.BARRIER_MAX_BLOCK}, the widest h every program can read per "
+               f"step without spilling")
     elif slice_h is None:
-        why = (f"barrier path: even 16 hidden units per program need "
-               f"{P.weight_bytes(cell, 16, P.block(H), elem) // 1024} KB of weights at H={H}, over the "
-               f"{P.WEIGHT_BUDGET // 1024} KB budget")
+        sl = min(P.BARRIER_SLICES)
+        why = (f"barrier path: {sl} hidden units per program (the narrowest slice that runs on wgmma) need "
+               f"{P.weight_bytes(cell, sl, P.block(H), elem) // 1024} KB of weights at H={H}, over the "
+               f"{P.WEIGHT_BUDGET // 1024} KB budget" if P.block(H) > sl else
+               f"barrier path: H={H} is narrower than one slice of {sl} hidden units")
     else:
         programs = -(-B // P.BLOCK_B) * -(-H // slice_h)
         sms = _sm_count(call.device)

@@ -36,12 +36,14 @@ def mm(a, b, acc, DOT_FP32: tl.constexpr):
     """acc + a @ b with fp32 accumulation. a, b are in the storage dtype (fp16/bf16 run on tensor cores).
     DOT_FP32 (interpreter only): Triton 3.8's interpreter returns garbage for tl.dot on bf16 operands (max
     error ~1e10 on a 16x16 product), so operands are widened first; a product of two fp16/bf16 numbers is
-    exact in fp32, so only the summation order differs from the tensor cores. fp32 operands use "ieee":
-    the default TF32 keeps 10 mantissa bits, far outside the fp32 tolerance."""
+    exact in fp32, so only the summation order differs from the tensor cores.
+    fp32 operands use "tf32x3" (three TF32 products on split operands, ~fp32 accuracy): plain TF32 keeps 10
+    mantissa bits, far outside the fp32 tolerance, and "ieee" (FMA) spilled thousands of bytes on sm_90
+    (LSTM H=63: 7.7 KB of stack, 68 s to compile) where tf32x3 compiles to wgmma without spills."""
     if DOT_FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="tf32x3")
     else:
         return tl.dot(a, b, acc)
 

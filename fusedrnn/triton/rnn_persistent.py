@@ -6,9 +6,9 @@ and, inside the time loop, does the recurrent matmul (tl.dot, fp32 accumulation)
 state update.
 
 Tiles are feature-major, [features, BLOCK_B]: gates^T = W_hh[units, :] @ h^T. The weights are the A operand
-of the dot, so on sm_90 Triton emits wgmma reading them straight from shared memory (batch-major
-h @ W^T keeps them in registers as mma.sync operands: 233 registers against 78 for an fp16 LSTM at H=128,
-B=16, 8 warps -- measured with the compile of tests/test_triton_static.py).
+of the dot, so on sm_90 Triton emits wgmma reading them straight from shared memory; batch-major h @ W^T
+makes them mma.sync operands that pass through registers (a bare fp16 LSTM step loop at H=128, B=16,
+8 warps, compiled for sm_90: 128 registers batch-major, 78 feature-major).
 
 Variants (constexpr BARRIER):
 - no barrier (grid (batch tiles, 1), BLOCK_H covers H): the whole recurrent matrix of a batch tile lives in
@@ -69,15 +69,18 @@ def _bias(b_ih_ptr, b_hh_ptr, off, units, umask, BOTH: tl.constexpr):
 
 
 @triton.jit
-def _barrier_state(h0_ptr, hbuf_ptr, s, B, rows, ks, m_k, HO: tl.constexpr):
+def _barrier_state(h0_ptr, hbuf_ptr, s, B, rows, ks, m_k, HO: tl.constexpr, BLOCK_HO: tl.constexpr):
     """[BLOCK_HO, BLOCK_B] h_{t-1} at step s of a barrier launch: h0, then the slot of the ping-pong buffer
-    [2, B, HO] the previous step wrote. h0 is read from its own tensor so that hbuf needs no initialisation
-    and a second launch (autotuning) starts from the right state. .cg: L1 is not coherent across SMs."""
-    offs = rows[None, :] * HO + ks[:, None]
+    [2, B, BLOCK_HO] the previous step wrote. h0 is read from its own tensor so that hbuf needs no
+    initialisation and a second launch (autotuning) starts from the right state. Rows padded to BLOCK_HO:
+    with HO's own row stride an odd HO leaves one 64-bit address per element (LSTM H=255: 208 B of spills).
+    .cg: L1 is not coherent across SMs. Two slots suffice: a program writes slot s%2 again at step s+2, after
+    the barrier of step s+1, which every program reaches only after its reads of step s."""
     if s == 0:
-        h_in = tl.load(h0_ptr + offs, mask=m_k, other=0.0, cache_modifier=".cg")
+        h_in = tl.load(h0_ptr + rows[None, :] * HO + ks[:, None], mask=m_k, other=0.0, cache_modifier=".cg")
     else:
-        h_in = tl.load(hbuf_ptr + (s % 2) * B * HO + offs, mask=m_k, other=0.0, cache_modifier=".cg")
+        h_in = tl.load(hbuf_ptr + (s % 2) * B * BLOCK_HO + rows[None, :] * BLOCK_HO + ks[:, None], mask=m_k,
+                       other=0.0, cache_modifier=".cg")
     return h_in
 
 
@@ -94,7 +97,7 @@ def lstm_persistent_fwd_kernel(
         len_ptr,  # [B] int64 (HAS_LENGTHS)
         y_ptr, hn_ptr, cn_ptr,  # out [T, B, HO], [B, HO], [B, H]
         ws_ptr,  # out [T, B, 5H or 6H] (WRITE_WS)
-        hbuf_ptr,  # [2, B, HO] storage dtype, ping-pong state exchange (BARRIER)
+        hbuf_ptr,  # [2, B, BLOCK_HO] storage dtype, ping-pong state exchange (BARRIER)
         sync_ptr,  # [batch tiles] int32 zeros (BARRIER)
         T, B, H: tl.constexpr, HO: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
@@ -133,7 +136,7 @@ def lstm_persistent_fwd_kernel(
     h = tl.load(h0_ptr + rows[None, :] * HO + ocols[:, None], mask=m_o, other=0.0).to(tl.float32)
     c = tl.load(c0_ptr + rows[None, :] * H + units[:, None], mask=m_u, other=0.0).to(tl.float32)
     if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=rmask, other=0)
+        lens = tl.load(len_ptr + rows, mask=rmask, other=0).to(tl.int32)
     WS = 6 * H if HAS_PROJ else 5 * H
 
     for s in range(T):
@@ -143,7 +146,7 @@ def lstm_persistent_fwd_kernel(
             t = s
         t64 = t.to(tl.int64)
         if BARRIER:  # the whole h_{t-1}, published by every program of this batch tile
-            h_in = _barrier_state(h0_ptr, hbuf_ptr, s, B, rows, ks, m_k, HO)
+            h_in = _barrier_state(h0_ptr, hbuf_ptr, s, B, rows, ks, m_k, HO, BLOCK_HO)
         else:
             h_in = h.to(dt)
         xg = xg_ptr + t64 * B * 4 * H + rows[None, :] * (4 * H) + units[:, None]
@@ -177,8 +180,8 @@ def lstm_persistent_fwd_kernel(
             out = h_new
         tl.store(y_ptr + t64 * B * HO + rows[None, :] * HO + ocols[:, None], out.to(dt), mask=m_o)
         if BARRIER:
-            hb_next = hbuf_ptr + ((s + 1) % 2) * B * HO
-            tl.store(hb_next + rows[None, :] * HO + ocols[:, None], h.to(dt), mask=m_o)
+            hb_next = hbuf_ptr + ((s + 1) % 2) * B * BLOCK_HO
+            tl.store(hb_next + rows[None, :] * BLOCK_HO + ocols[:, None], h.to(dt), mask=m_o)
             grid_barrier(sync_ptr + pid_b, (s + 1) * tl.num_programs(1))
 
     tl.store(hn_ptr + rows[None, :] * HO + ocols[:, None], h.to(dt), mask=m_o)
@@ -195,6 +198,7 @@ def lstm_persistent_bwd_kernel(
         dg_ptr,  # out [T, B, 4H] storage dtype: grad of the gate pre-activations, 0 at invalid steps
         gout_ptr,  # out [T, B, HO] (HAS_PROJ): grad of each step's projected output, for dW_hr
         gh0_ptr, gc0_ptr,  # out [B, HO], [B, H] fp32
+        xbuf_ptr,  # [2, B, 4, BLOCK_HO] storage dtype: gate-gradient exchange (BARRIER)
         sync_ptr,
         T, B, H: tl.constexpr, HO: tl.constexpr,
         HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, BARRIER: tl.constexpr,
@@ -234,10 +238,9 @@ def lstm_persistent_bwd_kernel(
     m_o = omask[:, None] & rmask[None, :]
     gh = tl.load(ghn_ptr + rows[None, :] * HO + ocols[:, None], mask=m_o, other=0.0).to(tl.float32)
     gc = tl.load(gcn_ptr + rows[None, :] * H + units[:, None], mask=m_u, other=0.0).to(tl.float32)
-    c0 = tl.load(c0_ptr + rows[None, :] * H + units[:, None], mask=m_u, other=0.0).to(tl.float32)
-    lens = tl.zeros([BLOCK_B], tl.int64)
+    lens = tl.zeros([BLOCK_B], tl.int32)
     if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=rmask, other=0)
+        lens = tl.load(len_ptr + rows, mask=rmask, other=0).to(tl.int32)
     WS = 6 * H if HAS_PROJ else 5 * H
 
     for s in range(T):
@@ -264,9 +267,10 @@ def lstm_persistent_bwd_kernel(
         o = tl.load(wsp + 3 * H, mask=m_u, other=0.0).to(tl.float32)
         c = tl.load(wsp + 4 * H, mask=m_u, other=0.0).to(tl.float32)
         has_prev, tp = _prev_step(t, rows, lens, T, REVERSE, HAS_LENGTHS)
-        c_prev = tl.load(ws_ptr + tp.to(tl.int64) * B * WS + rows[None, :] * WS + 4 * H + units[:, None],
-                         mask=m_u & has_prev[None, :], other=0.0).to(tl.float32)
-        c_prev = tl.where(has_prev[None, :], c_prev, c0)
+        # one load from either the previous step's c or c0 (no c0 tile held across the loop)
+        c_prev = tl.load(tl.where(has_prev[None, :],
+                                  ws_ptr + tp.to(tl.int64) * B * WS + rows[None, :] * WS + 4 * H + units[:, None],
+                                  c0_ptr + rows[None, :] * H + units[:, None]), mask=m_u, other=0.0).to(tl.float32)
 
         tanh_c = tanh(c)
         gct = gc + gr * o * (1.0 - tanh_c * tanh_c)
@@ -289,13 +293,18 @@ def lstm_persistent_bwd_kernel(
         tl.store(dgp + 3 * H, d_o.to(dt), mask=m_u)
 
         acc = tl.zeros([BLOCK_H if BARRIER else BLOCK_HO, BLOCK_B], tl.float32)
-        if BARRIER:
+        if BARRIER:  # padded exchange slots, as _barrier_state explains
+            xb = xbuf_ptr + (s % 2) * B * 4 * BLOCK_HO + rows[None, :] * (4 * BLOCK_HO)
+            tl.store(xb + units[:, None], d_i.to(dt), mask=m_u)
+            tl.store(xb + BLOCK_HO + units[:, None], d_f.to(dt), mask=m_u)
+            tl.store(xb + 2 * BLOCK_HO + units[:, None], d_g.to(dt), mask=m_u)
+            tl.store(xb + 3 * BLOCK_HO + units[:, None], d_o.to(dt), mask=m_u)
             grid_barrier(sync_ptr + pid_b, (s + 1) * tl.num_programs(1))
-            dga = dg_ptr + t64 * B * 4 * H + rows[None, :] * (4 * H) + ks[:, None]
-            acc = mm(w_i, tl.load(dga, mask=m_k, other=0.0, cache_modifier=".cg"), acc, DOT_FP32)
-            acc = mm(w_f, tl.load(dga + H, mask=m_k, other=0.0, cache_modifier=".cg"), acc, DOT_FP32)
-            acc = mm(w_g, tl.load(dga + 2 * H, mask=m_k, other=0.0, cache_modifier=".cg"), acc, DOT_FP32)
-            acc = mm(w_o, tl.load(dga + 3 * H, mask=m_k, other=0.0, cache_modifier=".cg"), acc, DOT_FP32)
+            xa = xb + ks[:, None]
+            acc = mm(w_i, tl.load(xa, mask=m_k, other=0.0, cache_modifier=".cg"), acc, DOT_FP32)
+            acc = mm(w_f, tl.load(xa + BLOCK_HO, mask=m_k, other=0.0, cache_modifier=".cg"), acc, DOT_FP32)
+            acc = mm(w_g, tl.load(xa + 2 * BLOCK_HO, mask=m_k, other=0.0, cache_modifier=".cg"), acc, DOT_FP32)
+            acc = mm(w_o, tl.load(xa + 3 * BLOCK_HO, mask=m_k, other=0.0, cache_modifier=".cg"), acc, DOT_FP32)
         else:
             acc = mm(w_i, d_i.to(dt), acc, DOT_FP32)
             acc = mm(w_f, d_f.to(dt), acc, DOT_FP32)
@@ -348,7 +357,7 @@ def gru_persistent_fwd_kernel(
 
     h = tl.load(h0_ptr + rows[None, :] * H + units[:, None], mask=m_u, other=0.0).to(tl.float32)
     if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=rmask, other=0)
+        lens = tl.load(len_ptr + rows, mask=rmask, other=0).to(tl.int32)
 
     for s in range(T):
         if REVERSE:
@@ -357,7 +366,7 @@ def gru_persistent_fwd_kernel(
             t = s
         t64 = t.to(tl.int64)
         if BARRIER:
-            h_in = _barrier_state(h0_ptr, hbuf_ptr, s, B, rows, ks, m_k, H)
+            h_in = _barrier_state(h0_ptr, hbuf_ptr, s, B, rows, ks, m_k, H, BLOCK_HO)
         else:
             h_in = h.to(dt)
         xg = xg_ptr + t64 * B * 3 * H + rows[None, :] * (3 * H) + units[:, None]
@@ -381,8 +390,8 @@ def gru_persistent_fwd_kernel(
             out = h_new
         tl.store(y_ptr + t64 * B * H + rows[None, :] * H + units[:, None], out.to(dt), mask=m_u)
         if BARRIER:
-            hb_next = hbuf_ptr + ((s + 1) % 2) * B * H
-            tl.store(hb_next + rows[None, :] * H + units[:, None], h.to(dt), mask=m_u)
+            hb_next = hbuf_ptr + ((s + 1) % 2) * B * BLOCK_HO
+            tl.store(hb_next + rows[None, :] * BLOCK_HO + units[:, None], h.to(dt), mask=m_u)
             grid_barrier(sync_ptr + pid_b, (s + 1) * tl.num_programs(1))
 
     tl.store(hn_ptr + rows[None, :] * H + units[:, None], h.to(dt), mask=m_u)
@@ -398,6 +407,7 @@ def gru_persistent_bwd_kernel(
         dgx_ptr,  # out [T, B, 3H]: grad of W_ih x + b_ih
         dgh_ptr,  # out [T, B, 3H]: grad of W_hh h + b_hh (differs in n: times r)
         gh0_ptr,  # out [B, H] fp32
+        xbuf_ptr,  # [2, B, 3, BLOCK_HO] (BARRIER)
         sync_ptr,
         T, B, H: tl.constexpr,
         HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, BARRIER: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -422,10 +432,9 @@ def gru_persistent_bwd_kernel(
     if DOT_FP32:
         w_r, w_z, w_n = w_r.to(tl.float32), w_z.to(tl.float32), w_n.to(tl.float32)
     gh = tl.load(ghn_ptr + rows[None, :] * H + units[:, None], mask=m_u, other=0.0).to(tl.float32)
-    h0 = tl.load(h0_ptr + rows[None, :] * H + units[:, None], mask=m_u, other=0.0).to(tl.float32)
-    lens = tl.zeros([BLOCK_B], tl.int64)
+    lens = tl.zeros([BLOCK_B], tl.int32)
     if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=rmask, other=0)
+        lens = tl.load(len_ptr + rows, mask=rmask, other=0).to(tl.int32)
 
     for s in range(T):
         if REVERSE:
@@ -441,9 +450,8 @@ def gru_persistent_bwd_kernel(
         n = tl.load(wsp + 2 * H, mask=m_u, other=0.0).to(tl.float32)
         hn = tl.load(wsp + 3 * H, mask=m_u, other=0.0).to(tl.float32)
         has_prev, tp = _prev_step(t, rows, lens, T, REVERSE, HAS_LENGTHS)
-        h_prev = tl.load(y_ptr + tp.to(tl.int64) * B * H + rows[None, :] * H + units[:, None],
-                         mask=m_u & has_prev[None, :], other=0.0).to(tl.float32)
-        h_prev = tl.where(has_prev[None, :], h_prev, h0)
+        h_prev = tl.load(tl.where(has_prev[None, :], y_ptr + tp.to(tl.int64) * B * H + rows[None, :] * H + units[:, None],
+                                  h0_ptr + rows[None, :] * H + units[:, None]), mask=m_u, other=0.0).to(tl.float32)
 
         d_n = go * (1.0 - z) * (1.0 - n * n)
         d_r = d_n * hn * r * (1.0 - r)
@@ -465,11 +473,15 @@ def gru_persistent_bwd_kernel(
         tl.store(dhp + 2 * H, d_hn.to(dt), mask=m_u)
 
         if BARRIER:
+            xb = xbuf_ptr + (s % 2) * B * 3 * BLOCK_HO + rows[None, :] * (3 * BLOCK_HO)
+            tl.store(xb + units[:, None], d_r.to(dt), mask=m_u)
+            tl.store(xb + BLOCK_HO + units[:, None], d_z.to(dt), mask=m_u)
+            tl.store(xb + 2 * BLOCK_HO + units[:, None], d_hn.to(dt), mask=m_u)
             grid_barrier(sync_ptr + pid_b, (s + 1) * tl.num_programs(1))
-            dha = dgh_ptr + t64 * B * 3 * H + rows[None, :] * (3 * H) + ks[:, None]
-            acc = mm(w_r, tl.load(dha, mask=m_k, other=0.0, cache_modifier=".cg"), direct, DOT_FP32)
-            acc = mm(w_z, tl.load(dha + H, mask=m_k, other=0.0, cache_modifier=".cg"), acc, DOT_FP32)
-            acc = mm(w_n, tl.load(dha + 2 * H, mask=m_k, other=0.0, cache_modifier=".cg"), acc, DOT_FP32)
+            xa = xb + ks[:, None]
+            acc = mm(w_r, tl.load(xa, mask=m_k, other=0.0, cache_modifier=".cg"), direct, DOT_FP32)
+            acc = mm(w_z, tl.load(xa + BLOCK_HO, mask=m_k, other=0.0, cache_modifier=".cg"), acc, DOT_FP32)
+            acc = mm(w_n, tl.load(xa + 2 * BLOCK_HO, mask=m_k, other=0.0, cache_modifier=".cg"), acc, DOT_FP32)
         else:
             acc = mm(w_r, d_r.to(dt), direct, DOT_FP32)
             acc = mm(w_z, d_z.to(dt), acc, DOT_FP32)
@@ -510,7 +522,7 @@ def rnn_persistent_fwd_kernel(
     b = _bias(b_ih_ptr, b_hh_ptr, 0, units, umask & HAS_BIAS, True)
     h = tl.load(h0_ptr + rows[None, :] * H + units[:, None], mask=m_u, other=0.0).to(tl.float32)
     if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=rmask, other=0)
+        lens = tl.load(len_ptr + rows, mask=rmask, other=0).to(tl.int32)
 
     for s in range(T):
         if REVERSE:
@@ -519,7 +531,7 @@ def rnn_persistent_fwd_kernel(
             t = s
         t64 = t.to(tl.int64)
         if BARRIER:
-            h_in = _barrier_state(h0_ptr, hbuf_ptr, s, B, rows, ks, m_k, H)
+            h_in = _barrier_state(h0_ptr, hbuf_ptr, s, B, rows, ks, m_k, H, BLOCK_HO)
         else:
             h_in = h.to(dt)
         xg = xg_ptr + t64 * B * H + rows[None, :] * H + units[:, None]
@@ -537,8 +549,8 @@ def rnn_persistent_fwd_kernel(
             out = h_new
         tl.store(y_ptr + t64 * B * H + rows[None, :] * H + units[:, None], out.to(dt), mask=m_u)
         if BARRIER:
-            hb_next = hbuf_ptr + ((s + 1) % 2) * B * H
-            tl.store(hb_next + rows[None, :] * H + units[:, None], h.to(dt), mask=m_u)
+            hb_next = hbuf_ptr + ((s + 1) % 2) * B * BLOCK_HO
+            tl.store(hb_next + rows[None, :] * BLOCK_HO + units[:, None], h.to(dt), mask=m_u)
             grid_barrier(sync_ptr + pid_b, (s + 1) * tl.num_programs(1))
 
     tl.store(hn_ptr + rows[None, :] * H + units[:, None], h.to(dt), mask=m_u)
@@ -551,6 +563,7 @@ def rnn_persistent_bwd_kernel(
         gy_ptr, ghn_ptr,
         dg_ptr,  # out [T, B, H]: grad of the pre-activation
         gh0_ptr,  # out [B, H] fp32
+        xbuf_ptr,  # [2, B, BLOCK_HO] (BARRIER)
         sync_ptr,
         T, B, H: tl.constexpr,
         RELU: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, BARRIER: tl.constexpr,
@@ -572,7 +585,7 @@ def rnn_persistent_bwd_kernel(
         w = w.to(tl.float32)
     gh = tl.load(ghn_ptr + rows[None, :] * H + units[:, None], mask=m_u, other=0.0).to(tl.float32)
     if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=rmask, other=0)
+        lens = tl.load(len_ptr + rows, mask=rmask, other=0).to(tl.int32)
 
     for s in range(T):
         if REVERSE:
@@ -593,9 +606,10 @@ def rnn_persistent_bwd_kernel(
         tl.store(dg_ptr + off, d.to(dt), mask=m_u)
         acc = tl.zeros([BLOCK_H, BLOCK_B], tl.float32)
         if BARRIER:
+            xb = xbuf_ptr + (s % 2) * B * BLOCK_HO + rows[None, :] * BLOCK_HO
+            tl.store(xb + units[:, None], d.to(dt), mask=m_u)
             grid_barrier(sync_ptr + pid_b, (s + 1) * tl.num_programs(1))
-            dga = dg_ptr + t64 * B * H + rows[None, :] * H + ks[:, None]
-            acc = mm(w, tl.load(dga, mask=m_k, other=0.0, cache_modifier=".cg"), acc, DOT_FP32)
+            acc = mm(w, tl.load(xb + ks[:, None], mask=m_k, other=0.0, cache_modifier=".cg"), acc, DOT_FP32)
         else:
             acc = mm(w, d.to(dt), acc, DOT_FP32)
         if HAS_LENGTHS:
@@ -609,18 +623,38 @@ def rnn_persistent_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------
-# BLOCK_B = 16: the batch is the N dimension of the dot (wgmma takes N = 16); smaller batch tiles mean more
-# programs side by side, and the step latency, not the throughput, bounds a recurrence.
-_CONFIGS = [triton.Config({"BLOCK_B": 16}, num_warps=4, num_stages=1),
-            triton.Config({"BLOCK_B": 16}, num_warps=8, num_stages=1)]
+# BLOCK_B = 8: the batch is the N dimension of the dot (wgmma and mma.sync take N = 8). The gate tiles
+# [rows, BLOCK_B] fp32 live in registers: at 16 the LSTM barrier variant (H=255, 8 warps) spilled 136 B
+# and the 4-warp LSTM at H=127 152 B; at 8 neither spills. More, narrower batch tiles also spread a batch
+# over more SMs, and the step latency, not the throughput, bounds a recurrence.
+# num_stages=1, not a tuning choice: a software-pipelined loop would prefetch the next step's loads, and in
+# the barrier variant those read what other programs write before that step's barrier.
+_CONFIGS = [triton.Config({"BLOCK_B": 8}, num_warps=4, num_stages=1),
+            triton.Config({"BLOCK_B": 8}, num_warps=8, num_stages=1)]
 CONFIGS = configs(_CONFIGS)
-BLOCK_B = 16
+BLOCK_B = 8
 
 # Shared memory a program may fill with its weights; the rest of the 227 KB is Triton's scratch (layout
 # conversions, the dot's B operand). tests/test_triton_static.py compiles the largest configuration each
-# rule admits for sm_90 and checks it fits, without spills.
-WEIGHT_BUDGET = 160 * 1024
-MIN_BLOCK = 16  # tl.dot needs M, N, K >= 16 on the GPU
+# rule admits for sm_90 and checks it fits, without spills. At 160 KB the LSTM with projection (H=127,
+# P=126, bwd) spilled 56 B.
+WEIGHT_BUDGET = 128 * 1024
+# 4 warps only up to this many bytes of weights: above it the 4-warp programs spilled (LSTM H=127 bwd:
+# 152 B, RNN H=255 fwd: 264 B) where 8 warps did not.
+FOUR_WARPS_MAX_WEIGHTS = 64 * 1024
+# Barrier slices: 64 or 128 units, so the weights are wgmma's A operand read from shared memory. Narrower
+# slices compile to mma.sync, whose operands pass through registers: 792 B of spills for an LSTM at
+# H=1023 with 16 units per program. The whole h_{t-1} ([BLOCK_HO, BLOCK_B]) is read every step: up to
+# BLOCK_HO 512 (an RNN at H=1023 spilled 624 B); fp16/bf16 only (fp32's tf32x3 splits that operand in two:
+# an RNN at H=255 spilled 576 B).
+BARRIER_SLICES = (128, 64)
+BARRIER_MAX_BLOCK = 512
+# Gate rows a program computes per step (G x BLOCK_H): their [rows, BLOCK_B] fp32 tiles live in registers.
+# 512 covers an LSTM/GRU at H=128 and an RNN at H=256; a projection with a narrow output would otherwise
+# admit H=511 (4 x [512, 16] gate tiles alone: 128 registers a thread at 8 warps). fp32 rows count twice
+# (tf32x3 splits every operand): the fp32 LSTM with projection at H=127 spilled 8 B.
+MAX_GATE_ROWS = 512
+MIN_BLOCK = 16  # tl.dot on fp16/bf16 needs K >= 16 on the GPU; every block is some dot's K
 
 
 def block(n: int) -> int:
@@ -628,27 +662,51 @@ def block(n: int) -> int:
 
 
 def weight_bytes(cell: str, block_h: int, block_ho: int, elem: int, has_proj: bool = False) -> int:
-    """Recurrent weights one program keeps: G gates x [block_h, block_ho] (+ W_hr [block_ho, block_h])."""
+    """Shared memory for the recurrent weights one program keeps: G gates x [block_h, block_ho]
+    (+ W_hr [block_ho, block_h]); fp32 counts twice: tf32x3 keeps a high and a low TF32 part."""
     gates = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}[cell]
-    return (gates + (1 if has_proj else 0)) * block_h * block_ho * elem
+    return (gates + (1 if has_proj else 0)) * block_h * block_ho * elem * (2 if elem == 4 else 1)
+
+
+def gate_rows(cell: str, block_h: int, elem: int) -> int:
+    return {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}[cell] * block_h * (2 if elem == 4 else 1)
 
 
 def no_barrier_fits(cell: str, H: int, HO: int, elem: int, has_proj: bool) -> bool:
     """The whole recurrent matrix of a batch tile fits one program."""
-    return weight_bytes(cell, block(H), block(HO), elem, has_proj) <= WEIGHT_BUDGET
+    return (weight_bytes(cell, block(H), block(HO), elem, has_proj) <= WEIGHT_BUDGET
+            and gate_rows(cell, block(H), elem) <= MAX_GATE_ROWS)
 
 
 def barrier_slice(cell: str, H: int, elem: int):
-    """Largest slice of hidden units per program whose weights fit the budget, or None. Wider slices first:
-    fewer programs to synchronise and, from 64 units up, wgmma instead of mma.sync."""
-    for bh in (128, 64, 32, 16):
-        if bh < block(H) and weight_bytes(cell, bh, block(H), elem) <= WEIGHT_BUDGET:
+    """Hidden units per program for the barrier variant (the widest that fits), or None."""
+    if elem == 4 or block(H) > BARRIER_MAX_BLOCK:
+        return None
+    for bh in BARRIER_SLICES:
+        if (bh < block(H) and weight_bytes(cell, bh, block(H), elem) <= WEIGHT_BUDGET
+                and gate_rows(cell, bh, elem) <= MAX_GATE_ROWS):
             return bh
     return None
 
 
-def _tuned(kernel, barrier: bool):
-    return triton.autotune(CONFIGS, key=["H"], reset_to_zero=["sync_ptr"] if barrier else None)(kernel)
+def config_allowed(num_warps: int, wbytes: int) -> bool:
+    return num_warps >= 8 or wbytes <= FOUR_WARPS_MAX_WEIGHTS
+
+
+def _prune(cell_gates: int):
+    def prune(configs, nargs, **kwargs):
+        elem = nargs["w_hh_ptr"].element_size()
+        cell = {4: "lstm", 3: "gru", 1: "rnn_tanh"}[cell_gates]
+        wbytes = weight_bytes(cell, kwargs["BLOCK_H"], kwargs["BLOCK_HO"], elem, kwargs.get("HAS_PROJ", False))
+        return [c for c in configs if config_allowed(c.num_warps, wbytes)]
+    return prune
+
+
+def _tuned(kernel, gates: int, barrier: bool):
+    # keyed on the hidden sizes only (HO: the LSTM projection); the sequence length is not specialised
+    key = ["H", "HO"] if "HO" in kernel.arg_names else ["H"]
+    return triton.autotune(CONFIGS, key=key, prune_configs_by={"early_config_prune": _prune(gates)},
+                           reset_to_zero=["sync_ptr"] if barrier else None)(kernel)
 
 
 _KERNELS = {
@@ -656,7 +714,8 @@ _KERNELS = {
     ("gru", "fwd"): gru_persistent_fwd_kernel, ("gru", "bwd"): gru_persistent_bwd_kernel,
     ("rnn", "fwd"): rnn_persistent_fwd_kernel, ("rnn", "bwd"): rnn_persistent_bwd_kernel,
 }
-_TUNED = {(stem, d, bar): _tuned(k, bar) for (stem, d), k in _KERNELS.items() for bar in (False, True)}
+_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+_TUNED = {(stem, d, bar): _tuned(k, _GATES[stem], bar) for (stem, d), k in _KERNELS.items() for bar in (False, True)}
 
 
 def _stem(cell: str) -> str:
@@ -689,7 +748,7 @@ def persistent_forward(cell, xg, b_ih, b_hh, h0, c0, w_hh, w_hr, lengths, revers
     lens = lengths if lengths is not None else torch.empty(1, device=dev, dtype=torch.int64)
     y = torch.empty(T, B, HO, device=dev, dtype=dt)
     h_n = torch.empty(B, HO, device=dev, dtype=dt)
-    hbuf = torch.empty(2, B, HO, device=dev, dtype=dt) if barrier else dummy
+    hbuf = torch.empty(2, B, block(HO), device=dev, dtype=dt) if barrier else dummy
     sync = torch.zeros(triton.cdiv(B, BLOCK_B), device=dev, dtype=torch.int32) if barrier else \
         torch.empty(1, device=dev, dtype=torch.int32)
     common = dict(HAS_BIAS=has_bias, HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse),
@@ -728,6 +787,9 @@ def persistent_backward(cell, ws, y, h0, c0, w_hh, w_hr, lengths, reverse, grad_
     sync = torch.zeros(triton.cdiv(B, BLOCK_B), device=dev, dtype=torch.int32) if barrier else \
         torch.empty(1, device=dev, dtype=torch.int32)
     gh0 = torch.empty(B, HO, device=dev, dtype=torch.float32)
+
+    def xbuf(gates):
+        return torch.empty(2, B, gates * block(H), device=dev, dtype=dt) if barrier else dummy
     common = dict(HAS_LENGTHS=lengths is not None, REVERSE=bool(reverse), BLOCK_HO=block(HO))
     if cell == "lstm":
         has_proj = w_hr is not None
@@ -735,16 +797,16 @@ def persistent_backward(cell, ws, y, h0, c0, w_hh, w_hr, lengths, reverse, grad_
         gout = torch.empty(T, B, HO, device=dev, dtype=dt) if has_proj else None
         gc0 = torch.empty(B, H, device=dev, dtype=torch.float32)
         args = (ws, c0, w_hh, w_hr if has_proj else dummy, lens, grad_y, grad_h_n, grad_c_n, dg,
-                gout if has_proj else dummy, gh0, gc0, sync, T, B)
+                gout if has_proj else dummy, gh0, gc0, xbuf(4), sync, T, B)
         _launch(cell, "bwd", barrier, block_h, B, n_split, args, dict(common, H=H, HO=HO, HAS_PROJ=has_proj))
         return dg, dg, gout, gh0, gc0
     if cell == "gru":
         dgx = torch.empty(T, B, 3 * H, device=dev, dtype=dt)
         dgh = torch.empty(T, B, 3 * H, device=dev, dtype=dt)
-        args = (ws, y, h0, w_hh, lens, grad_y, grad_h_n, dgx, dgh, gh0, sync, T, B)
+        args = (ws, y, h0, w_hh, lens, grad_y, grad_h_n, dgx, dgh, gh0, xbuf(3), sync, T, B)
         _launch(cell, "bwd", barrier, block_h, B, n_split, args, dict(common, H=H))
         return dgx, dgh, None, gh0, None
     dg = torch.empty(T, B, H, device=dev, dtype=dt)
-    args = (y, w_hh, lens, grad_y, grad_h_n, dg, gh0, sync, T, B)
+    args = (y, w_hh, lens, grad_y, grad_h_n, dg, gh0, xbuf(1), sync, T, B)
     _launch(cell, "bwd", barrier, block_h, B, n_split, args, dict(common, H=H))
     return dg, dg, None, gh0, None
