@@ -312,3 +312,49 @@ def test_gpu_auto_dispatch():
     expect = "cuda" if hasattr(torch.ops.fusedrnn, "cuda_beam_topk") else "triton"
     with fusedrnn.use_backend("auto"):
         assert ops.beam_topk_backend(x, 8) == expect
+
+
+# --- Triton: compiles for the GPU (ahead of time, no GPU needed) --------------------------------------
+AOT_SCRIPT = r"""
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from fusedrnn.triton import beam_topk as bt
+configs = eval(sys.argv[1])
+for arch, dtype, KP in configs:
+    target = GPUTarget("cuda", arch, 32)
+    partial = {"x_ptr": "*" + dtype, "row_stride": "i64", "V": "i32", "chunk": "i32", "keys_ptr": "*u64",
+               "m_ptr": "*fp32", "s_ptr": "*fp32", "bad_ptr": "*i32", "KP": "constexpr", "BLOCK": "constexpr"}
+    merge = {"keys_ptr": "*u64", "m_ptr": "*fp32", "s_ptr": "*fp32", "bad_ptr": "*i32", "beam_ptr": "*fp32",
+             "tok_ptr": "*i64", "out_score_ptr": "*fp32", "out_token_ptr": "*i64", "out_parent_ptr": "*i64",
+             "K": "i32", "NS": "i32", "k": "i32", "KK": "i32", "KP": "constexpr"}
+    for fn, sig, consts in ((bt._beam_topk_partial, partial, {"KP": KP, "BLOCK": 1024}),
+                            (bt._beam_topk_merge, merge, {"KP": KP})):
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
+        kernel = triton.compile(src, target=target, options={"num_warps": 4})
+        assert ".local" not in kernel.asm["ptx"], f"{fn.__name__} {consts} sm_{arch}: local memory"
+        assert kernel.metadata.shared <= 48 * 1024, f"{fn.__name__} {consts}: {kernel.metadata.shared} B shared"
+        print(fn.__name__, arch, dtype, KP, kernel.metadata.shared)
+"""
+
+
+def _aot_compile(configs):
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, don't interpret
+    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT, repr(configs)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("\n") == 2 * len(configs)
+
+
+def test_triton_compiles_for_sm90():
+    """What the interpreter cannot see: the kernels lower to PTX for sm_90 (globals must be constexpr,
+    constexpr names not rebound...), without local memory. ~8 s."""
+    _aot_compile([(90, "fp16", 128)])
+
+
+@pytest.mark.slow
+def test_triton_compiles_every_variant():
+    _aot_compile([(arch, dtype, KP) for arch in (80, 90) for dtype in ("fp32", "fp16", "bf16")
+                  for KP in (16, 32, 64, 128)])

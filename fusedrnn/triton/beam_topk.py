@@ -7,10 +7,13 @@ Semantics, tie rule and -inf/NaN policy: fusedrnn/reference_decoding.py. Two lau
    (raw logit desc, token asc). A candidate is one uint64 key, ordered(x) << 32 | (2^32-1 - token), so
    "larger key" is exactly that order and one tl.topk keeps it; a block whose best key can't enter the
    running list skips the sort.
-2. _beam_topk_merge, grid (B,): per beam, the top-KP of its NS slices' keys and its log-sum-exp; scores
-   ((x - m) - log s) + beam score; then the k best of the K*KP candidates by the key
-   ordered(score) << 32 | (2^32-1 - (beam*KP + rank)), i.e. (score desc, beam asc, row rank asc); NaN
-   scores get the largest key so they rank first, like the reference.
+2. _beam_topk_merge, grid (B,), a loop over the K beams: the beam's top-KP of its NS slices' keys (folded
+   in one slice at a time) and its log-sum-exp; scores ((x - m) - log s) + beam score, folded into the
+   running k best by the key ordered(score) << 32 | (2^32-1 - (beam*KP + rank)), i.e. (score desc, beam
+   asc, row rank asc); NaN scores get the largest key so they rank first, like the reference. The row
+   ranks' tokens go through a small [B*K, KP] scratch tensor, read back for the winners at the end.
+   Folding instead of one [K, NS*KP] tile keeps compiled variants to (KP, BLOCK) and compile times to
+   seconds (a [16, 16*64] tile took 76 s to compile for sm_90).
 
 ordered(x) maps fp32 bits to uint32 monotonically (negatives: all bits flipped; positives: sign bit set);
 -0.0 is first made +0.0 so the two tie. Empty slots have key 0, below every real key (ordered(-inf) > 0).
@@ -26,7 +29,7 @@ import triton.language as tl
 
 from ..reference_decoding import MAX_KERNEL_K
 
-_U32 = 0xFFFFFFFF
+_U32 = tl.constexpr(0xFFFFFFFF)  # a plain global is not visible to compiled kernels; v ^ _U32 = 2^32-1 - v
 
 
 @triton.jit
@@ -62,10 +65,11 @@ def _bitonic_merge(h, stage: tl.constexpr, alternate: tl.constexpr, nd: tl.const
         flip = tl.reshape(tl.arange(0, 2), [1] * (nd - stage - 1) + [2] + [1] * stage)
     else:
         flip = 1
+    # compare-and-swap along hypercube axes nd-stage .. nd-1 (innermost last); expressions inline because a
+    # name bound inside the loop would stop being a compile-time constant
     for jj in tl.static_range(stage):
-        j: tl.constexpr = stage - 1 - jj
-        partner = tl.sum(h, axis=nd - 1 - j, keep_dims=True) - h
-        is_right = tl.reshape(tl.arange(0, 2), [1] * (nd - j - 1) + [2] + [1] * j)
+        partner = tl.sum(h, axis=nd - stage + jj, keep_dims=True) - h
+        is_right = tl.reshape(tl.arange(0, 2), [1] * (nd - stage + jj) + [2] + [1] * (stage - 1 - jj))
         h = tl.where((h > partner) != (flip ^ is_right), partner, h)
     return h
 
@@ -113,7 +117,7 @@ def _beam_topk_partial(x_ptr, row_stride, V, chunk, keys_ptr, m_ptr, s_ptr, bad_
         m = m_new
 
         xz = tl.where(x == 0.0, 0.0, x)
-        key = (_ordered(xz).to(tl.uint64) << 32) | (_U32 - idx.to(tl.int64)).to(tl.uint64)
+        key = (_ordered(xz).to(tl.uint64) << 32) | (idx.to(tl.int64) ^ _U32).to(tl.uint64)
         key = tl.where(mask, key, 0)
         if tl.max(key, axis=0) > tl.min(best, axis=0):
             block_top = _topk(key, KP)
@@ -127,54 +131,55 @@ def _beam_topk_partial(x_ptr, row_stride, V, chunk, keys_ptr, m_ptr, s_ptr, bad_
 
 
 @triton.jit
-def _beam_topk_merge(keys_ptr, m_ptr, s_ptr, bad_ptr, beam_ptr, out_score_ptr, out_token_ptr, out_parent_ptr,
-                     K, NS, k, KK, KB: tl.constexpr, NSP: tl.constexpr, KP: tl.constexpr):
+def _beam_topk_merge(keys_ptr, m_ptr, s_ptr, bad_ptr, beam_ptr, tok_ptr, out_score_ptr, out_token_ptr,
+                     out_parent_ptr, K, NS, k, KK, KP: tl.constexpr):
     b = tl.program_id(0)
-    beams = tl.arange(0, KB)
-    beam_ok = beams < K
-    rows = (b * K + beams).to(tl.int64)
-
-    # each beam's top-KP over its NS slices (slice j holds columns j*KP .. j*KP+KP-1)
-    cols = tl.arange(0, NSP * KP)
-    keys = tl.load(keys_ptr + rows[:, None] * (NS * KP) + cols[None, :],
-                   mask=beam_ok[:, None] & (cols[None, :] < NS * KP), other=0)
-    row_keys = _topk(keys, KP)  # [KB, KP], best first
-
-    # each beam's log-sum-exp from its slices' (m, s)
-    splits = tl.arange(0, NSP)
-    pmask = beam_ok[:, None] & (splits[None, :] < NS)
-    pm = tl.load(m_ptr + rows[:, None] * NS + splits[None, :], mask=pmask, other=-float("inf"))
-    ps = tl.load(s_ptr + rows[:, None] * NS + splits[None, :], mask=pmask, other=0.0)
-    pbad = tl.load(bad_ptr + rows[:, None] * NS + splits[None, :], mask=pmask, other=0)
-    m = tl.max(pm, axis=1)
-    dead = m == -float("inf")
-    m_safe = tl.where(dead, 0.0, m)
-    s = tl.sum(tl.where(pm == -float("inf"), 0.0, ps * tl.exp(pm - m_safe[:, None])), axis=1)
-    log_s = tl.log(tl.where(dead, 1.0, s))
-    beam_score = tl.load(beam_ptr + rows, mask=beam_ok, other=0.0)
-    poisoned = (tl.max(pbad, axis=1) > 0) | (beam_score != beam_score) | (beam_score == float("inf"))
-
     rank = tl.arange(0, KP)
-    x = _unordered((row_keys >> 32).to(tl.uint32))
-    token = (_U32 - (row_keys & _U32)).to(tl.int64)
-    token = tl.where(poisoned[:, None], rank[None, :].to(tl.int64), token)
-    score = ((x - m_safe[:, None]) - log_s[:, None]) + beam_score[:, None]
-    score = tl.where(dead[:, None], -float("inf"), score)
-    score = tl.where(score == 0.0, 0.0, score)
-    sord = tl.where(poisoned[:, None], _U32, _ordered(score))
-    slot = beams[:, None] * KP + rank[None, :]
-    fkey = (sord.to(tl.uint64) << 32) | (_U32 - slot.to(tl.int64)).to(tl.uint64)
-    fkey = tl.where(beam_ok[:, None] & (rank[None, :] < KK), fkey, 0)
+    best = tl.zeros([KP], dtype=tl.uint64)
+    for beam in range(0, K):
+        row = (b * K + beam).to(tl.int64)
+        # the beam's top-KP and log-sum-exp over its NS slices
+        row_keys = tl.load(keys_ptr + row * NS * KP + rank)
+        m = tl.load(m_ptr + row * NS)
+        s = tl.load(s_ptr + row * NS)
+        bad = tl.load(bad_ptr + row * NS)
+        for j in range(1, NS):
+            part = row * NS + j
+            row_keys = _topk(tl.reshape(tl.join(row_keys, tl.load(keys_ptr + part * KP + rank)), [2 * KP]), KP)
+            m_j = tl.load(m_ptr + part)
+            m_new = tl.maximum(m, m_j)
+            m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_ref) + tl.load(s_ptr + part) * tl.exp(m_j - m_ref)
+            m = m_new
+            bad = tl.maximum(bad, tl.load(bad_ptr + part))
+        dead = m == -float("inf")
+        m_safe = tl.where(dead, 0.0, m)
+        log_s = tl.log(tl.where(dead, 1.0, s))
+        beam_score = tl.load(beam_ptr + row)
+        poisoned = (bad > 0) | (beam_score != beam_score) | (beam_score == float("inf"))
 
-    top = _topk(tl.reshape(fkey, [KB * KP]), KP)
-    sel = (_U32 - (top & _U32)).to(tl.int32)
-    out_token = tl.gather(tl.reshape(token, [KB * KP]), sel, 0)
-    out_score = _unordered((top >> 32).to(tl.uint32))
-    o = tl.arange(0, KP)
-    omask = o < k
-    tl.store(out_score_ptr + b * k + o, out_score, mask=omask)
-    tl.store(out_token_ptr + b * k + o, out_token, mask=omask)
-    tl.store(out_parent_ptr + b * k + o, (sel // KP).to(tl.int64), mask=omask)
+        x = _unordered((row_keys >> 32).to(tl.uint32))
+        token = ((row_keys & _U32) ^ _U32).to(tl.int64)
+        token = tl.where(poisoned, rank.to(tl.int64), token)
+        tl.store(tok_ptr + row * KP + rank, token)
+        score = ((x - m_safe) - log_s) + beam_score
+        score = tl.where(dead, -float("inf"), score)
+        score = tl.where(score == 0.0, 0.0, score)
+        sord = tl.where(poisoned, _U32, _ordered(score))
+        slot = beam * KP + rank
+        fkey = (sord.to(tl.uint64) << 32) | (slot.to(tl.int64) ^ _U32).to(tl.uint64)
+        fkey = tl.where(rank < KK, fkey, 0)
+        best = _topk(tl.reshape(tl.join(best, fkey), [2 * KP]), KP)
+
+    tl.debug_barrier()  # the tokens stored above by other threads
+    sel = ((best & _U32) ^ _U32).to(tl.int32)
+    parent = sel // KP
+    out_token = tl.load(tok_ptr + (b * K + parent).to(tl.int64) * KP + sel % KP)
+    out_score = _unordered((best >> 32).to(tl.uint32))
+    omask = rank < k
+    tl.store(out_score_ptr + b * k + rank, out_score, mask=omask)
+    tl.store(out_token_ptr + b * k + rank, out_token, mask=omask)
+    tl.store(out_parent_ptr + b * k + rank, parent.to(tl.int64), mask=omask)
 
 
 def unavailable_reason(device: torch.device):
@@ -206,20 +211,17 @@ def beam_topk_triton(logits: torch.Tensor, beam_scores: torch.Tensor, k: int, nu
     B = R // K
     assert 1 <= k <= MAX_KERNEL_K and k <= K * V
     KP = max(16, triton.next_power_of_2(k))
-    KB = triton.next_power_of_2(K)
     x = logits if logits.stride(1) == 1 else logits.contiguous()
     bs = beam_scores.reshape(R).to(torch.float32).contiguous()
     BLOCK = block or max(KP, min(1024, triton.next_power_of_2(V)))
     assert BLOCK >= KP and BLOCK & (BLOCK - 1) == 0
-    # Vocab splits: enough programs to fill the GPU (~4 per SM), slices of >= 4 blocks, and the merge's
-    # [KB, NSP*KP] key tile capped at 16k keys (128 KB of uint64 per program).
+    # Vocab splits: enough programs to fill the GPU (~4 per SM) with slices of >= 4 blocks; the merge folds
+    # the slices one by one (a KP-from-2KP top-k each), so only KP and BLOCK select a compiled variant.
     ns = max(1, min(triton.cdiv(4 * _num_sms(x.device), R), triton.cdiv(V, 4 * BLOCK)))
-    ns = min(ns, max(1, 16384 // (KB * KP)))
     if num_splits is not None:
         ns = num_splits
     chunk = triton.cdiv(triton.cdiv(V, ns), BLOCK) * BLOCK
     ns = triton.cdiv(V, chunk)
-    NSP = triton.next_power_of_2(ns)
 
     dev = x.device
     keys = torch.empty(R, ns, KP, dtype=torch.uint64, device=dev)
@@ -228,9 +230,10 @@ def beam_topk_triton(logits: torch.Tensor, beam_scores: torch.Tensor, k: int, nu
     pbad = torch.empty(R, ns, dtype=torch.int32, device=dev)
     _beam_topk_partial[(R, ns)](x, x.stride(0), V, chunk, keys, pm, ps, pbad, KP=KP, BLOCK=BLOCK,
                                 num_warps=4)
+    row_tokens = torch.empty(R, KP, dtype=torch.int64, device=dev)
     scores = torch.empty(B, k, dtype=torch.float32, device=dev)
     tokens = torch.empty(B, k, dtype=torch.int64, device=dev)
     parents = torch.empty(B, k, dtype=torch.int64, device=dev)
-    _beam_topk_merge[(B,)](keys, pm, ps, pbad, bs, scores, tokens, parents, K, ns, k, min(k, V),
-                           KB=KB, NSP=NSP, KP=KP, num_warps=4)
+    _beam_topk_merge[(B,)](keys, pm, ps, pbad, bs, row_tokens, scores, tokens, parents, K, ns, k, min(k, V),
+                           KP=KP, num_warps=4)
     return scores, tokens, parents
