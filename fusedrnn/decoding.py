@@ -59,6 +59,9 @@ def reorder_state(state: Any, index: Tensor) -> Any:
     return state
 
 
+_default_reorder = reorder_state  # the parameter of the same name below shadows it
+
+
 def _start_tokens(start_tokens: Union[Tensor, Sequence[int]]) -> Tensor:
     tokens = torch.as_tensor(start_tokens)
     if tokens.dim() != 1 or tokens.numel() == 0 or tokens.dtype not in (torch.int32, torch.int64):
@@ -162,7 +165,7 @@ def beam_search(step: StepFn, start_tokens: Union[Tensor, Sequence[int]], state:
     state of the B items (dim 0 = B), expanded to B*K rows with reorder_state(state, [0,0,..,1,1,..]).
     Returns the num_return_sequences (default beam_size) best hypotheses of each item.
     """
-    reorder = reorder_state or globals()["reorder_state"]
+    reorder = reorder_state or _default_reorder
     K = beam_size
     n_return = K if num_return_sequences is None else num_return_sequences
     _check_beam_args(beam_size, max_length, eos_token_id, min_length, length_penalty_style, early_stopping,
@@ -187,15 +190,15 @@ def beam_search(step: StepFn, start_tokens: Union[Tensor, Sequence[int]], state:
         A = active.numel()
         logits, state = _call_step(step, tokens, state, A * K)
         if live_scores is None:
-            live_scores = torch.full((A, K), -math.inf, dtype=score_dtype(logits.dtype), device=logits.device)
+            live_scores = torch.full((A, K), -math.inf, dtype=score_dtype(logits.dtype), device=device)
             live_scores[:, 0] = 0.0
         if logits.shape[1] < 2:
             raise ValueError("beam_search needs a vocabulary of at least 2 tokens")
         beam_in = live_scores
         if t + 1 < min_length:
             logits, no_eos = _mask_eos(logits, eos_token_id)
-            beam_in = live_scores + no_eos.view(A, K)
-        scores, cand_tokens, parents = ops.beam_topk(logits, beam_in, 2 * K, K)  # [A, 2K]
+            beam_in = live_scores + no_eos.to(device).view(A, K)
+        scores, cand_tokens, parents = ops.beam_topk(logits, beam_in.to(logits.device), 2 * K, K)  # [A, 2K]
         scores, cand_tokens, parents = scores.to(device), cand_tokens.to(device), parents.to(device)
         row_base = (torch.arange(A, device=device) * K)[:, None]
 
@@ -278,7 +281,7 @@ def greedy_search(step: StepFn, start_tokens: Union[Tensor, Sequence[int]], stat
     """Argmax decoding (ties: the lowest token id) with the log-probs of beam_topk(k=1); items that emit
     EOS leave the batch. Same as beam_search(beam_size=1, early_stopping=True) whenever EOS is not the
     argmax-but-masked case."""
-    reorder = reorder_state or globals()["reorder_state"]
+    reorder = reorder_state or _default_reorder
     if not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"max_length must be an int >= 1, got {max_length}")
     if not isinstance(min_length, int) or not 0 <= min_length <= max_length:
