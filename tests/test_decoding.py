@@ -454,3 +454,34 @@ def test_sample_seeded_and_fp16_neg_inf():
     assert torch.isfinite(filter_logits(logits, temperature=1e-5)[:, 1::3]).all()
     with pytest.raises(ValueError, match="no finite"):
         sample(torch.full((2, 5), -math.inf))
+
+
+# --- GPU (unverified here: no GPU on the development machine) -----------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "cuda", "triton"])
+def test_beam_search_gpu_equals_cpu(backend):
+    lm = GRULM(V=50, seed=4, dtype=torch.float32, eos_bias=2.0)
+    prompts = [[4, 5, 6], [2], [9, 9, 3, 1]]
+    starts = torch.tensor([1, 2, 3])
+    kw = dict(beam_size=4, max_length=10, eos_token_id=EOS, early_stopping=False)
+    cpu = beam_search(lm.step, starts, lm.encode(prompts), **kw)
+    dev = GRULM(V=50, seed=4, dtype=torch.float32, eos_bias=2.0)
+    dev.emb, dev.out_w, dev.out_b = dev.emb.cuda(), dev.out_w.cuda(), dev.out_b.cuda()
+    dev.cell, dev.gru = dev.cell.cuda(), dev.gru.cuda()
+    h0 = lm.encode(prompts).cuda()
+    with fusedrnn.use_backend(backend):
+        gpu = beam_search(dev.step, starts.cuda(), h0, **kw)
+    for i in range(3):
+        assert_same_hyps(hyps(gpu, i), hyps(cpu, i), tol=1e-4)
+
+
+@pytest.mark.gpu
+def test_sample_gpu_seeded():
+    logits = torch.randn(8, 32000, device="cuda", dtype=torch.float16)
+    logits[:, ::2] = -math.inf
+    g1 = torch.Generator(device="cuda").manual_seed(3)
+    g2 = torch.Generator(device="cuda").manual_seed(3)
+    a = sample(logits, top_k=50, top_p=0.9, generator=g1)
+    b = sample(logits, top_k=50, top_p=0.9, generator=g2)
+    assert torch.equal(a, b) and (a % 2 == 1).all()
+    assert torch.equal(filter_logits(logits, top_k=50, top_p=0.9), filter_logits_reference(logits, top_k=50, top_p=0.9))
