@@ -52,7 +52,7 @@ def extensions():
                  "install a CUDA build of torch and set CUDA_HOME (e.g. /usr/local/cuda)")
     with_cuda = bool(cuda_sources) and (can_cuda if want_cuda is None else want_cuda)
 
-    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wno-psabi"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not with_cuda:
         ext = CppExtension("fusedrnn._C", cpp_sources, include_dirs=include_dirs,

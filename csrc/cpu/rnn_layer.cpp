@@ -3,7 +3,7 @@
 //   fusedrnn::cpu_rnn_layer(...)          -> (y, h_n, c_n, workspace)   same contract as fusedrnn::rnn_layer
 //   fusedrnn::cpu_rnn_layer_backward(...) -> grads of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
 //
-// Structure: the input projection of all steps is one GEMM; each step is one small GEMM (cpu/blas.h) for the recurrent term
+// Structure: the input projection of all steps is one GEMM; each step is one small GEMM on weights packed once per call (cpu/blas.h) for the recurrent term
 // (plus one for the LSTM projection) and ONE fused pass over [B, H] that adds the biases, applies the cell
 // (cell_math.h), updates the state, masks by length and writes y and the workspace. Backward runs the same
 // loop in reverse producing only the gate gradients; dx, dW_ih, dW_hh, dW_hr and the biases are one GEMM or
@@ -178,13 +178,13 @@ void for_each_row(int64_t rows, int64_t row_size, const F& fn) {
 // Forward
 // ---------------------------------------------------------------------------------------------------
 template <typename T>
-void forward_loop(const Dims& d, const std::vector<int64_t>& len, const T* x_gates, const T* w_hh_t,
-                  const T* b_hh, const T* w_hr_t, T* h, T* c, T* y, T* ws, int64_t ws_stride, T* h_gates,
+void forward_loop(const Dims& d, const std::vector<int64_t>& len, const T* x_gates, const PackedB<T>& w_hh_t,
+                  const T* b_hh, const PackedB<T>& w_hr_t, T* h, T* c, T* y, T* ws, int64_t ws_stride, T* h_gates,
                   T* r_buf, T* h_proj) {
   const int64_t GH = d.G * d.H;
   for (int64_t s = 0; s < d.T; ++s) {
     const int64_t t = step_time(d, s);
-    gemm_rowmajor<T>(d.B, GH, d.H_out, h, w_hh_t, T(0), h_gates);
+    gemm_packed<T>(d.B, h, w_hh_t, T(0), h_gates);
     const T* xg_t = x_gates + t * d.B * GH;
     T* y_t = y + t * d.B * d.H_out;
     T* ws_t = ws + t * d.B * ws_stride;  // ws_stride == 0: one scratch row block reused every step
@@ -204,7 +204,7 @@ void forward_loop(const Dims& d, const std::vector<int64_t>& len, const T* x_gat
     });
 
     if (d.proj) {  // h = W_hr r for valid rows; y row is zero for invalid ones
-      gemm_rowmajor<T>(d.B, d.H_out, d.H, r_buf, w_hr_t, T(0), h_proj);
+      gemm_packed<T>(d.B, r_buf, w_hr_t, T(0), h_proj);
       for (int64_t b = 0; b < d.B; ++b) {
         const bool valid = t < len[b];
         for (int64_t j = 0; j < d.H_out; ++j) {
@@ -243,12 +243,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_rnn_layer(
   Tensor h_proj = at::empty({d.proj ? d.B : 0, d.H_out}, x.options());
   Tensor b_hh_or_zeros = b_hh ? *b_hh : at::zeros({d.G * d.H}, x.options());
 
-  // The step GEMMs read the weights transposed ([in, out], rows contiguous): transpose once per call.
-  Tensor w_hh_t = w_hh.t().contiguous();
-  Tensor w_hr_t = w_hr ? w_hr->t().contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fusedrnn_cpu_rnn_layer", [&] {
-    forward_loop<scalar_t>(d, len, x_gates.data_ptr<scalar_t>(), w_hh_t.data_ptr<scalar_t>(),
-                           b_hh_or_zeros.data_ptr<scalar_t>(), w_hr ? w_hr_t.data_ptr<scalar_t>() : nullptr,
+    // Step GEMMs multiply by W_hh^T and W_hr^T: pack them once per call (see cpu/blas.h).
+    const auto w_hh_t = pack_b<scalar_t>(w_hh.data_ptr<scalar_t>(), d.H_out, d.G * d.H, 1, d.H_out);
+    const auto w_hr_t = d.proj ? pack_b<scalar_t>(w_hr->data_ptr<scalar_t>(), d.H, d.H_out, 1, d.H)
+                               : PackedB<scalar_t>();
+    forward_loop<scalar_t>(d, len, x_gates.data_ptr<scalar_t>(), w_hh_t, b_hh_or_zeros.data_ptr<scalar_t>(), w_hr_t,
                            h.data_ptr<scalar_t>(), c0 ? c.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
                            (need_workspace ? ws : ws_scratch).data_ptr<scalar_t>(), need_workspace ? d.ws : 0,
                            h_gates.data_ptr<scalar_t>(), r_buf.data_ptr<scalar_t>(), h_proj.data_ptr<scalar_t>());
@@ -313,7 +313,8 @@ void gather_previous(const Dims& d, const std::vector<int64_t>& len, const T* st
 }
 
 template <typename T>
-void backward_loop(const Dims& d, const std::vector<int64_t>& len, const T* w_hh, const T* w_hr, const T* y,
+void backward_loop(const Dims& d, const std::vector<int64_t>& len, const PackedB<T>& w_hh, const PackedB<T>& w_hr,
+                   const T* y,
                    const T* ws, const T* h_prev_all, const T* c0, const T* grad_y, T* grad_h, T* grad_c,
                    T* grad_xg, T* grad_hg, T* grad_out_all, T* grad_r, T* grad_h_next) {
   const int64_t GH = d.G * d.H;
@@ -331,7 +332,7 @@ void backward_loop(const Dims& d, const std::vector<int64_t>& len, const T* w_hh
     }
     const T* g_r = gout;
     if (d.proj) {  // dL/dr = grad_out @ W_hr
-      gemm_rowmajor<T>(d.B, d.H, d.H_out, gout, w_hr, T(0), grad_r);
+      gemm_packed<T>(d.B, gout, w_hr, T(0), grad_r);
       g_r = grad_r;
     }
     T* gxg_t = grad_xg + t * d.B * GH;
@@ -356,7 +357,7 @@ void backward_loop(const Dims& d, const std::vector<int64_t>& len, const T* w_hh
     });
 
     // dL/dh_{t-1} = grad_hg @ W_hh (+ GRU's direct term); invalid rows keep their gradient.
-    gemm_rowmajor<T>(d.B, d.H_out, GH, ghg_t, w_hh, d.cell == Cell::GRU ? T(1) : T(0), grad_h_next);
+    gemm_packed<T>(d.B, ghg_t, w_hh, d.cell == Cell::GRU ? T(1) : T(0), grad_h_next);
     if (!masked) {
       std::copy(grad_h_next, grad_h_next + d.B * d.H_out, grad_h);
     } else {
@@ -398,7 +399,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_r
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fusedrnn_cpu_rnn_layer_backward", [&] {
     gather_previous<scalar_t>(d, len, y.data_ptr<scalar_t>(), d.H_out, d.H_out, h0.data_ptr<scalar_t>(),
                               h_prev_all.data_ptr<scalar_t>());
-    backward_loop<scalar_t>(d, len, w_hh.data_ptr<scalar_t>(), w_hr ? w_hr->data_ptr<scalar_t>() : nullptr,
+    const auto w_hh_p = pack_b<scalar_t>(w_hh.data_ptr<scalar_t>(), d.G * d.H, d.H_out, d.H_out, 1);
+    const auto w_hr_p = d.proj ? pack_b<scalar_t>(w_hr->data_ptr<scalar_t>(), d.H_out, d.H, d.H, 1)
+                               : PackedB<scalar_t>();
+    backward_loop<scalar_t>(d, len, w_hh_p, w_hr_p,
                             y.data_ptr<scalar_t>(), d.ws ? ws.data_ptr<scalar_t>() : nullptr,
                             h_prev_all.data_ptr<scalar_t>(), c0 ? c0->data_ptr<scalar_t>() : nullptr,
                             grad_y.data_ptr<scalar_t>(), grad_h.data_ptr<scalar_t>(),
