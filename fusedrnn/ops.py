@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import LayerCall, select_backend, workspace_width
+from .backends import LayerCall, current_backend, select_backend, use_backend, workspace_width
 from .reference import GATES
 
 
@@ -69,6 +69,9 @@ def _setup_context(ctx, inputs, output):
     cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, need_workspace = inputs
     y, _, _, workspace = output
     ctx.cell, ctx.reverse, ctx.need_workspace = cell, reverse, need_workspace
+    # The backend setting in force at forward time, re-applied around the backward: autograd runs CUDA
+    # backwards on its own worker thread, which does not see the caller's use_backend(...) context.
+    ctx.backend_setting = current_backend()
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, y, workspace)
     ctx.mark_non_differentiable(workspace)
 
@@ -85,8 +88,9 @@ def _rnn_layer_autograd(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
         grad_h_n = torch.zeros_like(h0)
     if ctx.cell == "lstm" and grad_c_n is None:
         grad_c_n = torch.zeros_like(c0)
-    grads = rnn_layer_backward(ctx.cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ctx.reverse, y,
-                               workspace, grad_y, grad_h_n, grad_c_n if ctx.cell == "lstm" else None)
+    with use_backend(ctx.backend_setting):
+        grads = rnn_layer_backward(ctx.cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ctx.reverse, y,
+                                   workspace, grad_y, grad_h_n, grad_c_n if ctx.cell == "lstm" else None)
     present = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     gx, gh0, gc0, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = (g if t is not None else None for g, t in zip(grads, present))
     return None, gx, gh0, gc0, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr, None, None, None
