@@ -85,3 +85,15 @@ def test_compiles_without_spills_within_limits(compiled, name):
     assert res["regs"] >= 1 and res["threads"] == 32 * v.num_warps
     if v.uses_dot:  # every persistent kernel's recurrent matmul runs on tensor cores (fp32 as tf32x3)
         assert res["hmma"] + res["hgmma"] > 0
+
+
+@pytest.mark.parametrize("name", [v.name for v in VARIANTS if v.module == "rnn_persistent"])
+def test_grid_barrier_memory_ordering(compiled, name):
+    """The barrier variant publishes with a release add and polls with acquire loads at GPU scope, and reads
+    the exchanged state with L2-only (.cg) loads; the no-barrier variant has no atomics at all."""
+    v = next(v for v in VARIANTS if v.name == name)
+    r = compiled[name]["result"]
+    if v.constexprs["BARRIER"]:
+        assert r["ptx_release_add"] >= 1 and r["ptx_acquire"] >= 1 and r["ptx_cg_loads"] >= 1, r
+    else:
+        assert r["ptx_release_add"] == 0 and r["ptx_acquire"] == 0 and r["ptx_cg_loads"] == 0, r

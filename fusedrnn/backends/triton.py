@@ -59,6 +59,11 @@ def _kernels():
     return cell_math, rnn_persistent, rnn_pointwise
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -79,8 +84,8 @@ def plan(call: LayerCall):
             return "persistent", None, None
         need = P.weight_bytes(cell, P.block(H), P.block(HO), elem, has_proj)
         return None, None, (f"persistent path: H={H} needs {need // 1024} KB of recurrent weights and "
-                            f"{P.gate_rows(cell, P.block(H), elem)} gate rows (fp32 counts twice) in one program; the budget is "
-                            f"{P.WEIGHT_BUDGET // 1024} KB and {P.MAX_GATE_ROWS} rows")
+                            f"{P.gate_rows(cell, P.block(H), elem)} gate rows (fp32 counts twice) in one "
+                            f"program; the budget is {P.WEIGHT_BUDGET // 1024} KB and {P.MAX_GATE_ROWS} rows")
 
     why = None
     slice_h = P.barrier_slice(cell, H, elem)
@@ -129,7 +134,8 @@ class TritonBackend(Backend):
             if os.environ.get("TRITON_INTERPRET", "0") == "1":
                 return ("TRITON_INTERPRET=1 was set after fusedrnn's Triton kernels were imported; set it before "
                         "importing fusedrnn to run them on CPU tensors")
-            return "Triton kernels run on CUDA tensors; on CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1)"
+            return ("Triton kernels run on CUDA tensors; on CPU tensors only in Triton's interpreter "
+                    "(TRITON_INTERPRET=1)")
         if device.type == "cuda" and not torch.cuda.is_available():
             return "CUDA is not available"
         return None
@@ -170,10 +176,11 @@ class TritonBackend(Backend):
         xg = torch.mm(x.reshape(T * B, -1), call.w_ih.t()).view(T, B, G * H)
         lengths = contig(call.lengths)
         args = (cell, xg, b_ih, b_hh, h0, c0, w_hh, w_hr, lengths, call.reverse, need_workspace)
-        if path == "alternating":
-            y, h_n, c_n, ws = PW.alternating_forward(*args)
-        else:
-            y, h_n, c_n, ws = P.persistent_forward(*args, slice_h=slice_h)
+        with _on_device(x.device):
+            if path == "alternating":
+                y, h_n, c_n, ws = PW.alternating_forward(*args)
+            else:
+                y, h_n, c_n, ws = P.persistent_forward(*args, slice_h=slice_h)
         if c_n is None:
             c_n = x.new_empty(0)
         if ws is None:
@@ -201,10 +208,11 @@ class TritonBackend(Backend):
         if cell == "lstm" and gcn is None:
             gcn = torch.zeros_like(c0)
         args = (cell, ws, y, h0, c0, w_hh, w_hr, lengths, call.reverse, gy, ghn, gcn)
-        if path == "alternating":
-            dgx, dgh, gout, gh0, gc0 = PW.alternating_backward(*args)
-        else:
-            dgx, dgh, gout, gh0, gc0 = P.persistent_backward(*args, slice_h=slice_h)
+        with _on_device(x.device):
+            if path == "alternating":
+                dgx, dgh, gout, gh0, gc0 = PW.alternating_backward(*args)
+            else:
+                dgx, dgh, gout, gh0, gc0 = P.persistent_backward(*args, slice_h=slice_h)
 
         # Everything off the recurrence: one GEMM or sum each over all T*B rows.
         gx2 = dgx.reshape(T * B, -1)

@@ -450,7 +450,8 @@ def gru_persistent_bwd_kernel(
         n = tl.load(wsp + 2 * H, mask=m_u, other=0.0).to(tl.float32)
         hn = tl.load(wsp + 3 * H, mask=m_u, other=0.0).to(tl.float32)
         has_prev, tp = _prev_step(t, rows, lens, T, REVERSE, HAS_LENGTHS)
-        h_prev = tl.load(tl.where(has_prev[None, :], y_ptr + tp.to(tl.int64) * B * H + rows[None, :] * H + units[:, None],
+        h_prev = tl.load(tl.where(has_prev[None, :],
+                                  y_ptr + tp.to(tl.int64) * B * H + rows[None, :] * H + units[:, None],
                                   h0_ptr + rows[None, :] * H + units[:, None]), mask=m_u, other=0.0).to(tl.float32)
 
         d_n = go * (1.0 - z) * (1.0 - n * n)

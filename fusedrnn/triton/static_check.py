@@ -34,6 +34,7 @@ _POINTER_DTYPES = {"b_ih_ptr": "fp32", "b_hh_ptr": "fp32", "len_ptr": "i64", "sy
 REGISTER_FILE = 65536  # 32-bit registers per SM (sm_70 .. sm_90)
 MAX_REGS_PER_THREAD = 255
 SMEM_LIMIT = 227 * 1024  # per block on sm_90
+RESULT_VERSION = 2  # bump when compile_variant records something new (invalidates the cache)
 
 
 @dataclass
@@ -177,7 +178,8 @@ def _bin(tool):
 def _cache_key(v: Variant, arch: int) -> str:
     import triton
     fn = _kernel(v)
-    raw = json.dumps([fn.cache_key, v.dtype, v.constexprs, v.num_warps, v.num_stages, arch, triton.__version__],
+    raw = json.dumps([RESULT_VERSION, fn.cache_key, v.dtype, v.constexprs, v.num_warps, v.num_stages, arch,
+                      triton.__version__],
                      sort_keys=True, default=str)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
@@ -229,6 +231,11 @@ def compile_variant(v: Variant, arch: int = 90) -> dict:
                "spill_stores": sum(" STL" in o for o in ops), "spill_loads": sum(" LDL" in o for o in ops),
                "hmma": sum("HMMA" in o for o in ops), "hgmma": sum("HGMMA" in o for o in ops),
                "threads": 32 * v.num_warps, "seconds": round(time.time() - t0, 2)}
+        # the grid barrier's memory ordering, as emitted: a release add, acquire polls, L2-only state loads
+        ptx = k.asm["ptx"]
+        res.update(ptx_release_add=ptx.count("atom.global.gpu.release.add"),
+                   ptx_acquire=ptx.count("ld.global.gpu.acquire") + ptx.count("atom.global.gpu.acquire"),
+                   ptx_cg_loads=ptx.count("ld.global.cg"), ptx_bar_sync=ptx.count("bar.sync"))
     with open(path + ".tmp", "w") as f:
         json.dump(res, f)
     os.replace(path + ".tmp", path)
@@ -287,7 +294,8 @@ def main(argv=None):
         r, p = v.result, problems(v)
         bad += bool(p)
         if r.get("compiled"):
-            print(f"{v.name:70s} regs {r['regs']:3d} stack {r['stack']} smem {r['shared_static'] + r['shared_dynamic']:6d} "
+            smem = r["shared_static"] + r["shared_dynamic"]
+            print(f"{v.name:70s} regs {r['regs']:3d} stack {r['stack']} smem {smem:6d} "
                   f"HMMA {r['hmma']:3d} HGMMA {r['hgmma']:3d} {'; '.join(p) or 'ok'}")
         else:
             print(f"{v.name:70s} {'; '.join(p)}")
