@@ -33,6 +33,17 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be greater than zero, got {value}")
 
 
+MERGE_MODES = ("concat", "sum", "mul", "ave")
+
+
+def _merge_directions(fwd: Tensor, bwd: Tensor, mode: str) -> Tensor:
+    if mode == "sum":
+        return fwd + bwd
+    if mode == "mul":
+        return fwd * bwd
+    return (fwd + bwd) * 0.5  # "ave"
+
+
 def _check_dtype_device(name: str, t: Tensor, like: Tensor, like_name: str, dtype_error=RuntimeError) -> None:
     # dtype_error: the exception type torch.nn raises for this mismatch (ValueError for a layer's input vs
     # its parameters, RuntimeError elsewhere)
@@ -50,8 +61,10 @@ class _RecurrentLayers(nn.Module):
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, device=None, dtype=None) -> None:
+                 proj_size: int = 0, device=None, dtype=None, merge_mode: str = "concat") -> None:
         super().__init__()
+        if merge_mode not in MERGE_MODES:
+            raise ValueError(f"merge_mode must be one of {', '.join(map(repr, MERGE_MODES))}, got {merge_mode!r}")
         _check_positive_int("input_size", input_size)
         _check_positive_int("hidden_size", hidden_size)
         _check_positive_int("num_layers", num_layers)
@@ -76,6 +89,7 @@ class _RecurrentLayers(nn.Module):
         self.dropout = float(dropout)
         self.bidirectional = bool(bidirectional)
         self.proj_size = proj_size
+        self.merge_mode = merge_mode
         num_directions = 2 if bidirectional else 1
         gate_size = GATES[cell] * hidden_size
         factory = {"device": device, "dtype": dtype}
@@ -131,6 +145,8 @@ class _RecurrentLayers(nn.Module):
             s += ", dropout={dropout}"
         if self.bidirectional is not False:
             s += ", bidirectional={bidirectional}"
+        if self.merge_mode != "concat":
+            s += ", merge_mode={merge_mode!r}"
         return s.format(**self.__dict__)
 
     # -- forward ------------------------------------------------------------------------------------
@@ -220,7 +236,14 @@ class _RecurrentLayers(nn.Module):
                 outputs.append(y)
                 h_n.append(h)
                 c_n.append(c)
-            layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, -1)
+            if num_directions == 1:
+                layer_input = outputs[0]
+            elif layer == self.num_layers - 1 and self.merge_mode != "concat":
+                # only the last layer's output is merged (Keras Bidirectional): inner layers keep torch's
+                # concatenated input, so the weights stay torch.nn-shaped
+                layer_input = _merge_directions(outputs[0], outputs[1], self.merge_mode)
+            else:
+                layer_input = torch.cat(outputs, -1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
         return layer_input, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
@@ -255,48 +278,67 @@ class _RecurrentLayers(nn.Module):
 
 
 class LSTM(_RecurrentLayers):
-    """torch.nn.LSTM, on fusedrnn kernels. forward(input, hx=None, lengths=None) -> (output, (h_n, c_n))."""
+    """torch.nn.LSTM, on fusedrnn kernels. forward(input, hx=None, lengths=None) -> (output, (h_n, c_n)).
+
+    merge_mode ("concat" | "sum" | "mul" | "ave", default "concat" as torch): how a bidirectional module
+    combines the two directions' outputs of the LAST layer (as Keras' Bidirectional); output features are
+    then H_out instead of 2 * H_out. Inner layers stay concatenated and h_n is unchanged, so parameters and
+    state_dict are exactly torch's. Ignored when bidirectional=False.
+    """
 
     _mode_name = "LSTM"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, device=None, dtype=None) -> None:
+                 proj_size: int = 0, device=None, dtype=None, merge_mode: str = "concat") -> None:
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         proj_size, device, dtype)
+                         proj_size, device, dtype, merge_mode)
 
     def forward(self, input, hx=None, lengths: LengthsLike = None):
         return self._forward(input, hx, lengths)
 
 
 class GRU(_RecurrentLayers):
-    """torch.nn.GRU, on fusedrnn kernels. forward(input, hx=None, lengths=None) -> (output, h_n)."""
+    """torch.nn.GRU, on fusedrnn kernels. forward(input, hx=None, lengths=None) -> (output, h_n).
+
+    merge_mode ("concat" | "sum" | "mul" | "ave", default "concat" as torch): how a bidirectional module
+    combines the two directions' outputs of the LAST layer (as Keras' Bidirectional); output features are
+    then H_out instead of 2 * H_out. Inner layers stay concatenated and h_n is unchanged, so parameters and
+    state_dict are exactly torch's. Ignored when bidirectional=False.
+    """
 
     _mode_name = "GRU"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, merge_mode: str = "concat") -> None:
         super().__init__("gru", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         0, device, dtype)
+                         0, device, dtype, merge_mode)
 
     def forward(self, input, hx=None, lengths: LengthsLike = None):
         return self._forward(input, hx, lengths)
 
 
 class RNN(_RecurrentLayers):
-    """torch.nn.RNN (Elman, tanh or relu), on fusedrnn kernels. forward(input, hx=None, lengths=None)."""
+    """torch.nn.RNN (Elman, tanh or relu), on fusedrnn kernels. forward(input, hx=None, lengths=None)
+    -> (output, h_n).
+
+    merge_mode ("concat" | "sum" | "mul" | "ave", default "concat" as torch): how a bidirectional module
+    combines the two directions' outputs of the LAST layer (as Keras' Bidirectional); output features are
+    then H_out instead of 2 * H_out. Inner layers stay concatenated and h_n is unchanged, so parameters and
+    state_dict are exactly torch's. Ignored when bidirectional=False.
+    """
 
     _mode_name = "RNN"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, merge_mode: str = "concat") -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
         self.nonlinearity = nonlinearity
         super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, 0, device, dtype)
+                         bidirectional, 0, device, dtype, merge_mode)
 
     def forward(self, input, hx=None, lengths: LengthsLike = None):
         return self._forward(input, hx, lengths)
@@ -418,3 +460,81 @@ class RNNCell(_Cell):
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         return self._step(input, [hx])[0]
+
+
+# -------------------------------------------------------------------------------------------------------
+# Attention (for seq2seq decoders): plain torch, nothing fused.
+# -------------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Batched soft attention: Luong "dot" / "general", Bahdanau "additive".
+
+    Attention(query_size, key_size=None, score="dot", attn_size=None, device=None, dtype=None)
+      dot:      s = q . k                      (needs query_size == key_size)
+      general:  s = q . (W k),  W [query_size, key_size], no bias
+      additive: s = v . tanh(W_q q + W_k k),   W_q, W_k [attn_size, *] (W_q with bias), v [attn_size]
+                (attn_size defaults to query_size)
+
+    forward(query [B, Hq] or [B, Tq, Hq], keys [B, Tk, Hk], values=None [B, Tk, Hv] (default: keys),
+            mask=None [B, Tk] bool, True = valid) -> (context [B, Hv] or [B, Tq, Hv], weights [B, (Tq,) Tk]).
+    Masked keys get weight exactly 0; a row whose keys are all masked gets all-zero weights and a zero
+    context (not NaN), with finite gradients.
+    """
+
+    SCORES = ("dot", "general", "additive")
+
+    def __init__(self, query_size: int, key_size: Optional[int] = None, score: str = "dot",
+                 attn_size: Optional[int] = None, device=None, dtype=None) -> None:
+        super().__init__()
+        if score not in self.SCORES:
+            raise ValueError(f"score must be one of {', '.join(map(repr, self.SCORES))}, got {score!r}")
+        key_size = query_size if key_size is None else key_size
+        _check_positive_int("query_size", query_size)
+        _check_positive_int("key_size", key_size)
+        if score == "dot" and key_size != query_size:
+            raise ValueError(f"score='dot' needs query_size == key_size, got {query_size} and {key_size}")
+        self.query_size, self.key_size, self.score = query_size, key_size, score
+        factory = {"device": device, "dtype": dtype}
+        if score == "general":
+            self.linear = nn.Linear(key_size, query_size, bias=False, **factory)
+        elif score == "additive":
+            attn_size = query_size if attn_size is None else attn_size
+            _check_positive_int("attn_size", attn_size)
+            self.query_proj = nn.Linear(query_size, attn_size, bias=True, **factory)
+            self.key_proj = nn.Linear(key_size, attn_size, bias=False, **factory)
+            self.v = nn.Linear(attn_size, 1, bias=False, **factory)
+        self.attn_size = attn_size
+
+    def extra_repr(self) -> str:
+        s = f"{self.query_size}, {self.key_size}, score={self.score!r}"
+        return s + (f", attn_size={self.attn_size}" if self.score == "additive" else "")
+
+    def forward(self, query: Tensor, keys: Tensor, values: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        if query.dim() not in (2, 3):
+            raise ValueError(f"query: expected [B, Hq] or [B, Tq, Hq], got shape {list(query.shape)}")
+        if keys.dim() != 3:
+            raise ValueError(f"keys: expected [B, Tk, Hk], got shape {list(keys.shape)}")
+        single = query.dim() == 2
+        q = query.unsqueeze(1) if single else query                       # [B, Tq, Hq]
+        values = keys if values is None else values
+        if self.score == "dot":
+            scores = torch.bmm(q, keys.transpose(1, 2))
+        elif self.score == "general":
+            scores = torch.bmm(q, self.linear(keys).transpose(1, 2))
+        else:
+            hidden = torch.tanh(self.query_proj(q).unsqueeze(2) + self.key_proj(keys).unsqueeze(1))
+            scores = self.v(hidden).squeeze(-1)                           # [B, Tq, Tk]
+        if mask is not None:
+            if mask.shape != keys.shape[:2]:
+                raise ValueError(f"mask: expected shape {list(keys.shape[:2])}, got {list(mask.shape)}")
+            valid = mask.to(torch.bool).unsqueeze(1)                       # [B, 1, Tk]
+            scores = scores.masked_fill(~valid, -math.inf)
+            # a fully masked row would softmax to NaN: give it finite scores, then zero its weights
+            scores = scores.masked_fill(~valid.any(-1, keepdim=True), 0.0)
+            weights = torch.softmax(scores, -1).masked_fill(~valid, 0.0)
+        else:
+            weights = torch.softmax(scores, -1)
+        context = torch.bmm(weights, values)
+        if single:
+            return context.squeeze(1), weights.squeeze(1)
+        return context, weights
