@@ -358,3 +358,28 @@ def test_triton_compiles_for_sm90():
 def test_triton_compiles_every_variant():
     _aot_compile([(arch, dtype, KP) for arch in (80, 90) for dtype in ("fp32", "fp16", "bf16")
                   for KP in (16, 32, 64, 128)])
+
+
+# --- CUDA: compiles for sm_80 / sm_90a without spills (no GPU needed) ----------------------------------
+def test_cuda_kernels_compile_without_local_memory():
+    """csrc/cuda/beam_topk.cu with setup.py's nvcc flags: every kernel (3 dtypes x 3 list widths, 3 merges)
+    must have no stack frame and no spills -- the top-k lists are meant to live in registers (an earlier
+    version kept them in 32-48 bytes of local memory). ~15 s."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not os.path.exists(nvcc):
+        pytest.skip("nvcc not found")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [nvcc, "-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", "-DFUSEDRNN_WITH_CUDA",
+           f"-I{root / 'csrc'}", "-Xptxas", "-v", "-gencode=arch=compute_80,code=sm_80",
+           "-gencode=arch=compute_90a,code=sm_90a", "-c", str(root / "csrc" / "cuda" / "beam_topk.cu"),
+           "-o", os.devnull]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", proc.stderr)
+    assert len(frames) == 2 * (9 + 3), proc.stderr[-2000:]  # 2 archs x (9 partial + 3 merge kernels)
+    assert all(f == ("0", "0", "0") for f in frames), frames
