@@ -5,8 +5,8 @@ Semantics, tie rule and -inf/NaN policy: fusedrnn/reference_decoding.py. Two lau
 1. _beam_topk_partial, grid (B*K rows, NS vocab splits): one pass over its slice of the row in blocks of
    BLOCK: online max m / sum s of exp(x - m), a NaN/+inf flag, and the slice's top-KP candidates by
    (raw logit desc, token asc). A candidate is one uint64 key, ordered(x) << 32 | (2^32-1 - token), so
-   "larger key" is exactly that order and one bitonic top-k (_topk) keeps it; a block whose best key can't enter the
-   running list skips the sort.
+   "larger key" is exactly that order and one bitonic top-k (_topk) keeps it; a block whose best key
+   can't enter the running list skips the sort.
 2. _beam_topk_merge, grid (B,), a loop over the K beams: the beam's top-KP of its NS slices' keys (folded
    in one slice at a time) and its log-sum-exp; scores ((x - m) - log s) + beam score, folded into the
    running k best by the key ordered(score) << 32 | (2^32-1 - (beam*KP + rank)), i.e. (score desc, beam
