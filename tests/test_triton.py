@@ -158,6 +158,53 @@ def test_larger_every_dtype(path, cell, proj, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The barrier variant's code in the interpreter, where it cannot hang: one slice per batch tile (a program
+# waits only for itself), and several slices for one step (the forward skips the barrier after its last step)
+# ---------------------------------------------------------------------------------------------------------
+def _launcher_run(cell, a, slice_h, reverse, with_backward=True):
+    from fusedrnn.triton import rnn_persistent as P
+    xg = (a["x"] @ a["w_ih"].t()).contiguous()
+    b_ih, b_hh = a["b_ih"].float(), a["b_hh"].float()  # the launchers take fp32 biases
+    fwd = P.persistent_forward(cell, xg, b_ih, b_hh, a["h0"], a["c0"], a["w_hh"], a["w_hr"], a["lengths"], reverse,
+                               True, slice_h=slice_h)
+    if not with_backward:
+        return [t for t in fwd if t is not None]
+    g = torch.Generator().manual_seed(2)
+    rnd = lambda t: None if t is None else torch.randn(t.shape, generator=g).to(t)  # noqa: E731
+    bwd = P.persistent_backward(cell, fwd[3], fwd[0], a["h0"], a["c0"], a["w_hh"], a["w_hr"], a["lengths"], reverse,
+                                rnd(fwd[0]), rnd(a["h0"]), rnd(a["c0"]), slice_h=slice_h)
+    return [t for t in list(fwd) + list(bwd) if t is not None]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="interpreter only (on a GPU the real barrier runs in the GPU tests)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_barrier_variant_single_slice_equals_no_barrier(cell, dtype):
+    """BARRIER=True with one slice: the state goes through the exchange buffers (ping-pong slots, padded rows,
+    h0 at step 0) and the atomic counter of each of two batch tiles; results equal the no-barrier kernel's."""
+    from fusedrnn.triton import rnn_persistent as P
+    lengths = [5, 1, 3, 0, 2, 5, 4, 1, 3, 2, 5]  # 11 sequences: two batch tiles
+    a = make_layer_args(cell, 5, 11, 4, 7, dtype=dtype, requires_grad=False, reverse=True, lengths=lengths)
+    plain = _launcher_run(cell, a, None, True)
+    barrier = _launcher_run(cell, a, P.block(7), True)
+    assert len(plain) == len(barrier)
+    for i, (p, b) in enumerate(zip(plain, barrier)):
+        assert torch.equal(p, b), f"output {i}: {max_error(p, b):.3g}"
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="interpreter only")
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_barrier_forward_several_slices_one_step(cell):
+    """Four slices of 16 units (H=50): each program computes its own units from the whole h0; T=1, so no
+    program waits (the forward has no barrier after its last step)."""
+    a = make_layer_args(cell, 1, 3, 4, 50, dtype=torch.float32, requires_grad=False, lengths=[1, 0, 1])
+    plain = _launcher_run(cell, a, None, False, with_backward=False)
+    split = _launcher_run(cell, a, 16, False, with_backward=False)
+    for i, (p, b) in enumerate(zip(plain, split)):
+        assert_close_to_reference(f"output {i}", b, p)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The workspace contract: any backward consumes any forward
 # ---------------------------------------------------------------------------------------------------------
 def _op(cell, a, need_workspace=True):
@@ -313,6 +360,28 @@ def test_forced_paths_and_their_refusals(monkeypatch):
     with pytest.raises(ValueError, match="bogus"):
         with use_path("bogus"):
             pass
+
+
+def test_autotune_wiring():
+    """What only a GPU exercises (the interpreter runs one config, without pruning or resets): the keys and
+    reset_to_zero name real arguments, and the pruning drops 4 warps exactly where the static checks need it."""
+    from fusedrnn.triton import rnn_persistent as P
+    from fusedrnn.triton import rnn_pointwise as PW
+    for (stem, _, barrier), tuner in P._TUNED.items():
+        names = tuner.fn.arg_names
+        assert set(tuner.keys) <= set(names) and "H" in tuner.keys and "T" not in tuner.keys
+        assert ("HO" in tuner.keys) == (stem == "lstm")
+        assert (tuner.reset_to_zero or []) == (["sync_ptr"] if barrier else [])
+        assert set(tuner.reset_to_zero or []) <= set(names)
+    for tuner in list(PW._FWD.values()) + list(PW._BWD.values()):
+        assert tuner.keys == ["H"] and "t" not in tuner.keys
+    prune = P._prune(4)
+    w = {"w_hh_ptr": torch.empty(1, dtype=torch.float16)}
+    small = prune(P._CONFIGS, w, BLOCK_H=64, BLOCK_HO=64, HAS_PROJ=False)   # 32 KB of weights
+    large = prune(P._CONFIGS, w, BLOCK_H=128, BLOCK_HO=128, HAS_PROJ=False)  # 128 KB
+    assert [c.num_warps for c in small] == [4, 8] and [c.num_warps for c in large] == [8]
+    fp32 = prune(P._CONFIGS, {"w_hh_ptr": torch.empty(1)}, BLOCK_H=64, BLOCK_HO=64, HAS_PROJ=False)
+    assert [c.num_warps for c in fp32] == [8]  # tf32x3: 64 KB of fp32 weights count 128
 
 
 def test_forced_persistent_refusal_falls_back_under_auto(launches):

@@ -51,9 +51,12 @@ def mm(a, b, acc, DOT_FP32: tl.constexpr):
 @triton.jit
 def grid_barrier(counter_ptr, target):
     """Waits until `target` arrivals were counted at counter_ptr (one arrival per program and step).
-    Only for grids whose programs are all resident at once; the interpreter runs programs one after
-    another, so it would spin forever there (the launchers never use it under the interpreter)."""
-    # Every thread's stores of this step are issued before the release (thread 0 does the atomic).
+    Only for grids whose programs are all resident at once. The interpreter runs programs one after
+    another: there a program can only wait for itself (one slice per batch tile, as the tests do); the
+    backend never starts a wider barrier grid under it."""
+    # Every thread's stores of this step are issued before the release; Triton issues a scalar atomic from
+    # one thread (a predicated atom.release / ld.acquire in the PTX, checked by tests/test_triton_static.py)
+    # and broadcasts the polled value through shared memory.
     tl.debug_barrier()
     tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
     seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")

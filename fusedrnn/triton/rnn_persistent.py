@@ -12,13 +12,14 @@ makes them mma.sync operands that pass through registers (a bare fp16 LSTM step 
 
 Variants (constexpr BARRIER):
 - no barrier (grid (batch tiles, 1), BLOCK_H covers H): the whole recurrent matrix of a batch tile lives in
-  one program; the state never leaves registers and programs never wait on each other. The interpreter can
-  run this one, and CI tests it there.
-- barrier (grid (batch tiles, slices)): every step each program publishes its slice of the new state
-  (forward: h into a ping-pong buffer; backward: its gate gradients, which are outputs anyway), then all
-  programs of the batch tile meet at a grid barrier (an atomic counter) before reading the whole state back.
-  The launcher (fusedrnn/backends/triton.py) starts it only when every program can be resident at once, and
-  never under the interpreter, whose programs run one after another (it would spin forever).
+  one program; the state never leaves registers and programs never wait on each other. The interpreter
+  runs this one, and CI tests it there.
+- barrier (grid (batch tiles, slices)): every step each program publishes its slice of what the next
+  matmul needs (forward: h; backward: the gate gradients) into a padded ping-pong buffer, then all programs
+  of the batch tile meet at a grid barrier (an atomic counter) before reading the whole of it back. The
+  backend (fusedrnn/backends/triton.py) starts it only when every program can be resident at once, and
+  never under the interpreter, whose programs run one after another (they would wait forever); the tests
+  run its code there with one slice per batch tile, and the forward with several slices for one step.
 
 Not done here: x_gates = x @ W_ih^T for all steps (one GEMM before the launch), and after the backward
 launch dx, dW_ih, dW_hh, dW_hr and the biases (one GEMM / sum each over all steps). The workspace layout is
@@ -182,7 +183,8 @@ def lstm_persistent_fwd_kernel(
         if BARRIER:
             hb_next = hbuf_ptr + ((s + 1) % 2) * B * BLOCK_HO
             tl.store(hb_next + rows[None, :] * BLOCK_HO + ocols[:, None], h.to(dt), mask=m_o)
-            grid_barrier(sync_ptr + pid_b, (s + 1) * tl.num_programs(1))
+            if s + 1 < T:  # nothing reads the state after the last step
+                grid_barrier(sync_ptr + pid_b, (s + 1) * tl.num_programs(1))
 
     tl.store(hn_ptr + rows[None, :] * HO + ocols[:, None], h.to(dt), mask=m_o)
     tl.store(cn_ptr + rows[None, :] * H + units[:, None], c.to(dt), mask=m_u)
@@ -392,7 +394,8 @@ def gru_persistent_fwd_kernel(
         if BARRIER:
             hb_next = hbuf_ptr + ((s + 1) % 2) * B * BLOCK_HO
             tl.store(hb_next + rows[None, :] * BLOCK_HO + units[:, None], h.to(dt), mask=m_u)
-            grid_barrier(sync_ptr + pid_b, (s + 1) * tl.num_programs(1))
+            if s + 1 < T:  # nothing reads the state after the last step
+                grid_barrier(sync_ptr + pid_b, (s + 1) * tl.num_programs(1))
 
     tl.store(hn_ptr + rows[None, :] * H + units[:, None], h.to(dt), mask=m_u)
 
@@ -552,7 +555,8 @@ def rnn_persistent_fwd_kernel(
         if BARRIER:
             hb_next = hbuf_ptr + ((s + 1) % 2) * B * BLOCK_HO
             tl.store(hb_next + rows[None, :] * BLOCK_HO + units[:, None], h.to(dt), mask=m_u)
-            grid_barrier(sync_ptr + pid_b, (s + 1) * tl.num_programs(1))
+            if s + 1 < T:  # nothing reads the state after the last step
+                grid_barrier(sync_ptr + pid_b, (s + 1) * tl.num_programs(1))
 
     tl.store(hn_ptr + rows[None, :] * H + units[:, None], h.to(dt), mask=m_u)
 
