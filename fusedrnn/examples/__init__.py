@@ -1,0 +1,1 @@
+"""Runnable examples: `python -m fusedrnn.examples.<name> --help` (calculator, charlm, events, memory)."""
