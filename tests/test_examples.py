@@ -21,3 +21,17 @@ def test_calculator(tmp_path, capsys):
     assert all(os.path.isfile(p) and _png(p) for p in res["files"])
     # 1-digit a+b / a-b has 28 possible answers: guessing one gets ~1/28 of them right
     assert res["exact_match"] > 3 / 28, res
+
+
+def test_charlm(tmp_path, capsys):
+    from fusedrnn.examples import charlm
+    res = charlm.main(["--max-chars", "8000", "--layers", "1", "--emb", "16", "--hidden", "32", "--seq-len", "32",
+                       "--batch", "16", "--epochs", "1", "--steps-per-epoch", "40", "--lr", "1e-2",
+                       "--gen-length", "12", "--beam", "3", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "held-out" in out and "bits/char" in out
+    assert [name for name, _, _ in res["decodings"]] == ["greedy", "beam 3", "top-k 5", "top-p 0.9"]
+    assert all(lp < 0 and lp > -1e9 for _, _, lp in res["decodings"])
+    assert all(os.path.isfile(p) and _png(p) for p in res["files"])
+    # chance: a uniform guess over the vocabulary
+    assert res["bpc"] < res["uniform_bpc"] - 0.5, res
