@@ -11,8 +11,7 @@ wherever tl.dot runs.
 The compiles run in a subprocess without TRITON_INTERPRET (conftest sets it for this process; interpreter
 functions cannot be compiled) and are cached per kernel source (~/.cache/fusedrnn/triton_static, or
 $FUSEDRNN_STATIC_CACHE): a cold run compiles 108 configurations (~510 CPU-seconds, 4-5 minutes on 2 busy
-cores), a warm one
-only what changed.
+cores), a warm one only what changed.
 """
 from __future__ import annotations
 
