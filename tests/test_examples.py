@@ -35,3 +35,16 @@ def test_charlm(tmp_path, capsys):
     assert all(os.path.isfile(p) and _png(p) for p in res["files"])
     # chance: a uniform guess over the vocabulary
     assert res["bpc"] < res["uniform_bpc"] - 0.5, res
+
+
+def test_events(tmp_path, capsys):
+    from fusedrnn.examples import events
+    res = events.main(["--train-clips", "128", "--test-clips", "32", "--frames", "32", "--hidden", "32",
+                       "--layers", "1", "--steps", "80", "--lr", "1e-2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| model | parameters | frame F1 |" in out and "BiLSTM (merge_mode=sum)" in out
+    assert [r["model"] for r in res["results"]] == ["MLP", "LSTM", "BiLSTM"]
+    assert all(os.path.isfile(p) and _png(p) for p in res["files"])
+    f1 = {r["model"]: r["f1"] for r in res["results"]}
+    # chance: predicting each class at its training frequency; too few steps here to rank the models
+    assert f1["MLP"] > res["chance_f1"] + 0.1 and f1["BiLSTM"] > res["chance_f1"] + 0.1, (f1, res["chance_f1"])
