@@ -48,3 +48,15 @@ def test_events(tmp_path, capsys):
     f1 = {r["model"]: r["f1"] for r in res["results"]}
     # chance: predicting each class at its training frequency; too few steps here to rank the models
     assert f1["MLP"] > res["chance_f1"] + 0.1 and f1["BiLSTM"] > res["chance_f1"] + 0.1, (f1, res["chance_f1"])
+
+
+def test_memory(tmp_path, capsys):
+    from fusedrnn.examples import memory
+    res = memory.main(["--lengths", "5", "--steps", "150", "--hidden", "16", "--lr", "1e-2", "--test-size", "500",
+                       "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| T | rnn_tanh | lstm | gru |" in out and "accuracy" in out
+    assert all(os.path.isfile(p) and _png(p) for p in res["files"])
+    # chance: always answering the mean, 1.0 (MSE 1/6, accuracy ~0.078)
+    assert all(m[0] < 0.6 * res["chance_mse"] for m in res["mse"].values()), res["mse"]
+    assert max(a[0] for a in res["accuracy"].values()) > res["chance"] + 0.1, res["accuracy"]
