@@ -29,8 +29,10 @@ def pyplot():
 class Progress:
     """A one-line stderr bar: `update(n, **metrics)`; redraws at most ~10 times a second."""
 
-    def __init__(self, total: int, label: str = "", width: int = 30, stream=sys.stderr) -> None:
-        self.total, self.label, self.width, self.stream = max(1, total), label, width, stream
+    def __init__(self, total: int, label: str = "", width: int = 30, stream=None) -> None:
+        # sys.stderr looked up now, not at import: it may have been replaced since (pytest's capture)
+        self.total, self.label, self.width = max(1, total), label, width
+        self.stream = sys.stderr if stream is None else stream
         self.start = self.last = time.perf_counter()
         self.metrics: dict = {}
 
