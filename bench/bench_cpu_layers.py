@@ -9,6 +9,7 @@ outputs are compared before timing.
 from __future__ import annotations
 
 import argparse
+import os
 import math
 import statistics
 import time
@@ -22,15 +23,18 @@ TORCH = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn_tanh": torch.nn.RNN, "
 FUSED = {"lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU, "rnn_tanh": fusedrnn.RNN, "rnn_relu": fusedrnn.RNN}
 
 
-def _time(fn, repeats, warmup=1):
+def _time_pair(fn_a, fn_b, repeats, warmup=1):
+    """Median wall times of two functions timed in alternation, so load from other processes hits both."""
     for _ in range(warmup):
-        fn()
-    times = []
+        fn_a()
+        fn_b()
+    times_a, times_b = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times_a), statistics.median(times_b)
 
 
 def _modules(cell, I, H):
@@ -61,8 +65,8 @@ def bench(cell, shape, repeats, backend):
             y.sum().backward()
 
         return {
-            "fwd": (_time(lambda: fwd(fused), repeats), _time(lambda: fwd(ref), repeats)),
-            "fwdbwd": (_time(lambda: fwdbwd(fused), repeats), _time(lambda: fwdbwd(ref), repeats)),
+            "fwd": _time_pair(lambda: fwd(fused), lambda: fwd(ref), repeats),
+            "fwdbwd": _time_pair(lambda: fwdbwd(fused), lambda: fwdbwd(ref), repeats),
         }
 
 
@@ -72,9 +76,13 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="*", default=None, help="T,B,I,H")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--backend", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, backend {args.backend}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, backend {args.backend}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'cell':9} {'T,B,I,H':18} {'fwd ms':>9} {'torch':>9} {'x':>6} {'fwd+bwd ms':>11} {'torch':>9} {'x':>6}")
     for cell in args.cells.split(","):
         ratios = {"fwd": [], "fwdbwd": []}
