@@ -17,6 +17,7 @@
 
 #include "cpu/blas.h"
 #include "fusedrnn/cell_math.h"
+#include "fusedrnn/layer_args.h"
 
 namespace fusedrnn::cpu {
 namespace {
@@ -24,58 +25,18 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-Cell parse_cell(const std::string& name) {
-  if (name == "lstm") return Cell::LSTM;
-  if (name == "gru") return Cell::GRU;
-  if (name == "rnn_tanh") return Cell::RNN_TANH;
-  if (name == "rnn_relu") return Cell::RNN_RELU;
-  TORCH_CHECK(false, "fusedrnn cpu: cell must be one of lstm, gru, rnn_tanh, rnn_relu, got '", name, "'");
-}
-
 // Pointwise passes below this many elements run on the calling thread: forking OpenMP costs ~5-10 us,
 // more than a [1, 256] LSTM step takes.
 constexpr int64_t kGrain = 1 << 14;
 
-struct Dims {
-  Cell cell;
-  int64_t T, B, I, H, H_out, G;
-  bool proj, bias, reverse;
-  int64_t ws;  // workspace row width (per batch element)
-};
-
-Dims make_dims(Cell cell, const Tensor& x, const Tensor& w_hh, const Tensor& h0, bool proj, bool bias,
-               bool reverse) {
-  Dims d;
-  d.cell = cell;
-  d.T = x.size(0);
-  d.B = x.size(1);
-  d.I = x.size(2);
-  d.G = num_gates(cell);
-  d.H = w_hh.size(0) / d.G;
-  d.H_out = h0.size(-1);
-  d.proj = proj;
-  d.bias = bias;
-  d.reverse = reverse;
-  d.ws = cell == Cell::LSTM ? (proj ? 6 : 5) * d.H : cell == Cell::GRU ? 4 * d.H : 0;
-  return d;
-}
+using Dims = LayerDims;
 
 void check_args(const Dims& d, const Tensor& x, const Tensor& h0, const OptTensor& c0, const Tensor& w_ih,
                 const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
                 const OptTensor& lengths) {
-  // The Python layer validates with friendlier messages; these guard direct callers of the op.
-  TORCH_CHECK(x.dim() == 3 && d.T > 0, "fusedrnn cpu: x must be [T>0, B, I]");
-  TORCH_CHECK(w_ih.sizes() == at::IntArrayRef({d.G * d.H, d.I}), "fusedrnn cpu: w_ih must be [G*H, I]");
-  TORCH_CHECK(w_hh.sizes() == at::IntArrayRef({d.G * d.H, d.H_out}), "fusedrnn cpu: w_hh must be [G*H, H_out]");
-  TORCH_CHECK(h0.sizes() == at::IntArrayRef({d.B, d.H_out}), "fusedrnn cpu: h0 must be [B, H_out]");
-  TORCH_CHECK((d.cell == Cell::LSTM) == c0.has_value(), "fusedrnn cpu: c0 is required for LSTM only");
-  if (c0) TORCH_CHECK(c0->sizes() == at::IntArrayRef({d.B, d.H}), "fusedrnn cpu: c0 must be [B, H]");
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "fusedrnn cpu: give both biases or neither");
-  if (w_hr) TORCH_CHECK(w_hr->sizes() == at::IntArrayRef({d.H_out, d.H}), "fusedrnn cpu: w_hr must be [H_out, H]");
-  TORCH_CHECK(!w_hr || d.cell == Cell::LSTM, "fusedrnn cpu: projection is LSTM-only");
-  TORCH_CHECK(d.proj || d.H_out == d.H, "fusedrnn cpu: H_out != H needs w_hr");
-  for (const Tensor* t : {&x, &h0, &w_ih, &w_hh}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == x.scalar_type(),
+  check_layer_shapes("cpu", d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  for (const OptTensor& t : {OptTensor(x), OptTensor(h0), c0, OptTensor(w_ih), OptTensor(w_hh), b_ih, b_hh, w_hr}) {
+    TORCH_CHECK(!t || (t->device().is_cpu() && t->scalar_type() == x.scalar_type()),
                 "fusedrnn cpu: all tensors must be CPU tensors of x's dtype");
   }
   if (lengths) {
@@ -221,10 +182,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_rnn_layer(
     const std::string& cell_name, const Tensor& x_, const Tensor& h0_, const OptTensor& c0_, const Tensor& w_ih_,
     const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_, const OptTensor& w_hr_,
     const OptTensor& lengths, bool reverse, bool need_workspace) {
-  const Cell cell = parse_cell(cell_name);
+  const Cell cell = parse_cell(cell_name, "cpu");
   Tensor x = contig(x_), h0 = contig(h0_), w_ih = contig(w_ih_), w_hh = contig(w_hh_);
   OptTensor c0 = contig(c0_), b_ih = contig(b_ih_), b_hh = contig(b_hh_), w_hr = contig(w_hr_);
-  const Dims d = make_dims(cell, x, w_hh, h0, w_hr.has_value(), b_ih.has_value(), reverse);
+  const Dims d = layer_dims(cell, x, w_hh, h0, w_hr.has_value(), b_ih.has_value(), reverse);
   check_args(d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
   const auto len = valid_lengths(d, lengths);
 
@@ -379,11 +340,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_r
     const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_, const OptTensor& w_hr_,
     const OptTensor& lengths, bool reverse, const Tensor& y_, const Tensor& ws_, const Tensor& grad_y_,
     const Tensor& grad_h_n, const OptTensor& grad_c_n) {
-  const Cell cell = parse_cell(cell_name);
+  const Cell cell = parse_cell(cell_name, "cpu");
   Tensor x = contig(x_), h0 = contig(h0_), w_ih = contig(w_ih_), w_hh = contig(w_hh_);
   OptTensor c0 = contig(c0_), b_ih = contig(b_ih_), b_hh = contig(b_hh_), w_hr = contig(w_hr_);
   Tensor y = contig(y_), ws = contig(ws_), grad_y = contig(grad_y_);
-  const Dims d = make_dims(cell, x, w_hh, h0, w_hr.has_value(), b_ih.has_value(), reverse);
+  const Dims d = layer_dims(cell, x, w_hh, h0, w_hr.has_value(), b_ih.has_value(), reverse);
   check_args(d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
   TORCH_CHECK(ws.numel() == d.T * d.B * d.ws,
               "fusedrnn cpu: workspace of ", ws.numel(), " elements does not match this call (expected ",

@@ -28,6 +28,7 @@
 #include "cuda/rnn_cublas.h"
 #include "cuda/rnn_kernels.h"
 #include "fusedrnn/cell_math.h"
+#include "fusedrnn/layer_args.h"
 
 namespace fusedrnn::cuda {
 namespace {
@@ -42,14 +43,6 @@ Path parse_path(const std::string& name) {
   if (name == "persistent") return Path::Persistent;
   if (name == "cluster") return Path::Cluster;
   TORCH_CHECK(false, "fusedrnn cuda: path must be one of alternating, persistent, cluster, got '", name, "'");
-}
-
-Cell parse_cell(const std::string& name) {
-  if (name == "lstm") return Cell::LSTM;
-  if (name == "gru") return Cell::GRU;
-  if (name == "rnn_tanh") return Cell::RNN_TANH;
-  if (name == "rnn_relu") return Cell::RNN_RELU;
-  TORCH_CHECK(false, "fusedrnn cuda: cell must be one of lstm, gru, rnn_tanh, rnn_relu, got '", name, "'");
 }
 
 // Empty when the CUDA kernels take this dtype.
@@ -68,28 +61,14 @@ cudaDataType_t blas_type(DType t) {
   return t == DType::F32 ? CUDA_R_32F : t == DType::F16 ? CUDA_R_16F : CUDA_R_16BF;
 }
 
-struct Dims {
-  Cell cell;
-  int64_t T, B, I, H, H_out, G;
-  bool proj, bias, reverse;
-  int64_t ws;  // workspace row width
+struct Dims : LayerDims {
   at::ScalarType scalar;
   DType dt;
 };
 
 Dims make_dims(Cell cell, const Tensor& x, const Tensor& w_hh, const Tensor& h0, bool proj, bool bias, bool reverse) {
   Dims d;
-  d.cell = cell;
-  d.T = x.size(0);
-  d.B = x.size(1);
-  d.I = x.size(2);
-  d.G = num_gates(cell);
-  d.H = w_hh.size(0) / d.G;
-  d.H_out = h0.size(-1);
-  d.proj = proj;
-  d.bias = bias;
-  d.reverse = reverse;
-  d.ws = cell == Cell::LSTM ? (proj ? 6 : 5) * d.H : cell == Cell::GRU ? 4 * d.H : 0;
+  static_cast<LayerDims&>(d) = layer_dims(cell, x, w_hh, h0, proj, bias, reverse);
   d.scalar = x.scalar_type();
   d.dt = to_dtype(d.scalar);
   return d;
@@ -98,23 +77,9 @@ Dims make_dims(Cell cell, const Tensor& x, const Tensor& w_hh, const Tensor& h0,
 void check_args(const Dims& d, const Tensor& x, const Tensor& h0, const OptTensor& c0, const Tensor& w_ih,
                 const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
                 const OptTensor& lengths) {
-  // The Python layer validates with friendlier messages; these guard direct callers of the op.
-  TORCH_CHECK(x.dim() == 3 && d.T > 0, "fusedrnn cuda: x must be [T>0, B, I]");
-  TORCH_CHECK(w_ih.sizes() == at::IntArrayRef({d.G * d.H, d.I}), "fusedrnn cuda: w_ih must be [G*H, I]");
-  TORCH_CHECK(w_hh.sizes() == at::IntArrayRef({d.G * d.H, d.H_out}), "fusedrnn cuda: w_hh must be [G*H, H_out]");
-  TORCH_CHECK(h0.sizes() == at::IntArrayRef({d.B, d.H_out}), "fusedrnn cuda: h0 must be [B, H_out]");
-  TORCH_CHECK((d.cell == Cell::LSTM) == c0.has_value(), "fusedrnn cuda: c0 is required for LSTM only");
-  if (c0) TORCH_CHECK(c0->sizes() == at::IntArrayRef({d.B, d.H}), "fusedrnn cuda: c0 must be [B, H]");
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "fusedrnn cuda: give both biases or neither");
-  if (w_hr) TORCH_CHECK(w_hr->sizes() == at::IntArrayRef({d.H_out, d.H}), "fusedrnn cuda: w_hr must be [H_out, H]");
-  TORCH_CHECK(!w_hr || d.cell == Cell::LSTM, "fusedrnn cuda: projection is LSTM-only");
-  TORCH_CHECK(d.proj || d.H_out == d.H, "fusedrnn cuda: H_out != H needs w_hr");
-  std::vector<const Tensor*> all = {&x, &h0, &w_ih, &w_hh};
-  for (const OptTensor* t : {&c0, &b_ih, &b_hh, &w_hr}) {
-    if (*t) all.push_back(&**t);
-  }
-  for (const Tensor* t : all) {
-    TORCH_CHECK(t->is_cuda() && t->device() == x.device() && t->scalar_type() == x.scalar_type(),
+  check_layer_shapes("cuda", d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  for (const OptTensor& t : {OptTensor(x), OptTensor(h0), c0, OptTensor(w_ih), OptTensor(w_hh), b_ih, b_hh, w_hr}) {
+    TORCH_CHECK(!t || (t->is_cuda() && t->device() == x.device() && t->scalar_type() == x.scalar_type()),
                 "fusedrnn cuda: all tensors must be CUDA tensors of x's dtype on x's device");
   }
   if (lengths) {
@@ -320,7 +285,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_rnn_layer(
     const std::string& cell_name, const Tensor& x_, const Tensor& h0_, const OptTensor& c0_, const Tensor& w_ih_,
     const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_, const OptTensor& w_hr_,
     const OptTensor& lengths_, bool reverse, bool need_workspace, const std::string& path_name) {
-  const Cell cell = parse_cell(cell_name);
+  const Cell cell = parse_cell(cell_name, "cuda");
   const Path path = parse_path(path_name);
   c10::cuda::CUDAGuard guard(x_.device());
   Tensor x = contig(x_), h0 = contig(h0_), w_ih = contig(w_ih_), w_hh = contig(w_hh_);
@@ -447,7 +412,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_
     const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_, const OptTensor& w_hr_,
     const OptTensor& lengths_, bool reverse, const Tensor& y_, const Tensor& ws_, const Tensor& grad_y_,
     const Tensor& grad_h_n, const OptTensor& grad_c_n, const std::string& path_name) {
-  const Cell cell = parse_cell(cell_name);
+  const Cell cell = parse_cell(cell_name, "cuda");
   const Path path = parse_path(path_name);
   c10::cuda::CUDAGuard guard(x_.device());
   Tensor x = contig(x_), h0 = contig(h0_), w_ih = contig(w_ih_), w_hh = contig(w_hh_);
@@ -515,7 +480,7 @@ std::string cuda_rnn_path_reason(const std::string& path, const std::string& dir
               "fusedrnn cuda: direction must be forward or backward, got '", direction, "'");
   TORCH_CHECK(device.is_cuda(), "fusedrnn cuda: device must be a CUDA device, got ", device);
   const int index = device.has_index() ? device.index() : c10::cuda::current_device();
-  return path_reason(parse_path(path), direction == "backward", parse_cell(cell), dtype, batch, hidden, proj,
+  return path_reason(parse_path(path), direction == "backward", parse_cell(cell, "cuda"), dtype, batch, hidden, proj,
                      allow_tf32, index);
 }
 
@@ -533,7 +498,7 @@ std::tuple<std::string, std::vector<int64_t>> cuda_rnn_persistent_plan(const std
   PersistentPlan plan;
   const std::string why =
       plan_persistent(p == Path::Persistent ? Exchange::Grid : Exchange::Cluster, direction == "backward",
-                      static_cast<int>(parse_cell(cell)), to_dtype(dtype), static_cast<int>(batch),
+                      static_cast<int>(parse_cell(cell, "cuda")), to_dtype(dtype), static_cast<int>(batch),
                       static_cast<int>(hidden), lim, &plan);
   if (!why.empty()) return {why, {}};
   return {why,
