@@ -14,6 +14,7 @@
 
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include "cpu/blas.h"
 #include "fusedrnn/cell_math.h"
@@ -70,60 +71,79 @@ Tensor contig(const Tensor& t) { return t.contiguous(); }
 OptTensor contig(const OptTensor& t) { return t ? OptTensor(t->contiguous()) : std::nullopt; }
 
 // ---------------------------------------------------------------------------------------------------
-// Pointwise rows: one batch row of one step, every hidden unit j. Branch-free over j (the validity of the
-// row is a select) so the loops vectorize; multiversioned so they get AVX-512/AVX2. Pointers are never
-// null: absent biases point at zeros, an unneeded workspace at a scratch row.
+// Pointwise rows: one batch row of one step, every hidden unit j; multiversioned so they get AVX-512/AVX2.
+// The row's flags (valid, projection, tanh) become compile-time constants before the loop (with_flags):
+// GCC 12 does not unswitch a select on a bool argument, and "control flow in loop" kept these loops scalar.
+// Pointers are never null (absent biases point at zeros, an unneeded workspace at a scratch row) and never
+// alias each other (__restrict__: with 8 pointers GCC gave up on its run-time alias checks).
 // ---------------------------------------------------------------------------------------------------
+#define FUSEDRNN_INLINE_LAMBDA __attribute__((always_inline))
+
+template <typename F>
+FUSEDRNN_ALWAYS_INLINE void with_flags(bool a, bool b, const F& f) {
+  if (a) {
+    b ? f(std::true_type{}, std::true_type{}) : f(std::true_type{}, std::false_type{});
+  } else {
+    b ? f(std::false_type{}, std::true_type{}) : f(std::false_type{}, std::false_type{});
+  }
+}
+
 template <typename T>
-FUSEDRNN_MULTIVERSION void lstm_forward_row(int64_t H, const T* xg, const T* hg, const T* bias, T* c, T* h,
-                                            T* y, T* ws, T* r, bool valid, bool proj) {
-  for (int64_t j = 0; j < H; ++j) {
-    const T c_prev = c[j];
-    const LstmState<T> st = lstm_forward<T>(xg[j] + hg[j] + bias[j], xg[H + j] + hg[H + j] + bias[H + j],
-                                            xg[2 * H + j] + hg[2 * H + j] + bias[2 * H + j],
-                                            xg[3 * H + j] + hg[3 * H + j] + bias[3 * H + j], c_prev);
-    ws[j] = st.i;
-    ws[H + j] = st.f;
-    ws[2 * H + j] = st.g;
-    ws[3 * H + j] = st.o;
-    ws[4 * H + j] = st.c;
-    c[j] = valid ? st.c : c_prev;
-    if (proj) {  // r is projected (and masked) after this pass
-      ws[5 * H + j] = st.r;
-      r[j] = st.r;
-    } else {
-      h[j] = valid ? st.r : h[j];
-      y[j] = valid ? st.r : T(0);
+FUSEDRNN_MULTIVERSION void lstm_forward_row(int64_t H, const T* __restrict__ xg, const T* __restrict__ hg, const T* __restrict__ bias, T* __restrict__ c, T* __restrict__ h,
+                                            T* __restrict__ y, T* __restrict__ ws, T* __restrict__ r, bool valid, bool proj) {
+  with_flags(valid, proj, [&](auto VALID, auto PROJ) FUSEDRNN_INLINE_LAMBDA {
+    for (int64_t j = 0; j < H; ++j) {
+      const T c_prev = c[j];
+      const LstmState<T> st = lstm_forward<T>(xg[j] + hg[j] + bias[j], xg[H + j] + hg[H + j] + bias[H + j],
+                                              xg[2 * H + j] + hg[2 * H + j] + bias[2 * H + j],
+                                              xg[3 * H + j] + hg[3 * H + j] + bias[3 * H + j], c_prev);
+      ws[j] = st.i;
+      ws[H + j] = st.f;
+      ws[2 * H + j] = st.g;
+      ws[3 * H + j] = st.o;
+      ws[4 * H + j] = st.c;
+      if constexpr (VALID) c[j] = st.c;
+      if constexpr (PROJ) {  // r is projected (and masked) after this pass
+        ws[5 * H + j] = st.r;
+        r[j] = st.r;
+      } else {
+        if constexpr (VALID) h[j] = st.r;
+        y[j] = VALID ? st.r : T(0);
+      }
     }
-  }
+  });
 }
 
 template <typename T>
-FUSEDRNN_MULTIVERSION void gru_forward_row(int64_t H, const T* xg, const T* hg, const T* bias, T* h, T* y, T* ws,
+FUSEDRNN_MULTIVERSION void gru_forward_row(int64_t H, const T* __restrict__ xg, const T* __restrict__ hg, const T* __restrict__ bias, T* __restrict__ h, T* __restrict__ y, T* __restrict__ ws,
                                            bool valid) {
-  for (int64_t j = 0; j < H; ++j) {
-    const T h_prev = h[j];
-    const T h_n = hg[2 * H + j] + bias[2 * H + j];
-    const GruState<T> st = gru_forward<T>(xg[j] + hg[j] + bias[j], xg[H + j] + hg[H + j] + bias[H + j],
-                                          xg[2 * H + j], h_n, h_prev);
-    ws[j] = st.r;
-    ws[H + j] = st.z;
-    ws[2 * H + j] = st.n;
-    ws[3 * H + j] = h_n;
-    h[j] = valid ? st.h : h_prev;
-    y[j] = valid ? st.h : T(0);
-  }
+  with_flags(valid, false, [&](auto VALID, auto) FUSEDRNN_INLINE_LAMBDA {
+    for (int64_t j = 0; j < H; ++j) {
+      const T h_prev = h[j];
+      const T h_n = hg[2 * H + j] + bias[2 * H + j];
+      const GruState<T> st = gru_forward<T>(xg[j] + hg[j] + bias[j], xg[H + j] + hg[H + j] + bias[H + j],
+                                            xg[2 * H + j], h_n, h_prev);
+      ws[j] = st.r;
+      ws[H + j] = st.z;
+      ws[2 * H + j] = st.n;
+      ws[3 * H + j] = h_n;
+      if constexpr (VALID) h[j] = st.h;
+      y[j] = VALID ? st.h : T(0);
+    }
+  });
 }
 
 template <typename T>
-FUSEDRNN_MULTIVERSION void rnn_forward_row(int64_t H, const T* xg, const T* hg, const T* bias, T* h, T* y,
+FUSEDRNN_MULTIVERSION void rnn_forward_row(int64_t H, const T* __restrict__ xg, const T* __restrict__ hg, const T* __restrict__ bias, T* __restrict__ h, T* __restrict__ y,
                                            bool valid, bool tanh_cell) {
-  for (int64_t j = 0; j < H; ++j) {
-    const T pre = xg[j] + hg[j] + bias[j];
-    const T out = tanh_cell ? rnn_tanh_forward<T>(pre) : rnn_relu_forward<T>(pre);
-    h[j] = valid ? out : h[j];
-    y[j] = valid ? out : T(0);
-  }
+  with_flags(valid, tanh_cell, [&](auto VALID, auto TANH) FUSEDRNN_INLINE_LAMBDA {
+    for (int64_t j = 0; j < H; ++j) {
+      const T pre = xg[j] + hg[j] + bias[j];
+      const T out = TANH ? rnn_tanh_forward<T>(pre) : rnn_relu_forward<T>(pre);
+      if constexpr (VALID) h[j] = out;
+      y[j] = VALID ? out : T(0);
+    }
+  });
 }
 
 // Runs fn(b) for every batch row, on several threads only when the step is big enough to pay for it.
@@ -226,23 +246,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_rnn_layer(
 // Backward rows. grad_out / grad_r are zero on invalid rows (that step did nothing), so every gate gradient
 // of such a row is zero without a branch; only the carried cell-state gradient needs the select.
 template <typename T>
-FUSEDRNN_MULTIVERSION void lstm_backward_row(int64_t H, const T* ws, const T* c_prev, const T* grad_r, T* grad_c,
-                                             T* gx, bool valid) {
-  for (int64_t j = 0; j < H; ++j) {
-    const T gc = valid ? grad_c[j] : T(0);
-    const LstmGrad<T> g = lstm_backward<T>(ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j], ws[4 * H + j],
-                                           c_prev[j], grad_r[j], gc);
-    gx[j] = g.i;
-    gx[H + j] = g.f;
-    gx[2 * H + j] = g.g;
-    gx[3 * H + j] = g.o;
-    grad_c[j] = valid ? g.c_prev : grad_c[j];
-  }
+FUSEDRNN_MULTIVERSION void lstm_backward_row(int64_t H, const T* __restrict__ ws, const T* __restrict__ c_prev, const T* __restrict__ grad_r, T* __restrict__ grad_c,
+                                             T* __restrict__ gx, bool valid) {
+  with_flags(valid, false, [&](auto VALID, auto) FUSEDRNN_INLINE_LAMBDA {
+    for (int64_t j = 0; j < H; ++j) {
+      const T gc = VALID ? grad_c[j] : T(0);
+      const LstmGrad<T> g = lstm_backward<T>(ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j], ws[4 * H + j],
+                                             c_prev[j], grad_r[j], gc);
+      gx[j] = g.i;
+      gx[H + j] = g.f;
+      gx[2 * H + j] = g.g;
+      gx[3 * H + j] = g.o;
+      if constexpr (VALID) grad_c[j] = g.c_prev;
+    }
+  });
 }
 
 template <typename T>
-FUSEDRNN_MULTIVERSION void gru_backward_row(int64_t H, const T* ws, const T* h_prev, const T* grad_out, T* gx,
-                                            T* gh, T* grad_h_direct) {
+FUSEDRNN_MULTIVERSION void gru_backward_row(int64_t H, const T* __restrict__ ws, const T* __restrict__ h_prev, const T* __restrict__ grad_out, T* __restrict__ gx,
+                                            T* __restrict__ gh, T* __restrict__ grad_h_direct) {
   for (int64_t j = 0; j < H; ++j) {
     const GruGrad<T> g = gru_backward<T>(ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j], h_prev[j], grad_out[j]);
     gx[j] = g.r;
@@ -256,10 +278,12 @@ FUSEDRNN_MULTIVERSION void gru_backward_row(int64_t H, const T* ws, const T* h_p
 }
 
 template <typename T>
-FUSEDRNN_MULTIVERSION void rnn_backward_row(int64_t H, const T* h, const T* grad_out, T* gx, bool tanh_cell) {
-  for (int64_t j = 0; j < H; ++j) {
-    gx[j] = tanh_cell ? rnn_tanh_backward<T>(h[j], grad_out[j]) : rnn_relu_backward<T>(h[j], grad_out[j]);
-  }
+FUSEDRNN_MULTIVERSION void rnn_backward_row(int64_t H, const T* __restrict__ h, const T* __restrict__ grad_out, T* __restrict__ gx, bool tanh_cell) {
+  with_flags(tanh_cell, false, [&](auto TANH, auto) FUSEDRNN_INLINE_LAMBDA {
+    for (int64_t j = 0; j < H; ++j) {
+      gx[j] = TANH ? rnn_tanh_backward<T>(h[j], grad_out[j]) : rnn_relu_backward<T>(h[j], grad_out[j]);
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------
