@@ -78,8 +78,8 @@ struct Vec64<double> {
 
 // One MR x NR tile of C over the full k (NR = two vectors): panel is [k, NR], row stride ld_panel.
 template <typename T, int MR>
-FUSEDRNN_ALWAYS_INLINE void gemm_tile(int64_t k, const T* a, int64_t lda, int64_t a_step, const T* panel,
-                                      int64_t ld_panel, T beta, T* c, int64_t ldc, int64_t nr) {
+FUSEDRNN_ALWAYS_INLINE void gemm_tile(int64_t k, const T* a, int64_t lda, const T* panel, int64_t ld_panel, T beta,
+                                      T* c, int64_t ldc, int64_t nr) {
   using V = typename Vec64<T>::type;
   constexpr int W = 64 / static_cast<int>(sizeof(T));
   V acc[MR][2];
@@ -90,7 +90,7 @@ FUSEDRNN_ALWAYS_INLINE void gemm_tile(int64_t k, const T* a, int64_t lda, int64_
     __builtin_memcpy(&b1, panel + p * ld_panel + W, sizeof(V));
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const T av = a[r * lda + p * a_step];
+      const T av = a[r * lda + p];
       acc[r][0] += av * b0;
       acc[r][1] += av * b1;
     }
@@ -109,23 +109,22 @@ FUSEDRNN_ALWAYS_INLINE void gemm_tile(int64_t k, const T* a, int64_t lda, int64_
 }
 
 template <typename T>
-FUSEDRNN_MULTIVERSION void gemm_panels(int64_t m, int64_t panel_begin, int64_t panel_end, const T* a, int64_t lda,
-                                       int64_t a_step, const PackedB<T>& b, T beta, T* c) {
+FUSEDRNN_MULTIVERSION void gemm_panels(int64_t m, int64_t panel_begin, int64_t panel_end, const T* a,
+                                       const PackedB<T>& b, T beta, T* c) {
   constexpr int NR = static_cast<int>(kPanel<T>);
   const int64_t k = b.k, n = b.n;
   for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
     const T* pb = b.data() + panel * k * NR;
     const int64_t j = panel * NR, nr = std::min<int64_t>(NR, n - j);
     int64_t i = 0;
-    for (; i + 4 <= m; i += 4) gemm_tile<T, 4>(k, a + i * lda, lda, a_step, pb, b.ld, beta, c + i * n + j, n, nr);
-    for (; i < m; ++i) gemm_tile<T, 1>(k, a + i * lda, lda, a_step, pb, b.ld, beta, c + i * n + j, n, nr);
+    for (; i + 4 <= m; i += 4) gemm_tile<T, 4>(k, a + i * k, k, pb, b.ld, beta, c + i * n + j, n, nr);
+    for (; i < m; ++i) gemm_tile<T, 1>(k, a + i * k, k, pb, b.ld, beta, c + i * n + j, n, nr);
   }
 }
 
-// C[m, n] = beta*C + A @ B with A[i][p] = a[i * lda + p * a_step], C row-major contiguous. (a_step != 1
-// reads a transposed A, which is only fast while k is small: every p touches a new cache line.)
+// C[m, n] = beta*C + A[m, k] @ B, A and C row-major contiguous.
 template <typename T>
-inline void gemm_packed(int64_t m, const T* a, int64_t lda, int64_t a_step, const PackedB<T>& b, T beta, T* c) {
+inline void gemm_packed(int64_t m, const T* a, const PackedB<T>& b, T beta, T* c) {
   if (m == 0 || b.n == 0) return;
   constexpr int64_t NR = kPanel<T>;
   const int64_t panels = (b.n + NR - 1) / NR;
@@ -133,14 +132,9 @@ inline void gemm_packed(int64_t m, const T* a, int64_t lda, int64_t a_step, cons
   // costs ~5-10 us, and far more when the other core is busy.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(m * b.k * NR, 1));
   at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
-    gemm_panels<T>(m, begin, end, a, lda, a_step, b, beta, c);
+    gemm_panels<T>(m, begin, end, a, b, beta, c);
   });
 }
 
-// C[m, n] = beta*C + A[m, k] @ B, A and C row-major contiguous.
-template <typename T>
-inline void gemm_packed(int64_t m, const T* a, const PackedB<T>& b, T beta, T* c) {
-  gemm_packed<T>(m, a, b.k, 1, b, beta, c);
-}
 
 }  // namespace fusedrnn::cpu

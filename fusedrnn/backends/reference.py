@@ -12,11 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..reference import _compute_dtype
 from .base import Backend, LayerCall, previous_states, valid_mask, workspace_width
-
-
-def _compute_dtype(dtype):
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 # ---------------------------------------------------------------------------------------------------
