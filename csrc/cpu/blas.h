@@ -1,12 +1,11 @@
-// Small GEMM for the per-step recurrence of the CPU kernels:  C[m, n] = beta*C + A[m, k] @ B[k, n], with B
-// packed once per layer call (the recurrent weights do not change across the T steps).
+// Small GEMMs of the CPU kernels:  C[m, cols] = beta*C + A[m, k] @ B[k, cols], with B packed once per layer
+// call (the weights do not change across the T steps), and the thread team the layer loops run on.
 //
 // Why not BLAS: a recurrent step is a skinny product (m = batch, often 1-16) called T times in a row. On the
-// project's 2-core AMD EPYC, torch's MKL runs its generic ("def") kernels: [16x256]@[256x1024] takes ~130 us
-// single-threaded, and milliseconds once its OpenMP team waits on a busy core. Here B is packed into column
-// panels of NR contiguous values per row (so the k-loop streams memory instead of striding 4 KB, which
-// aliases L1 sets), an MR x NR tile of C stays in vector registers, and the kernel is compiled for AVX-512,
-// AVX2 and a generic target (GCC target_clones picks one at load time).
+// project's 2-core AMD EPYC (Zen 4), torch's MKL runs its generic ("def") kernels: [16x256]@[256x1024] takes
+// ~130 us single-threaded, and milliseconds once its OpenMP team waits on a busy core. Here B is packed into
+// column panels of NR contiguous values per row (the k-loop streams memory instead of striding 4 KB, which
+// aliases L1 sets) and an MR x NR tile of C stays in vector registers.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,10 +13,18 @@
 
 #include <algorithm>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define FUSEDRNN_X86_DISPATCH 1
 #define FUSEDRNN_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FUSEDRNN_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
 #else
+#define FUSEDRNN_X86_DISPATCH 0
 #define FUSEDRNN_MULTIVERSION
+#define FUSEDRNN_TARGET_AVX512
 #endif
 // Callees of a multiversioned function must be inlined into it to get its instruction set.
 #if defined(__GNUC__)
@@ -28,43 +35,91 @@
 
 namespace fusedrnn::cpu {
 
+// ---------------------------------------------------------------------------------------------------
+// Thread team. The layer loops run the whole sequence inside ONE parallel region and meet at a barrier per
+// step, instead of forking a team per step: forking costs ~5-10 us, a spinning barrier well under 1 us, and
+// each core keeps its half of W_hh in its own 1 MB L2 (LSTM H=256, B=1: 15.3 us/step on one core, 6.5 on
+// two; standalone measurement).
+// ---------------------------------------------------------------------------------------------------
+struct Team {
+  int id = 0, size = 1;
+};
+
+// [begin, end) of part `id` when n items are split into `parts` near-equal ranges.
+inline std::pair<int64_t, int64_t> split_range(int64_t n, int id, int parts) {
+  return {n * id / parts, n * (id + 1) / parts};
+}
+
+// Runs body(Team) on `threads` threads (1: on the caller). body must not throw: the whole call is prepared
+// (allocated, checked) before the region starts.
+template <typename F>
+void run_team(int threads, const F& body) {
+#ifdef _OPENMP
+  if (threads > 1 && !omp_in_parallel()) {
+#pragma omp parallel num_threads(threads)
+    body(Team{omp_get_thread_num(), omp_get_num_threads()});
+    return;
+  }
+#endif
+  body(Team{});
+}
+
+inline void team_barrier(const Team& team) {
+#ifdef _OPENMP
+  if (team.size > 1) {
+#pragma omp barrier
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Scratch memory
+// ---------------------------------------------------------------------------------------------------
+// Buffers that live for one op call (packed weights, gate pre-activations, per-step rows) are kept per
+// calling thread and reused. Fresh allocations of a few MB come from mmap: each call then paid ~500 page
+// faults, and munmap with the team's second thread alive costs a TLB-shootdown IPI; a batch-1 LSTM layer
+// (T=1, H=256, 2 threads) spent 5 of its 6 s over 5000 calls in the kernel. Slots above 64 MB are not kept.
+enum class Scratch : int { kPackIn, kPackRec, kPackProj, kGates, kStepGates, kStepProj, kStepRows, kWorkspace,
+                           kGradGates, kGradGatesH, kGradOut, kPrevState, kCount };
+
+inline at::Tensor scratch(Scratch slot, at::IntArrayRef shape, at::ScalarType dtype) {
+  constexpr int64_t kKeepBytes = int64_t(64) << 20;
+  thread_local at::Tensor slots[static_cast<int>(Scratch::kCount)];
+  const int64_t numel = c10::multiply_integers(shape);
+  const int64_t bytes = std::max<int64_t>(numel, 1) * static_cast<int64_t>(c10::elementSize(dtype));
+  if (bytes > kKeepBytes) return at::empty(shape, at::TensorOptions().dtype(dtype));
+  at::Tensor& buf = slots[static_cast<int>(slot)];
+  if (!buf.defined() || buf.nbytes() < static_cast<size_t>(bytes)) {
+    buf = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  }
+  return buf.view(dtype).narrow(0, 0, numel).view(shape);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Packed B
+// ---------------------------------------------------------------------------------------------------
 // Panel width: two 64-byte vectors (32 fp32 / 16 fp64 columns).
 template <typename T>
 constexpr int64_t kPanel = 128 / static_cast<int64_t>(sizeof(T));
 
-// B[k, n] with B[p][j] = src[p * stride_p + j * stride_j], packed as ceil(n / NR) panels [k, NR] (zero-padded).
+// B's columns come in `groups` groups of `group_width` (the gates of a cell: G groups of H). Panel q holds
+// block q / groups of group q % groups, so the panels of one hidden-unit block -- every gate of units
+// [32u, 32u+32) -- are adjacent: a thread that owns some units computes exactly the gate columns its
+// pointwise pass needs, with no barrier in between.
 template <typename T>
 struct PackedB {
-  int64_t k = 0, n = 0;
-  int64_t ld = kPanel<T>;  // panel row stride
-  at::Tensor storage;
-  const T* data() const { return storage.data_ptr<T>(); }
+  int64_t k = 0, groups = 1, group_width = 0;
+  int64_t blocks = 0;  // panels per group
+  at::Tensor storage;  // [groups * blocks, k, NR], zero-padded
+  const T* panel(int64_t q) const { return storage.data_ptr<T>() + q * k * kPanel<T>; }
+  int64_t panels() const { return groups * blocks; }
+  int64_t col(int64_t q) const { return (q % groups) * group_width + (q / groups) * kPanel<T>; }
+  int64_t width(int64_t q) const { return std::min(kPanel<T>, group_width - (q / groups) * kPanel<T>); }
 };
-
-template <typename T>
-PackedB<T> pack_b(const T* src, int64_t k, int64_t n, int64_t stride_p, int64_t stride_j) {
-  constexpr int64_t NR = kPanel<T>;
-  const int64_t panels = (n + NR - 1) / NR;
-  PackedB<T> packed;
-  packed.k = k;
-  packed.n = n;
-  packed.storage = at::zeros({panels * k * NR}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-  T* out = packed.storage.template data_ptr<T>();
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t panel = begin; panel < end; ++panel) {
-      const int64_t j0 = panel * NR, width = std::min(NR, n - j0);
-      for (int64_t p = 0; p < k; ++p) {
-        T* row = out + (panel * k + p) * NR;
-        for (int64_t jj = 0; jj < width; ++jj) row[jj] = src[p * stride_p + (j0 + jj) * stride_j];
-      }
-    }
-  });
-  return packed;
-}
 
 // GCC vector extensions: one 64-byte vector (zmm with AVX-512, 2 ymm with AVX2, 4 xmm otherwise). Written
 // with explicit vectors because GCC's auto-vectorizer turned the plain-array version of this loop into
-// shuffles at 4.7 GFLOP/s; this form runs at ~70 GFLOP/s ([16x256]@[256x1024], one Zen 4 core, AVX-512).
+// shuffles at 4.7 GFLOP/s.
 template <typename T>
 struct Vec64;
 template <>
@@ -76,18 +131,106 @@ struct Vec64<double> {
   typedef double type __attribute__((vector_size(64)));
 };
 
-// One MR x NR tile of C over the full k (NR = two vectors): panel is [k, NR], row stride ld_panel.
+// Lanes of a 64-byte vector; VecInt64 are the matching shuffle masks.
+template <typename T>
+constexpr int kLanes = 64 / static_cast<int>(sizeof(T));
+template <typename T>
+struct VecInt64;
+template <>
+struct VecInt64<float> {
+  typedef int32_t type __attribute__((vector_size(64)));
+};
+template <>
+struct VecInt64<double> {
+  typedef int64_t type __attribute__((vector_size(64)));
+};
+
+// Transposes a W x W block in registers (W = lanes): rows[i] <- column i. log2(W) rounds of two-source
+// shuffles, each swapping the off-diagonal s x s blocks of every 2s x 2s block (s = W/2, ..., 1).
+template <typename T, int s>
+FUSEDRNN_ALWAYS_INLINE void transpose_round(typename Vec64<T>::type* rows) {
+  using M = typename VecInt64<T>::type;
+  constexpr int W = kLanes<T>;
+  M lo{}, hi{};
+  for (int e = 0; e < W; ++e) {
+    const int g = e / (2 * s), w = e % (2 * s);
+    lo[e] = w < s ? g * 2 * s + w : W + g * 2 * s + (w - s);
+    hi[e] = lo[e] + s;
+  }
+  for (int i0 = 0; i0 < W; i0 += 2 * s) {
+    for (int i = i0; i < i0 + s; ++i) {
+      const auto a = rows[i], b = rows[i + s];
+      rows[i] = __builtin_shuffle(a, b, lo);
+      rows[i + s] = __builtin_shuffle(a, b, hi);
+    }
+  }
+}
+
+// One panel: dst[p * NR + jj] = src[p * stride_p + jj * stride_j] for p < k, jj < width; zero for jj >= width.
+// A transposed source (stride_p == 1: the weights as stored) goes through register transposes of W x W
+// blocks: element by element it took ~0.9 ns per value and a fifth of a batch-1 LSTM call (H = 256).
+template <typename T>
+FUSEDRNN_MULTIVERSION void pack_panel(const T* __restrict__ src, int64_t k, int64_t width, int64_t stride_p,
+                                      int64_t stride_j, T* __restrict__ dst) {
+  using V = typename Vec64<T>::type;
+  constexpr int64_t NR = kPanel<T>, W = kLanes<T>;
+  int64_t p_done = 0;
+  if (stride_p == 1 && width == NR) {
+    p_done = k / W * W;
+    for (int64_t p0 = 0; p0 < p_done; p0 += W) {
+      for (int64_t jj0 = 0; jj0 < NR; jj0 += W) {
+        V rows[W];
+        for (int i = 0; i < W; ++i) __builtin_memcpy(&rows[i], src + (jj0 + i) * stride_j + p0, sizeof(V));
+        transpose_round<T, W / 2>(rows);
+        transpose_round<T, W / 4>(rows);
+        transpose_round<T, W / 8>(rows);
+        if constexpr (W == 16) transpose_round<T, 1>(rows);
+        for (int i = 0; i < W; ++i) __builtin_memcpy(dst + (p0 + i) * NR + jj0, &rows[i], sizeof(V));
+      }
+    }
+  }
+  for (int64_t p = p_done; p < k; ++p) {
+    for (int64_t jj = 0; jj < width; ++jj) dst[p * NR + jj] = src[p * stride_p + jj * stride_j];
+    for (int64_t jj = width; jj < NR; ++jj) dst[p * NR + jj] = T(0);
+  }
+}
+
+// B[p][j] = src[p * stride_p + j * stride_j] for p < k, j < groups * group_width.
+template <typename T>
+PackedB<T> pack_b(Scratch slot, const T* src, int64_t k, int64_t groups, int64_t group_width, int64_t stride_p,
+                  int64_t stride_j) {
+  constexpr int64_t NR = kPanel<T>;
+  PackedB<T> b;
+  b.k = k;
+  b.groups = groups;
+  b.group_width = group_width;
+  b.blocks = (group_width + NR - 1) / NR;
+  b.storage = scratch(slot, {b.panels() * k * NR}, c10::CppTypeToScalarType<T>::value);
+  T* out = b.storage.template data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(k * NR, 1));
+  at::parallel_for(0, b.panels(), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      pack_panel<T>(src + b.col(q) * stride_j, k, b.width(q), stride_p, stride_j, out + q * k * NR);
+    }
+  });
+  return b;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Kernel
+// ---------------------------------------------------------------------------------------------------
+// One MR x NR tile of C over the full k (NR = two vectors): panel is [k, NR].
 template <typename T, int MR>
-FUSEDRNN_ALWAYS_INLINE void gemm_tile(int64_t k, const T* a, int64_t lda, const T* panel, int64_t ld_panel, T beta,
-                                      T* c, int64_t ldc, int64_t nr) {
+FUSEDRNN_ALWAYS_INLINE void gemm_tile(int64_t k, const T* a, int64_t lda, const T* panel, T beta, T* c,
+                                      int64_t ldc, int64_t nr) {
   using V = typename Vec64<T>::type;
   constexpr int W = 64 / static_cast<int>(sizeof(T));
   V acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = V{};
   for (int64_t p = 0; p < k; ++p) {
     V b0, b1;
-    __builtin_memcpy(&b0, panel + p * ld_panel, sizeof(V));
-    __builtin_memcpy(&b1, panel + p * ld_panel + W, sizeof(V));
+    __builtin_memcpy(&b0, panel + p * 2 * W, sizeof(V));
+    __builtin_memcpy(&b1, panel + p * 2 * W + W, sizeof(V));
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const T av = a[r * lda + p];
@@ -96,10 +239,22 @@ FUSEDRNN_ALWAYS_INLINE void gemm_tile(int64_t k, const T* a, int64_t lda, const 
     }
   }
   for (int r = 0; r < MR; ++r) {
+    T* crow = c + r * ldc;
+    if (nr == 2 * W) {  // full panel: vector stores (a scalar store loop cost ~6% at k = 256)
+      if (beta != T(0)) {
+        V c0, c1;
+        __builtin_memcpy(&c0, crow, sizeof(V));
+        __builtin_memcpy(&c1, crow + W, sizeof(V));
+        acc[r][0] += beta * c0;
+        acc[r][1] += beta * c1;
+      }
+      __builtin_memcpy(crow, &acc[r][0], sizeof(V));
+      __builtin_memcpy(crow + W, &acc[r][1], sizeof(V));
+      continue;
+    }
     T out[2 * W];
     __builtin_memcpy(out, &acc[r][0], sizeof(V));
     __builtin_memcpy(out + W, &acc[r][1], sizeof(V));
-    T* crow = c + r * ldc;
     if (beta == T(0)) {
       for (int64_t j = 0; j < nr; ++j) crow[j] = out[j];
     } else {
@@ -108,33 +263,85 @@ FUSEDRNN_ALWAYS_INLINE void gemm_tile(int64_t k, const T* a, int64_t lda, const 
   }
 }
 
-template <typename T>
-FUSEDRNN_MULTIVERSION void gemm_panels(int64_t m, int64_t panel_begin, int64_t panel_end, const T* a,
-                                       const PackedB<T>& b, T beta, T* c) {
-  constexpr int NR = static_cast<int>(kPanel<T>);
-  const int64_t k = b.k, n = b.n;
-  for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
-    const T* pb = b.data() + panel * k * NR;
-    const int64_t j = panel * NR, nr = std::min<int64_t>(NR, n - j);
-    int64_t i = 0;
-    for (; i + 4 <= m; i += 4) gemm_tile<T, 4>(k, a + i * k, k, pb, b.ld, beta, c + i * n + j, n, nr);
-    for (; i < m; ++i) gemm_tile<T, 1>(k, a + i * k, k, pb, b.ld, beta, c + i * n + j, n, nr);
+// Rows [0, m) x panels [q0, q1), in blocks of 64 rows so that a block of A stays in L1/L2 while every panel
+// streams past it: panel-outer order re-read A from memory once per panel and ran the [8192x512]@[512x2048]
+// input projection at 76 GFLOP/s, row blocks at 110 (one Zen 4 core, MR=8).
+template <typename T, int MR>
+FUSEDRNN_ALWAYS_INLINE void gemm_rows_panels(int64_t m, int64_t q0, int64_t q1, const T* a, int64_t lda,
+                                             const PackedB<T>& b, T beta, T* c, int64_t ldc) {
+  constexpr int64_t kRowBlock = 64;
+  for (int64_t i0 = 0; i0 < m; i0 += kRowBlock) {
+    const int64_t i1 = std::min(m, i0 + kRowBlock);
+    for (int64_t q = q0; q < q1; ++q) {
+      const T* pb = b.panel(q);
+      T* cq = c + b.col(q);
+      const int64_t nr = b.width(q);
+      int64_t i = i0;
+      for (; i + MR <= i1; i += MR) gemm_tile<T, MR>(b.k, a + i * lda, lda, pb, beta, cq + i * ldc, ldc, nr);
+      for (; i < i1; ++i) gemm_tile<T, 1>(b.k, a + i * lda, lda, pb, beta, cq + i * ldc, ldc, nr);
+    }
   }
 }
 
-// C[m, n] = beta*C + A[m, k] @ B, A and C row-major contiguous.
+// AVX-512 has 32 vector registers: an 8-row tile (16 accumulators) runs at 112-115 GFLOP/s where 4 rows
+// reach 100-110 (m = 16-64, k = 256-512). AVX2's 16 registers hold the 4-row tile only.
 template <typename T>
-inline void gemm_packed(int64_t m, const T* a, const PackedB<T>& b, T beta, T* c) {
-  if (m == 0 || b.n == 0) return;
-  constexpr int64_t NR = kPanel<T>;
-  const int64_t panels = (b.n + NR - 1) / NR;
-  // Split panels across threads only when each gets >= 2^18 multiply-adds (~10 us): waking the OpenMP team
-  // costs ~5-10 us, and far more when the other core is busy.
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(m * b.k * NR, 1));
-  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
-    gemm_panels<T>(m, begin, end, a, b, beta, c);
-  });
+FUSEDRNN_TARGET_AVX512 void gemm_avx512(int64_t m, int64_t q0, int64_t q1, const T* a, int64_t lda,
+                                        const PackedB<T>& b, T beta, T* c, int64_t ldc) {
+  gemm_rows_panels<T, 8>(m, q0, q1, a, lda, b, beta, c, ldc);
 }
 
+template <typename T>
+FUSEDRNN_MULTIVERSION void gemm_portable(int64_t m, int64_t q0, int64_t q1, const T* a, int64_t lda,
+                                         const PackedB<T>& b, T beta, T* c, int64_t ldc) {
+  gemm_rows_panels<T, 4>(m, q0, q1, a, lda, b, beta, c, ldc);
+}
+
+inline bool has_avx512() {
+#if FUSEDRNN_X86_DISPATCH
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// C[:m, cols of panels q0..q1) = beta*C + A[m, k] @ B; A row stride lda, C row stride ldc. Single-threaded:
+// callers inside a team pass their own panel range.
+template <typename T>
+inline void gemm_panels(int64_t m, int64_t q0, int64_t q1, const T* a, int64_t lda, const PackedB<T>& b, T beta,
+                        T* c, int64_t ldc) {
+  if (m <= 0 || q1 <= q0) return;
+  if (has_avx512()) {
+    gemm_avx512<T>(m, q0, q1, a, lda, b, beta, c, ldc);
+  } else {
+    gemm_portable<T>(m, q0, q1, a, lda, b, beta, c, ldc);
+  }
+}
+
+// Threads worth using for `macs` multiply-adds: one below 2^18 (~3 us; a fork costs ~5-10 us).
+inline int threads_for(int64_t macs) {
+  return macs >= (int64_t(1) << 18) ? at::get_num_threads() : 1;
+}
+
+// C[m, n] = beta*C + A[m, k] @ B, A and C row-major contiguous, split over the team by rows (by panels when
+// there are too few rows to give each thread a full tile).
+template <typename T>
+void gemm_packed(int64_t m, const T* a, const PackedB<T>& b, T beta, T* c) {
+  const int64_t n = b.groups * b.group_width;
+  if (m == 0 || n == 0) return;
+  run_team(threads_for(m * b.k * n), [&](Team team) {
+    if (m >= 8 * team.size) {
+      auto [i0, i1] = split_range(m / 8, team.id, team.size);  // whole 8-row tiles per thread
+      i0 *= 8;
+      i1 = team.id + 1 == team.size ? m : i1 * 8;
+      gemm_panels<T>(i1 - i0, 0, b.panels(), a + i0 * b.k, b.k, b, beta, c + i0 * n, n);
+    } else {
+      auto [q0, q1] = split_range(b.panels(), team.id, team.size);
+      gemm_panels<T>(m, q0, q1, a, b.k, b, beta, c, n);
+    }
+  });
+}
 
 }  // namespace fusedrnn::cpu

@@ -14,6 +14,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 #include <type_traits>
 
 #include "cpu/blas.h"
@@ -25,10 +26,6 @@ namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-
-// Pointwise passes below this many elements run on the calling thread: forking OpenMP costs ~5-10 us,
-// more than a [1, 256] LSTM step takes.
-constexpr int64_t kGrain = 1 << 14;
 
 using Dims = LayerDims;
 
@@ -88,11 +85,15 @@ FUSEDRNN_ALWAYS_INLINE void with_flags(bool a, bool b, const F& f) {
   }
 }
 
+// Every row function covers n hidden units of one batch row: its pointers start at the first unit, and the
+// gates of a unit are H apart (the layout of x_gates, the workspace and the gradients).
 template <typename T>
-FUSEDRNN_MULTIVERSION void lstm_forward_row(int64_t H, const T* __restrict__ xg, const T* __restrict__ hg, const T* __restrict__ bias, T* __restrict__ c, T* __restrict__ h,
-                                            T* __restrict__ y, T* __restrict__ ws, T* __restrict__ r, bool valid, bool proj) {
+FUSEDRNN_MULTIVERSION void lstm_forward_row(int64_t H, int64_t n, const T* __restrict__ xg, const T* __restrict__ hg,
+                                            const T* __restrict__ bias, T* __restrict__ c,
+                                            const T* __restrict__ h_in, T* __restrict__ h_out, T* __restrict__ y,
+                                            T* __restrict__ ws, T* __restrict__ r, bool valid, bool proj) {
   with_flags(valid, proj, [&](auto VALID, auto PROJ) FUSEDRNN_INLINE_LAMBDA {
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
       const T c_prev = c[j];
       const LstmState<T> st = lstm_forward<T>(xg[j] + hg[j] + bias[j], xg[H + j] + hg[H + j] + bias[H + j],
                                               xg[2 * H + j] + hg[2 * H + j] + bias[2 * H + j],
@@ -107,95 +108,149 @@ FUSEDRNN_MULTIVERSION void lstm_forward_row(int64_t H, const T* __restrict__ xg,
         ws[5 * H + j] = st.r;
         r[j] = st.r;
       } else {
-        if constexpr (VALID) h[j] = st.r;
+        h_out[j] = VALID ? st.r : h_in[j];
         y[j] = VALID ? st.r : T(0);
       }
     }
   });
 }
 
+// bias holds b_ir+b_hr, b_iz+b_hz, b_in; bias_hn is b_hn (it stays inside r * (W_hn h + b_hn)).
 template <typename T>
-FUSEDRNN_MULTIVERSION void gru_forward_row(int64_t H, const T* __restrict__ xg, const T* __restrict__ hg, const T* __restrict__ bias, T* __restrict__ h, T* __restrict__ y, T* __restrict__ ws,
-                                           bool valid) {
+FUSEDRNN_MULTIVERSION void gru_forward_row(int64_t H, int64_t n, const T* __restrict__ xg, const T* __restrict__ hg,
+                                           const T* __restrict__ bias, const T* __restrict__ bias_hn,
+                                           const T* __restrict__ h_in, T* __restrict__ h_out, T* __restrict__ y,
+                                           T* __restrict__ ws, bool valid) {
   with_flags(valid, false, [&](auto VALID, auto) FUSEDRNN_INLINE_LAMBDA {
-    for (int64_t j = 0; j < H; ++j) {
-      const T h_prev = h[j];
-      const T h_n = hg[2 * H + j] + bias[2 * H + j];
+    for (int64_t j = 0; j < n; ++j) {
+      const T h_prev = h_in[j];
+      const T h_n = hg[2 * H + j] + bias_hn[j];
       const GruState<T> st = gru_forward<T>(xg[j] + hg[j] + bias[j], xg[H + j] + hg[H + j] + bias[H + j],
-                                            xg[2 * H + j], h_n, h_prev);
+                                            xg[2 * H + j] + bias[2 * H + j], h_n, h_prev);
       ws[j] = st.r;
       ws[H + j] = st.z;
       ws[2 * H + j] = st.n;
       ws[3 * H + j] = h_n;
-      if constexpr (VALID) h[j] = st.h;
+      h_out[j] = VALID ? st.h : h_prev;
       y[j] = VALID ? st.h : T(0);
     }
   });
 }
 
 template <typename T>
-FUSEDRNN_MULTIVERSION void rnn_forward_row(int64_t H, const T* __restrict__ xg, const T* __restrict__ hg, const T* __restrict__ bias, T* __restrict__ h, T* __restrict__ y,
-                                           bool valid, bool tanh_cell) {
+FUSEDRNN_MULTIVERSION void rnn_forward_row(int64_t n, const T* __restrict__ xg, const T* __restrict__ hg,
+                                           const T* __restrict__ bias, const T* __restrict__ h_in,
+                                           T* __restrict__ h_out, T* __restrict__ y, bool valid, bool tanh_cell) {
   with_flags(valid, tanh_cell, [&](auto VALID, auto TANH) FUSEDRNN_INLINE_LAMBDA {
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
       const T pre = xg[j] + hg[j] + bias[j];
       const T out = TANH ? rnn_tanh_forward<T>(pre) : rnn_relu_forward<T>(pre);
-      if constexpr (VALID) h[j] = out;
+      h_out[j] = VALID ? out : h_in[j];
       y[j] = VALID ? out : T(0);
     }
   });
 }
 
-// Runs fn(b) for every batch row, on several threads only when the step is big enough to pay for it.
-template <typename F>
-void for_each_row(int64_t rows, int64_t row_size, const F& fn) {
-  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(row_size, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) fn(b);
-  });
+// ---------------------------------------------------------------------------------------------------
+// Work split of the recurrence over a thread team
+// ---------------------------------------------------------------------------------------------------
+// Per-step multiply-adds below which the loop stays on one thread: the barrier round trip (~0.5-1 us) then
+// costs more than half a step saves (standalone: a [1x64]@[64x256] step took 1.2 us on one core, 1.1 on two).
+constexpr int64_t kTeamMinStepMacs = int64_t(1) << 15;
+
+// The part of every step one thread owns. With enough 32-unit blocks the threads split the hidden units:
+// each keeps its slice of W_hh hot in its own L2, and they meet at a barrier per step (the next step needs
+// all of h). Otherwise they split the batch rows, which are independent sequences: no barrier at all.
+struct StepSlice {
+  int64_t b0 = 0, b1 = 0;  // batch rows
+  int64_t u0 = 0, u1 = 0;  // unit blocks of H (panels [u0*G, u1*G) of the packed W_hh^T)
+  int64_t o0 = 0, o1 = 0;  // unit blocks of H_out
+  bool shared = false;     // other threads work on the same rows: barriers needed
+};
+
+inline int64_t unit_blocks(int64_t width, int64_t nr) { return (width + nr - 1) / nr; }
+
+int loop_threads(const Dims& d, int64_t nr) {
+  const int threads = at::get_num_threads();
+  const int64_t step_macs = d.B * d.G * d.H * d.H_out + (d.proj ? d.B * d.H * d.H_out : 0);
+  if (threads <= 1 || step_macs < kTeamMinStepMacs) return 1;
+  const int64_t blocks = std::min(unit_blocks(d.H, nr), unit_blocks(d.H_out, nr));
+  if (blocks >= threads) return threads;
+  return static_cast<int>(std::min<int64_t>(threads, d.B));
+}
+
+StepSlice step_slice(const Dims& d, int64_t nr, const Team& team) {
+  StepSlice sl;
+  const int64_t blocks_h = unit_blocks(d.H, nr), blocks_o = unit_blocks(d.H_out, nr);
+  sl.b0 = 0, sl.b1 = d.B, sl.u0 = 0, sl.u1 = blocks_h, sl.o0 = 0, sl.o1 = blocks_o;
+  if (team.size == 1) return sl;
+  if (std::min(blocks_h, blocks_o) >= team.size) {
+    std::tie(sl.u0, sl.u1) = split_range(blocks_h, team.id, team.size);
+    std::tie(sl.o0, sl.o1) = split_range(blocks_o, team.id, team.size);
+    sl.shared = true;
+  } else {
+    std::tie(sl.b0, sl.b1) = split_range(d.B, team.id, team.size);
+  }
+  return sl;
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------
+// h is double-buffered (h_buf [2, B, H_out]): in a unit split, a thread writes its units of step s's h while
+// another still reads all of step s-1's h in its GEMM.
 template <typename T>
 void forward_loop(const Dims& d, const std::vector<int64_t>& len, const T* x_gates, const PackedB<T>& w_hh_t,
-                  const T* b_hh, const PackedB<T>& w_hr_t, T* h, T* c, T* y, T* ws, int64_t ws_stride, T* h_gates,
-                  T* r_buf, T* h_proj) {
+                  const T* bias, const T* bias_hn, const PackedB<T>& w_hr_t, T* h_buf, T* c, T* y, T* ws,
+                  int64_t ws_stride, T* h_gates, T* r_buf, T* h_proj) {
+  constexpr int64_t NR = kPanel<T>;
   const int64_t GH = d.G * d.H;
-  for (int64_t s = 0; s < d.T; ++s) {
-    const int64_t t = step_time(d, s);
-    gemm_packed<T>(d.B, h, w_hh_t, T(0), h_gates);
-    const T* xg_t = x_gates + t * d.B * GH;
-    T* y_t = y + t * d.B * d.H_out;
-    T* ws_t = ws + t * d.B * ws_stride;  // ws_stride == 0: one scratch row block reused every step
-    for_each_row(d.B, GH, [&](int64_t b) {
-      const bool valid = t < len[b];
-      const T* xg = xg_t + b * GH;
-      const T* hg = h_gates + b * GH;
-      T* w = ws_t + b * d.ws;
-      if (d.cell == Cell::LSTM) {
-        lstm_forward_row<T>(d.H, xg, hg, b_hh, c + b * d.H, h + b * d.H_out, y_t + b * d.H_out, w,
-                            r_buf + b * d.H, valid, d.proj);
-      } else if (d.cell == Cell::GRU) {
-        gru_forward_row<T>(d.H, xg, hg, b_hh, h + b * d.H, y_t + b * d.H, w, valid);
-      } else {
-        rnn_forward_row<T>(d.H, xg, hg, b_hh, h + b * d.H, y_t + b * d.H, valid, d.cell == Cell::RNN_TANH);
-      }
-    });
-
-    if (d.proj) {  // h = W_hr r for valid rows; y row is zero for invalid ones
-      gemm_packed<T>(d.B, r_buf, w_hr_t, T(0), h_proj);
-      for (int64_t b = 0; b < d.B; ++b) {
+  run_team(loop_threads(d, NR), [&](Team team) {
+    const StepSlice sl = step_slice(d, NR, team);
+    const int64_t rows = sl.b1 - sl.b0;
+    const int64_t j0 = sl.u0 * NR, n = std::min(sl.u1 * NR, d.H) - j0;
+    const int64_t k0 = sl.o0 * NR, n_out = std::min(sl.o1 * NR, d.H_out) - k0;
+    for (int64_t s = 0; s < d.T; ++s) {
+      const int64_t t = step_time(d, s);
+      const T* h_in = h_buf + (s % 2) * d.B * d.H_out;
+      T* h_out = h_buf + ((s + 1) % 2) * d.B * d.H_out;
+      gemm_panels<T>(rows, sl.u0 * d.G, sl.u1 * d.G, h_in + sl.b0 * d.H_out, d.H_out, w_hh_t, T(0),
+                     h_gates + sl.b0 * GH, GH);
+      const T* xg_t = x_gates + t * d.B * GH;
+      T* y_t = y + t * d.B * d.H_out;
+      T* ws_t = ws + t * d.B * ws_stride;  // ws_stride == 0: one scratch row block reused every step
+      for (int64_t b = sl.b0; b < sl.b1; ++b) {
         const bool valid = t < len[b];
-        for (int64_t j = 0; j < d.H_out; ++j) {
-          const T v = h_proj[b * d.H_out + j];
-          if (valid) h[b * d.H_out + j] = v;
-          y_t[b * d.H_out + j] = valid ? v : T(0);
+        const T* xg = xg_t + b * GH + j0;
+        const T* hg = h_gates + b * GH + j0;
+        const int64_t hb = b * d.H_out + j0;
+        T* w = ws_t + b * d.ws + j0;
+        if (d.cell == Cell::LSTM) {
+          lstm_forward_row<T>(d.H, n, xg, hg, bias + j0, c + b * d.H + j0, h_in + hb, h_out + hb, y_t + hb, w,
+                              r_buf + b * d.H + j0, valid, d.proj);
+        } else if (d.cell == Cell::GRU) {
+          gru_forward_row<T>(d.H, n, xg, hg, bias + j0, bias_hn + j0, h_in + hb, h_out + hb, y_t + hb, w, valid);
+        } else {
+          rnn_forward_row<T>(n, xg, hg, bias + j0, h_in + hb, h_out + hb, y_t + hb, valid,
+                             d.cell == Cell::RNN_TANH);
         }
       }
+      if (d.proj) {  // h = W_hr r for valid rows (needs every unit of r); y row is zero for invalid ones
+        if (sl.shared) team_barrier(team);
+        gemm_panels<T>(rows, sl.o0, sl.o1, r_buf + sl.b0 * d.H, d.H, w_hr_t, T(0), h_proj + sl.b0 * d.H_out,
+                       d.H_out);
+        for (int64_t b = sl.b0; b < sl.b1; ++b) {
+          const bool valid = t < len[b];
+          for (int64_t j = k0; j < k0 + n_out; ++j) {
+            const int64_t i = b * d.H_out + j;
+            h_out[i] = valid ? h_proj[i] : h_in[i];
+            y_t[i] = valid ? h_proj[i] : T(0);
+          }
+        }
+      }
+      if (sl.shared) team_barrier(team);
     }
-  }
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_rnn_layer(
@@ -209,47 +264,59 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_rnn_layer(
   check_args(d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
   const auto len = valid_lengths(d, lengths);
 
-  // Input projection of all steps in one GEMM, onto rows pre-filled with b_ih. The packed kernel of
-  // cpu/blas.h, not at::addmm: it runs at ~100 GFLOP/s per Zen 4 core at m = T*B >= 64, where torch's MKL
-  // takes its generic AMD path at ~75-84.
-  Tensor x_gates = b_ih ? b_ih->expand({d.T * d.B, d.G * d.H}).contiguous()
-                        : at::zeros({d.T * d.B, d.G * d.H}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fusedrnn_cpu_input_projection", [&] {
-    const auto w_ih_t = pack_b<scalar_t>(w_ih.data_ptr<scalar_t>(), d.I, d.G * d.H, 1, d.I);
-    gemm_packed<scalar_t>(d.T * d.B, x.data_ptr<scalar_t>(), w_ih_t, scalar_t(1), x_gates.data_ptr<scalar_t>());
-  });
-
+  // Input projection of all steps in one GEMM (biases are added in the step). The packed kernel of
+  // cpu/blas.h, not at::mm: ~110 GFLOP/s per Zen 4 core at m = T*B >= 64, where torch's MKL takes its generic
+  // AMD path at ~75-84.
+  const int64_t GH = d.G * d.H;
+  Tensor x_gates = scratch(Scratch::kGates, {d.T * d.B, GH}, x.scalar_type());
   Tensor y = at::empty({d.T, d.B, d.H_out}, x.options());
-  Tensor h = h0.clone();
+  Tensor h_buf = at::empty({2, d.B, d.H_out}, x.options());
+  h_buf[0].copy_(h0);
   Tensor c = c0 ? c0->clone() : at::empty({0}, x.options());
   Tensor ws = need_workspace ? at::empty({d.T, d.B, d.ws}, x.options()) : at::empty({0}, x.options());
   // Without a workspace the rows still write one: a scratch block reused every step (stride 0).
-  Tensor ws_scratch = need_workspace ? Tensor() : at::empty({d.B, d.ws}, x.options());
-  Tensor h_gates = at::empty({d.B, d.G * d.H}, x.options());
-  Tensor r_buf = at::empty({d.proj ? d.B : 0, d.H}, x.options());
-  Tensor h_proj = at::empty({d.proj ? d.B : 0, d.H_out}, x.options());
-  Tensor b_hh_or_zeros = b_hh ? *b_hh : at::zeros({d.G * d.H}, x.options());
+  Tensor ws_scratch = need_workspace ? Tensor() : scratch(Scratch::kWorkspace, {d.B, d.ws}, x.scalar_type());
+  Tensor h_gates = scratch(Scratch::kStepGates, {d.B, GH}, x.scalar_type());
+  Tensor r_buf = scratch(Scratch::kStepRows, {d.proj ? d.B : 0, d.H}, x.scalar_type());
+  Tensor h_proj = scratch(Scratch::kStepProj, {d.proj ? d.B : 0, d.H_out}, x.scalar_type());
+  // One bias per gate where the cell only uses the sum; GRU keeps b_hn apart (it is scaled by r).
+  Tensor bias = at::zeros({GH}, x.options());
+  Tensor bias_hn = at::zeros({cell == Cell::GRU ? d.H : 0}, x.options());
+  if (b_ih) {
+    bias.copy_(*b_ih);
+    if (cell == Cell::GRU) {
+      bias.narrow(0, 0, 2 * d.H).add_(b_hh->narrow(0, 0, 2 * d.H));
+      bias_hn.copy_(b_hh->narrow(0, 2 * d.H, d.H));
+    } else {
+      bias.add_(*b_hh);
+    }
+  }
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fusedrnn_cpu_rnn_layer", [&] {
-    // Step GEMMs multiply by W_hh^T and W_hr^T: pack them once per call (see cpu/blas.h).
-    const auto w_hh_t = pack_b<scalar_t>(w_hh.data_ptr<scalar_t>(), d.H_out, d.G * d.H, 1, d.H_out);
-    const auto w_hr_t = d.proj ? pack_b<scalar_t>(w_hr->data_ptr<scalar_t>(), d.H, d.H_out, 1, d.H)
-                               : PackedB<scalar_t>();
-    forward_loop<scalar_t>(d, len, x_gates.data_ptr<scalar_t>(), w_hh_t, b_hh_or_zeros.data_ptr<scalar_t>(), w_hr_t,
-                           h.data_ptr<scalar_t>(), c0 ? c.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
-                           (need_workspace ? ws : ws_scratch).data_ptr<scalar_t>(), need_workspace ? d.ws : 0,
-                           h_gates.data_ptr<scalar_t>(), r_buf.data_ptr<scalar_t>(), h_proj.data_ptr<scalar_t>());
+    using T = scalar_t;
+    // W^T packed once per call, gate-interleaved (see PackedB in cpu/blas.h).
+    const auto w_ih_t = pack_b<T>(Scratch::kPackIn, w_ih.data_ptr<T>(), d.I, d.G, d.H, 1, d.I);
+    gemm_packed<T>(d.T * d.B, x.data_ptr<T>(), w_ih_t, T(0), x_gates.data_ptr<T>());
+    const auto w_hh_t = pack_b<T>(Scratch::kPackRec, w_hh.data_ptr<T>(), d.H_out, d.G, d.H, 1, d.H_out);
+    const auto w_hr_t = d.proj ? pack_b<T>(Scratch::kPackProj, w_hr->data_ptr<T>(), d.H, 1, d.H_out, 1, d.H) : PackedB<T>();
+    forward_loop<T>(d, len, x_gates.data_ptr<T>(), w_hh_t, bias.data_ptr<T>(), bias_hn.data_ptr<T>(), w_hr_t,
+                    h_buf.data_ptr<T>(), c0 ? c.data_ptr<T>() : nullptr, y.data_ptr<T>(),
+                    (need_workspace ? ws : ws_scratch).data_ptr<T>(), need_workspace ? d.ws : 0,
+                    h_gates.data_ptr<T>(), r_buf.data_ptr<T>(), h_proj.data_ptr<T>());
   });
+  Tensor h = h_buf[d.T % 2];
   return {y, h, c, ws};
 }
 
-// Backward rows. grad_out / grad_r are zero on invalid rows (that step did nothing), so every gate gradient
-// of such a row is zero without a branch; only the carried cell-state gradient needs the select.
+// Backward rows, n units each (layout as the forward rows). grad_out / grad_r are zero on invalid rows (that
+// step did nothing), so every gate gradient of such a row is zero without a branch; only the carried
+// cell-state gradient needs the select.
 template <typename T>
-FUSEDRNN_MULTIVERSION void lstm_backward_row(int64_t H, const T* __restrict__ ws, const T* __restrict__ c_prev, const T* __restrict__ grad_r, T* __restrict__ grad_c,
-                                             T* __restrict__ gx, bool valid) {
+FUSEDRNN_MULTIVERSION void lstm_backward_row(int64_t H, int64_t n, const T* __restrict__ ws,
+                                             const T* __restrict__ c_prev, const T* __restrict__ grad_r,
+                                             T* __restrict__ grad_c, T* __restrict__ gx, bool valid) {
   with_flags(valid, false, [&](auto VALID, auto) FUSEDRNN_INLINE_LAMBDA {
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
       const T gc = VALID ? grad_c[j] : T(0);
       const LstmGrad<T> g = lstm_backward<T>(ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j], ws[4 * H + j],
                                              c_prev[j], grad_r[j], gc);
@@ -263,9 +330,10 @@ FUSEDRNN_MULTIVERSION void lstm_backward_row(int64_t H, const T* __restrict__ ws
 }
 
 template <typename T>
-FUSEDRNN_MULTIVERSION void gru_backward_row(int64_t H, const T* __restrict__ ws, const T* __restrict__ h_prev, const T* __restrict__ grad_out, T* __restrict__ gx,
-                                            T* __restrict__ gh, T* __restrict__ grad_h_direct) {
-  for (int64_t j = 0; j < H; ++j) {
+FUSEDRNN_MULTIVERSION void gru_backward_row(int64_t H, int64_t n, const T* __restrict__ ws,
+                                            const T* __restrict__ h_prev, const T* __restrict__ grad_out,
+                                            T* __restrict__ gx, T* __restrict__ gh, T* __restrict__ grad_h_direct) {
+  for (int64_t j = 0; j < n; ++j) {
     const GruGrad<T> g = gru_backward<T>(ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j], h_prev[j], grad_out[j]);
     gx[j] = g.r;
     gx[H + j] = g.z;
@@ -278,9 +346,10 @@ FUSEDRNN_MULTIVERSION void gru_backward_row(int64_t H, const T* __restrict__ ws,
 }
 
 template <typename T>
-FUSEDRNN_MULTIVERSION void rnn_backward_row(int64_t H, const T* __restrict__ h, const T* __restrict__ grad_out, T* __restrict__ gx, bool tanh_cell) {
+FUSEDRNN_MULTIVERSION void rnn_backward_row(int64_t n, const T* __restrict__ h, const T* __restrict__ grad_out,
+                                            T* __restrict__ gx, bool tanh_cell) {
   with_flags(tanh_cell, false, [&](auto TANH, auto) FUSEDRNN_INLINE_LAMBDA {
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
       gx[j] = TANH ? rnn_tanh_backward<T>(h[j], grad_out[j]) : rnn_relu_backward<T>(h[j], grad_out[j]);
     }
   });
@@ -303,60 +372,69 @@ void gather_previous(const Dims& d, const std::vector<int64_t>& len, const T* st
   });
 }
 
+// The reverse loop, split over the team as the forward (StepSlice). Each step's gate gradients go to their
+// own [t] slice of grad_xg / grad_hg, so one barrier per step suffices: the GEMM of step t reads every
+// unit's gate gradients of step t while faster threads already write step t-1's.
 template <typename T>
 void backward_loop(const Dims& d, const std::vector<int64_t>& len, const PackedB<T>& w_hh, const PackedB<T>& w_hr,
-                   const T* y,
-                   const T* ws, const T* h_prev_all, const T* c0, const T* grad_y, T* grad_h, T* grad_c,
+                   const T* y, const T* ws, const T* h_prev_all, const T* c0, const T* grad_y, T* grad_h, T* grad_c,
                    T* grad_xg, T* grad_hg, T* grad_out_all, T* grad_r, T* grad_h_next) {
+  constexpr int64_t NR = kPanel<T>;
   const int64_t GH = d.G * d.H;
-  const bool masked = std::any_of(len.begin(), len.end(), [&](int64_t l) { return l < d.T; });
-  for (int64_t s = d.T - 1; s >= 0; --s) {
-    const int64_t t = step_time(d, s);
-    const T* gy_t = grad_y + t * d.B * d.H_out;
-    // grad_out = dL/dh_t for valid rows (zero for invalid ones: that step did nothing).
-    T* gout = grad_out_all + t * d.B * d.H_out;
-    for (int64_t b = 0; b < d.B; ++b) {
-      const bool valid = t < len[b];
-      for (int64_t j = 0; j < d.H_out; ++j) {
-        gout[b * d.H_out + j] = valid ? grad_h[b * d.H_out + j] + gy_t[b * d.H_out + j] : T(0);
+  run_team(loop_threads(d, NR), [&](Team team) {
+    const StepSlice sl = step_slice(d, NR, team);
+    const int64_t rows = sl.b1 - sl.b0;
+    const int64_t j0 = sl.u0 * NR, n = std::min(sl.u1 * NR, d.H) - j0;
+    const int64_t k0 = sl.o0 * NR, n_out = std::min(sl.o1 * NR, d.H_out) - k0;
+    for (int64_t s = d.T - 1; s >= 0; --s) {
+      const int64_t t = step_time(d, s);
+      // grad_out = dL/dh_t for valid rows (zero for invalid ones: that step did nothing).
+      const T* gy_t = grad_y + t * d.B * d.H_out;
+      T* gout = grad_out_all + t * d.B * d.H_out;
+      for (int64_t b = sl.b0; b < sl.b1; ++b) {
+        const bool valid = t < len[b];
+        for (int64_t j = k0; j < k0 + n_out; ++j) {
+          const int64_t i = b * d.H_out + j;
+          gout[i] = valid ? grad_h[i] + gy_t[i] : T(0);
+        }
+      }
+      const T* g_r = gout;
+      if (d.proj) {  // dL/dr = grad_out @ W_hr (needs every unit of grad_out)
+        if (sl.shared) team_barrier(team);
+        gemm_panels<T>(rows, sl.u0, sl.u1, gout + sl.b0 * d.H_out, d.H_out, w_hr, T(0), grad_r + sl.b0 * d.H, d.H);
+        g_r = grad_r;
+      }
+      T* gxg_t = grad_xg + t * d.B * GH;
+      T* ghg_t = d.cell == Cell::GRU ? grad_hg + t * d.B * GH : gxg_t;
+      const T* ws_t = ws ? ws + t * d.B * d.ws : nullptr;
+      const T* y_t = y + t * d.B * d.H_out;
+      const T* hp_t = h_prev_all + t * d.B * d.H_out;
+      for (int64_t b = sl.b0; b < sl.b1; ++b) {
+        const bool valid = t < len[b];
+        T* gx = gxg_t + b * GH + j0;
+        if (d.cell == Cell::LSTM) {
+          const int64_t tp = valid ? previous_time(d, t, len[b]) : -1;
+          const T* c_prev = tp >= 0 ? ws + (tp * d.B + b) * d.ws + 4 * d.H : c0 + b * d.H;
+          lstm_backward_row<T>(d.H, n, ws_t + b * d.ws + j0, c_prev + j0, g_r + b * d.H + j0,
+                               grad_c + b * d.H + j0, gx, valid);
+        } else if (d.cell == Cell::GRU) {
+          gru_backward_row<T>(d.H, n, ws_t + b * d.ws + j0, hp_t + b * d.H + j0, gout + b * d.H + j0, gx,
+                              ghg_t + b * GH + j0, grad_h_next + b * d.H + j0);
+        } else {
+          rnn_backward_row<T>(n, y_t + b * d.H + j0, gout + b * d.H + j0, gx, d.cell == Cell::RNN_TANH);
+        }
+      }
+      // dL/dh_{t-1} = grad_hg @ W_hh (+ GRU's direct term): needs every unit's gate gradients.
+      if (sl.shared) team_barrier(team);
+      gemm_panels<T>(rows, sl.o0, sl.o1, ghg_t + sl.b0 * GH, GH, w_hh, d.cell == Cell::GRU ? T(1) : T(0),
+                     grad_h_next + sl.b0 * d.H_out, d.H_out);
+      for (int64_t b = sl.b0; b < sl.b1; ++b) {  // invalid rows keep their gradient
+        if (t < len[b]) {
+          std::copy(grad_h_next + b * d.H_out + k0, grad_h_next + b * d.H_out + k0 + n_out, grad_h + b * d.H_out + k0);
+        }
       }
     }
-    const T* g_r = gout;
-    if (d.proj) {  // dL/dr = grad_out @ W_hr
-      gemm_packed<T>(d.B, gout, w_hr, T(0), grad_r);
-      g_r = grad_r;
-    }
-    T* gxg_t = grad_xg + t * d.B * GH;
-    T* ghg_t = d.cell == Cell::GRU ? grad_hg + t * d.B * GH : gxg_t;
-    const T* ws_t = ws ? ws + t * d.B * d.ws : nullptr;
-    const T* y_t = y + t * d.B * d.H_out;
-    const T* hp_t = h_prev_all + t * d.B * d.H_out;
-
-    for_each_row(d.B, GH, [&](int64_t b) {
-      const bool valid = t < len[b];
-      T* gx = gxg_t + b * GH;
-      if (d.cell == Cell::LSTM) {
-        const int64_t tp = valid ? previous_time(d, t, len[b]) : -1;
-        const T* c_prev = tp >= 0 ? ws + (tp * d.B + b) * d.ws + 4 * d.H : c0 + b * d.H;
-        lstm_backward_row<T>(d.H, ws_t + b * d.ws, c_prev, g_r + b * d.H, grad_c + b * d.H, gx, valid);
-      } else if (d.cell == Cell::GRU) {
-        gru_backward_row<T>(d.H, ws_t + b * d.ws, hp_t + b * d.H, gout + b * d.H, gx, ghg_t + b * GH,
-                            grad_h_next + b * d.H);
-      } else {
-        rnn_backward_row<T>(d.H, y_t + b * d.H, gout + b * d.H, gx, d.cell == Cell::RNN_TANH);
-      }
-    });
-
-    // dL/dh_{t-1} = grad_hg @ W_hh (+ GRU's direct term); invalid rows keep their gradient.
-    gemm_packed<T>(d.B, ghg_t, w_hh, d.cell == Cell::GRU ? T(1) : T(0), grad_h_next);
-    if (!masked) {
-      std::copy(grad_h_next, grad_h_next + d.B * d.H_out, grad_h);
-    } else {
-      for (int64_t b = 0; b < d.B; ++b) {
-        if (t < len[b]) std::copy(grad_h_next + b * d.H_out, grad_h_next + (b + 1) * d.H_out, grad_h + b * d.H_out);
-      }
-    }
-  }
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_rnn_layer_backward(
@@ -380,18 +458,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_r
   Tensor grad_h = grad_h_n.contiguous().clone();
   Tensor grad_c = cell == Cell::LSTM ? (grad_c_n ? grad_c_n->contiguous().clone() : at::zeros_like(*c0))
                                      : at::empty({0}, opts);
-  Tensor grad_xg = at::empty({d.T, d.B, GH}, opts);
-  Tensor grad_hg = cell == Cell::GRU ? at::empty({d.T, d.B, GH}, opts) : grad_xg;
-  Tensor grad_out_all = at::empty({d.T, d.B, d.H_out}, opts);
-  Tensor grad_r = d.proj ? at::empty({d.B, d.H}, opts) : Tensor();
-  Tensor grad_h_next = at::empty({d.B, d.H_out}, opts);
-  Tensor h_prev_all = at::empty({d.T, d.B, d.H_out}, opts);
+  Tensor grad_xg = scratch(Scratch::kGradGates, {d.T, d.B, GH}, x.scalar_type());
+  Tensor grad_hg = cell == Cell::GRU ? scratch(Scratch::kGradGatesH, {d.T, d.B, GH}, x.scalar_type()) : grad_xg;
+  Tensor grad_out_all = scratch(Scratch::kGradOut, {d.T, d.B, d.H_out}, x.scalar_type());
+  Tensor grad_r = d.proj ? scratch(Scratch::kStepRows, {d.B, d.H}, x.scalar_type()) : Tensor();
+  Tensor grad_h_next = scratch(Scratch::kStepProj, {d.B, d.H_out}, x.scalar_type());
+  Tensor h_prev_all = scratch(Scratch::kPrevState, {d.T, d.B, d.H_out}, x.scalar_type());
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fusedrnn_cpu_rnn_layer_backward", [&] {
     gather_previous<scalar_t>(d, len, y.data_ptr<scalar_t>(), d.H_out, d.H_out, h0.data_ptr<scalar_t>(),
                               h_prev_all.data_ptr<scalar_t>());
-    const auto w_hh_p = pack_b<scalar_t>(w_hh.data_ptr<scalar_t>(), d.G * d.H, d.H_out, d.H_out, 1);
-    const auto w_hr_p = d.proj ? pack_b<scalar_t>(w_hr->data_ptr<scalar_t>(), d.H_out, d.H, d.H, 1)
+    const auto w_hh_p = pack_b<scalar_t>(Scratch::kPackRec, w_hh.data_ptr<scalar_t>(), d.G * d.H, 1, d.H_out, d.H_out, 1);
+    const auto w_hr_p = d.proj ? pack_b<scalar_t>(Scratch::kPackProj, w_hr->data_ptr<scalar_t>(), d.H_out, 1, d.H, d.H, 1)
                                : PackedB<scalar_t>();
     backward_loop<scalar_t>(d, len, w_hh_p, w_hr_p,
                             y.data_ptr<scalar_t>(), d.ws ? ws.data_ptr<scalar_t>() : nullptr,
@@ -413,7 +491,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_r
     using T = scalar_t;
     const T* gx = grad_xg.data_ptr<T>();
     // grad_x [rows, I] = grad_xg [rows, GH] @ W_ih [GH, I]
-    gemm_packed<T>(rows, gx, pack_b<T>(w_ih.data_ptr<T>(), GH, d.I, d.I, 1), T(0), grad_x.data_ptr<T>());
+    gemm_packed<T>(rows, gx, pack_b<T>(Scratch::kPackIn, w_ih.data_ptr<T>(), GH, 1, d.I, d.I, 1), T(0), grad_x.data_ptr<T>());
   });
   // The weight gradients reduce over k = T*B rows of transposed operands: at::mm packs those, the panel
   // kernel would stride through them (measured 2x slower at T=128, B=64, H=512).
@@ -431,9 +509,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_r
   return {grad_x, grad_h, grad_c, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
 }
 
+// How the recurrence of a call of this shape splits over threads: {threads, 1 if they split hidden units
+// (a barrier per step) else 0}. For tests and `fusedrnn.explain`-style diagnostics.
+std::vector<int64_t> cpu_loop_plan(const std::string& cell_name, int64_t batch, int64_t hidden, int64_t hidden_out,
+                                   bool proj, bool fp64) {
+  Dims d{};
+  d.cell = parse_cell(cell_name, "cpu");
+  d.G = num_gates(d.cell);
+  d.B = batch, d.H = hidden, d.H_out = hidden_out, d.proj = proj;
+  const int64_t nr = fp64 ? kPanel<double> : kPanel<float>;
+  const int threads = loop_threads(d, nr);
+  return {threads, step_slice(d, nr, Team{0, threads}).shared ? 1 : 0};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
+  m.def("cpu_loop_plan(str cell, int batch, int hidden, int hidden_out, bool proj, bool fp64) -> int[]",
+        &cpu_loop_plan);
   m.def("cpu_rnn_layer(str cell, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
         "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool need_workspace) "
         "-> (Tensor, Tensor, Tensor, Tensor)");

@@ -1,0 +1,74 @@
+"""The CPU backend's thread team (csrc/cpu/rnn_layer.cpp, StepSlice): the recurrence splits over threads by
+hidden units (barrier per step, double-buffered h) or by batch rows (no barrier). Each split, with uneven
+parts (3 threads), projection, lengths and reverse, against the fp64 reference, outputs and every gradient."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedrnn
+from fusedrnn import functional, reference
+from helpers import CELLS, assert_close_to_reference, make_layer_args, run_and_grad
+
+pytestmark = pytest.mark.skipif(fusedrnn.extension_error() is not None, reason="needs the C++ extension")
+
+
+def plan(cell, B, H, H_out, proj, dtype):
+    return list(torch.ops.fusedrnn.cpu_loop_plan(cell, B, H, H_out, proj, dtype == torch.float64))
+
+
+@pytest.fixture
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+# (B, H, proj): units split (fp64 panels are 16 units wide: H=97 gives 7 blocks, proj 37 gives 3), rows split
+# (H=16 is one block, so only the 130 rows can be shared).
+SPLITS = {"units": (4, 97, 0), "units_proj": (3, 70, 37), "rows": (130, 16, 0)}
+
+
+@pytest.mark.parametrize("threads", [2, 3], indirect=True)
+@pytest.mark.parametrize("split", list(SPLITS))
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("lengths,reverse", [(False, False), (True, True), (True, False)])
+def test_team_split_matches_reference(cell, split, threads, lengths, reverse):
+    B, H, proj = SPLITS[split]
+    if proj and cell != "lstm":
+        pytest.skip("projection is LSTM-only")
+    T = 6
+    expected_plan = [threads, 0 if split == "rows" else 1]
+    assert plan(cell, B, H, proj or H, bool(proj), torch.float64) == expected_plan
+    lens = [(T - b) % (T + 1) for b in range(B)] if lengths else None  # includes 0 and T
+    args = make_layer_args(cell, T, B, 5, H, proj=proj, lengths=lens, reverse=reverse)
+    ref_out, ref_grads = run_and_grad(lambda **a: reference.rnn_layer(cell, **a), args)
+    with fusedrnn.use_backend("cpu"):
+        out, grads = run_and_grad(lambda **a: functional.rnn_layer(cell, **a), args)
+    for name, a, b in zip(("y", "h_n", "c_n"), out, ref_out):
+        assert_close_to_reference(name, a, b)
+    for name, g in ref_grads.items():
+        assert_close_to_reference(f"grad {name}", grads[name], g)
+
+
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_small_steps_stay_on_one_thread(threads):
+    assert plan("lstm", 1, 32, 32, False, torch.float32) == [1, 0]
+    assert plan("lstm", 1, 256, 256, False, torch.float32) == [2, 1]
+
+
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_team_fp32(threads):
+    T, B, H = 9, 3, 129  # 5 fp32 blocks, the last one unit wide
+    assert plan("lstm", B, H, H, False, torch.float32) == [2, 1]
+    args = make_layer_args("lstm", T, B, 7, H, dtype=torch.float32)
+    ref_out, ref_grads = run_and_grad(lambda **a: reference.rnn_layer("lstm", **a),
+                                      {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                                           else v) for k, v in args.items()})
+    with fusedrnn.use_backend("cpu"):
+        out, grads = run_and_grad(lambda **a: functional.rnn_layer("lstm", **a), args)
+    for name, a, b in zip(("y", "h_n", "c_n"), out, ref_out):
+        assert_close_to_reference(name, a, b)
+    for name, g in ref_grads.items():
+        assert_close_to_reference(f"grad {name}", grads[name], g)
