@@ -199,8 +199,15 @@ StepSlice step_slice(const Dims& d, int64_t nr, const Team& team) {
 // ---------------------------------------------------------------------------------------------------
 // h is double-buffered (h_buf [2, B, H_out]): in a unit split, a thread writes its units of step s's h while
 // another still reads all of step s-1's h in its GEMM.
+// The input projection runs inside the loop, `chunk` steps at a time (~64 rows of x): each thread computes
+// the gate columns of its own units (or its own rows), so no barrier guards it, and the chunk's [rows, G*H]
+// pre-activations are still in L2 when its steps read them. Hoisted over all T*B rows up front, they came
+// back from memory: the load of x_gates was 22% of the LSTM pointwise pass at T=64, B=16, H=256.
+inline int64_t projection_chunk(const Dims& d) { return std::clamp<int64_t>(64 / d.B, 1, d.T); }
+
 template <typename T>
-void forward_loop(const Dims& d, const std::vector<int64_t>& len, const T* x_gates, const PackedB<T>& w_hh_t,
+void forward_loop(const Dims& d, const std::vector<int64_t>& len, const T* x, const PackedB<T>& w_ih_t,
+                  T* x_gates, const PackedB<T>& w_hh_t,
                   const T* bias, const T* bias_hn, const PackedB<T>& w_hr_t, T* h_buf, T* c, T* y, T* ws,
                   int64_t ws_stride, T* h_gates, T* r_buf, T* h_proj) {
   constexpr int64_t NR = kPanel<T>;
@@ -210,13 +217,29 @@ void forward_loop(const Dims& d, const std::vector<int64_t>& len, const T* x_gat
     const int64_t rows = sl.b1 - sl.b0;
     const int64_t j0 = sl.u0 * NR, n = std::min(sl.u1 * NR, d.H) - j0;
     const int64_t k0 = sl.o0 * NR, n_out = std::min(sl.o1 * NR, d.H_out) - k0;
+    const int64_t chunk = projection_chunk(d);
+    int64_t t_first = 0;  // earliest time of the current chunk
     for (int64_t s = 0; s < d.T; ++s) {
       const int64_t t = step_time(d, s);
+      if (s % chunk == 0) {
+        const int64_t steps = std::min(chunk, d.T - s);
+        t_first = d.reverse ? t - steps + 1 : t;
+        if (!sl.shared && team.size > 1) {  // batch rows split: this thread's rows of each step
+          for (int64_t i = 0; i < steps; ++i) {
+            const int64_t row = (t_first + i) * d.B + sl.b0;
+            gemm_panels<T>(rows, 0, w_ih_t.panels(), x + row * d.I, d.I, w_ih_t, T(0),
+                           x_gates + (i * d.B + sl.b0) * GH, GH);
+          }
+        } else {  // this thread's units, every row of the chunk
+          gemm_panels<T>(steps * d.B, sl.u0 * d.G, sl.u1 * d.G, x + t_first * d.B * d.I, d.I, w_ih_t, T(0),
+                         x_gates, GH);
+        }
+      }
       const T* h_in = h_buf + (s % 2) * d.B * d.H_out;
       T* h_out = h_buf + ((s + 1) % 2) * d.B * d.H_out;
       gemm_panels<T>(rows, sl.u0 * d.G, sl.u1 * d.G, h_in + sl.b0 * d.H_out, d.H_out, w_hh_t, T(0),
                      h_gates + sl.b0 * GH, GH);
-      const T* xg_t = x_gates + t * d.B * GH;
+      const T* xg_t = x_gates + (t - t_first) * d.B * GH;
       T* y_t = y + t * d.B * d.H_out;
       T* ws_t = ws + t * d.B * ws_stride;  // ws_stride == 0: one scratch row block reused every step
       for (int64_t b = sl.b0; b < sl.b1; ++b) {
@@ -264,11 +287,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_rnn_layer(
   check_args(d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
   const auto len = valid_lengths(d, lengths);
 
-  // Input projection of all steps in one GEMM (biases are added in the step). The packed kernel of
-  // cpu/blas.h, not at::mm: ~110 GFLOP/s per Zen 4 core at m = T*B >= 64, where torch's MKL takes its generic
-  // AMD path at ~75-84.
+  // The input projection runs chunk by chunk inside the loop (forward_loop), on the packed kernel of
+  // cpu/blas.h rather than at::mm: ~110 GFLOP/s per Zen 4 core at m >= 16, where torch's MKL takes its
+  // generic AMD path at ~75-84. Biases are added in the step.
   const int64_t GH = d.G * d.H;
-  Tensor x_gates = scratch(Scratch::kGates, {d.T * d.B, GH}, x.scalar_type());
+  Tensor x_gates = scratch(Scratch::kGates, {projection_chunk(d) * d.B, GH}, x.scalar_type());
   Tensor y = at::empty({d.T, d.B, d.H_out}, x.options());
   Tensor h_buf = at::empty({2, d.B, d.H_out}, x.options());
   h_buf[0].copy_(h0);
@@ -296,10 +319,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_rnn_layer(
     using T = scalar_t;
     // W^T packed once per call, gate-interleaved (see PackedB in cpu/blas.h).
     const auto w_ih_t = pack_b<T>(Scratch::kPackIn, w_ih.data_ptr<T>(), d.I, d.G, d.H, 1, d.I);
-    gemm_packed<T>(d.T * d.B, x.data_ptr<T>(), w_ih_t, T(0), x_gates.data_ptr<T>());
     const auto w_hh_t = pack_b<T>(Scratch::kPackRec, w_hh.data_ptr<T>(), d.H_out, d.G, d.H, 1, d.H_out);
     const auto w_hr_t = d.proj ? pack_b<T>(Scratch::kPackProj, w_hr->data_ptr<T>(), d.H, 1, d.H_out, 1, d.H) : PackedB<T>();
-    forward_loop<T>(d, len, x_gates.data_ptr<T>(), w_hh_t, bias.data_ptr<T>(), bias_hn.data_ptr<T>(), w_hr_t,
+    forward_loop<T>(d, len, x.data_ptr<T>(), w_ih_t, x_gates.data_ptr<T>(), w_hh_t, bias.data_ptr<T>(), bias_hn.data_ptr<T>(), w_hr_t,
                     h_buf.data_ptr<T>(), c0 ? c.data_ptr<T>() : nullptr, y.data_ptr<T>(),
                     (need_workspace ? ws : ws_scratch).data_ptr<T>(), need_workspace ? d.ws : 0,
                     h_gates.data_ptr<T>(), r_buf.data_ptr<T>(), h_proj.data_ptr<T>());
