@@ -25,10 +25,11 @@ def threads(request):
     torch.set_num_threads(before)
 
 
-# (T, B, H, proj): units split (fp64 panels are 16 units wide: H=97 gives 7 blocks, proj 37 gives 3), rows
-# split (H=16 is one block, so only the 130 rows can be shared). The input projection runs in chunks of
-# 64 // B steps: T=37 gives chunks of 16, 16, 5 (B=4) and 21, 16 (B=3).
-SPLITS = {"units": (37, 4, 97, 0), "units_proj": (37, 3, 70, 37), "rows": (6, 130, 16, 0)}
+# (T, B, H, proj): units split (fp64 panels are 16 units wide: H=97 gives 7 blocks, proj 37 gives 3); rows
+# split because H=16 is one block, or because every thread gets 8 rows of small weights (B=24, H=40). The
+# input projection runs in chunks of 64 // B steps: T=37 gives chunks of 16, 16, 5 (B=4) and 21, 16 (B=3).
+SPLITS = {"units": (37, 4, 97, 0), "units_proj": (37, 3, 70, 37), "rows": (6, 130, 16, 0),
+          "rows_preferred": (9, 24, 40, 0)}
 CASES = [(cell, split) for cell in CELLS for split in SPLITS if cell == "lstm" or not SPLITS[split][3]]
 
 
@@ -37,7 +38,7 @@ CASES = [(cell, split) for cell in CELLS for split in SPLITS if cell == "lstm" o
 @pytest.mark.parametrize("lengths,reverse", [(False, False), (True, True), (True, False)])
 def test_team_split_matches_reference(cell, split, threads, lengths, reverse):
     T, B, H, proj = SPLITS[split]
-    expected_plan = [1, 0] if threads == 1 else [threads, 0 if split == "rows" else 1]
+    expected_plan = [1, 0] if threads == 1 else [threads, 0 if split.startswith("rows") else 1]
     assert plan(cell, B, H, proj or H, bool(proj), torch.float64) == expected_plan
     lens = [(T - 7 * b) % (T + 1) for b in range(B)] if lengths else None  # T first; 0 once B > T
     args = make_layer_args(cell, T, B, 5, H, proj=proj, lengths=lens, reverse=reverse)
