@@ -246,7 +246,8 @@ class _RecurrentLayers(nn.Module):
                 layer_input = torch.cat(outputs, -1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
-        return layer_input, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
+        stack = lambda states: states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)  # noqa: E731
+        return layer_input, stack(h_n), (stack(c_n) if c0 is not None else None)
 
     def _forward(self, input, hx, lengths: LengthsLike):
         x, lengths, is_batched, packed = self._normalise_input(input, lengths)

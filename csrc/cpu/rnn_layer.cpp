@@ -169,6 +169,8 @@ struct StepSlice {
   int64_t u0 = 0, u1 = 0;  // unit blocks of H (panels [u0*G, u1*G) of the packed W_hh^T)
   int64_t o0 = 0, o1 = 0;  // unit blocks of H_out
   bool shared = false;     // other threads work on the same rows: barriers needed
+  int64_t j0 = 0, n = 0;      // the units of H those blocks cover: [j0, j0 + n)
+  int64_t k0 = 0, n_out = 0;  // and of H_out
 };
 
 inline int64_t unit_blocks(int64_t width, int64_t nr) { return (width + nr - 1) / nr; }
@@ -192,14 +194,15 @@ StepSlice step_slice(const Dims& d, int64_t nr, const Team& team) {
   StepSlice sl;
   const int64_t blocks_h = unit_blocks(d.H, nr), blocks_o = unit_blocks(d.H_out, nr);
   sl.b0 = 0, sl.b1 = d.B, sl.u0 = 0, sl.u1 = blocks_h, sl.o0 = 0, sl.o1 = blocks_o;
-  if (team.size == 1) return sl;
-  if (split_by_units(d, nr, team.size)) {
+  if (team.size > 1 && split_by_units(d, nr, team.size)) {
     std::tie(sl.u0, sl.u1) = split_range(blocks_h, team.id, team.size);
     std::tie(sl.o0, sl.o1) = split_range(blocks_o, team.id, team.size);
     sl.shared = true;
-  } else {
+  } else if (team.size > 1) {
     std::tie(sl.b0, sl.b1) = split_range(d.B, team.id, team.size);
   }
+  sl.j0 = sl.u0 * nr, sl.n = std::min(sl.u1 * nr, d.H) - sl.j0;
+  sl.k0 = sl.o0 * nr, sl.n_out = std::min(sl.o1 * nr, d.H_out) - sl.k0;
   return sl;
 }
 
@@ -223,9 +226,7 @@ void forward_loop(const Dims& d, const std::vector<int64_t>& len, const T* x, co
   const int64_t GH = d.G * d.H;
   run_team(loop_threads(d, NR), [&](Team team) {
     const StepSlice sl = step_slice(d, NR, team);
-    const int64_t rows = sl.b1 - sl.b0;
-    const int64_t j0 = sl.u0 * NR, n = std::min(sl.u1 * NR, d.H) - j0;
-    const int64_t k0 = sl.o0 * NR, n_out = std::min(sl.o1 * NR, d.H_out) - k0;
+    const int64_t rows = sl.b1 - sl.b0, j0 = sl.j0, n = sl.n, k0 = sl.k0, n_out = sl.n_out;
     const int64_t chunk = projection_chunk(d);
     int64_t t_first = 0;  // earliest time of the current chunk
     for (int64_t s = 0; s < d.T; ++s) {
@@ -414,9 +415,7 @@ void backward_loop(const Dims& d, const std::vector<int64_t>& len, const PackedB
   const int64_t GH = d.G * d.H;
   run_team(loop_threads(d, NR), [&](Team team) {
     const StepSlice sl = step_slice(d, NR, team);
-    const int64_t rows = sl.b1 - sl.b0;
-    const int64_t j0 = sl.u0 * NR, n = std::min(sl.u1 * NR, d.H) - j0;
-    const int64_t k0 = sl.o0 * NR, n_out = std::min(sl.o1 * NR, d.H_out) - k0;
+    const int64_t rows = sl.b1 - sl.b0, j0 = sl.j0, n = sl.n, k0 = sl.k0, n_out = sl.n_out;
     for (int64_t s = d.T - 1; s >= 0; --s) {
       const int64_t t = step_time(d, s);
       // grad_out = dL/dh_t for valid rows (zero for invalid ones: that step did nothing).
