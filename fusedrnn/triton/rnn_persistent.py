@@ -36,6 +36,35 @@ from .cell_math import INTERPRET, configs, grid_barrier, mm, sigmoid, tanh
 
 
 @triton.jit
+def _program_tile(B, H: tl.constexpr, HO: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_HO: tl.constexpr):
+    """This program's batch rows, hidden units and state features (ks covers all HO), their masks, and the
+    [units, rows] / [features, rows] tile masks."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ks = tl.arange(0, BLOCK_HO)
+    rmask, umask, kmask = rows < B, units < H, ks < HO
+    return rows, units, ks, rmask, umask, kmask, umask[:, None] & rmask[None, :], kmask[:, None] & rmask[None, :]
+
+
+@triton.jit
+def _load_lengths(len_ptr, rows, rmask, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """[BLOCK_B] int32 sequence lengths (zeros, unused, without HAS_LENGTHS)."""
+    if HAS_LENGTHS:
+        return tl.load(len_ptr + rows, mask=rmask, other=0).to(tl.int32)
+    return tl.zeros([BLOCK_B], tl.int32)
+
+
+@triton.jit
+def _time_of_step(s, T, REVERSE: tl.constexpr, BACKWARD: tl.constexpr):
+    """The time processed at loop iteration s: a forward pass runs in the layer's direction, its backward
+    pass against it."""
+    if REVERSE == BACKWARD:
+        return s
+    return T - 1 - s
+
+
+@triton.jit
 def _w_tile(w_ptr, m_idx, m_mask, k_idx, k_mask, stride, TRANSPOSE: tl.constexpr):
     """[M, K] tile: W[m, k] (row stride `stride`), or W[k, m] with TRANSPOSE; zeros where masked."""
     if TRANSPOSE:
@@ -85,6 +114,31 @@ def _barrier_state(h0_ptr, hbuf_ptr, s, B, rows, ks, m_k, HO: tl.constexpr, BLOC
     return h_in
 
 
+@triton.jit
+def _keep_invalid(new, old, t, lens, HAS_LENGTHS: tl.constexpr):
+    """The state after step t: `new` where the step is valid (t < length), else `old` unchanged."""
+    if HAS_LENGTHS:
+        return tl.where((t < lens)[None, :], new, old)
+    return new
+
+
+@triton.jit
+def _end_forward_step(h_new, h, s, t, T, lens, y_ptr, hbuf_ptr, sync_ptr, B, rows, cols, m,
+                      HO: tl.constexpr, BLOCK_HO: tl.constexpr, HAS_LENGTHS: tl.constexpr, BARRIER: tl.constexpr):
+    """Every forward kernel's step tail: stores y_t (zeros at invalid steps), and with BARRIER publishes the
+    state columns `cols` and waits for the batch tile's other programs. Returns the state carried on."""
+    h = _keep_invalid(h_new, h, t, lens, HAS_LENGTHS)
+    out = _keep_invalid(h_new, tl.zeros_like(h_new), t, lens, HAS_LENGTHS)
+    tl.store(y_ptr + t.to(tl.int64) * B * HO + rows[None, :] * HO + cols[:, None],
+             out.to(y_ptr.dtype.element_ty), mask=m)
+    if BARRIER:
+        hb_next = hbuf_ptr + ((s + 1) % 2) * B * BLOCK_HO
+        tl.store(hb_next + rows[None, :] * BLOCK_HO + cols[:, None], h.to(y_ptr.dtype.element_ty), mask=m)
+        if s + 1 < T:  # nothing reads the state after the last step
+            grid_barrier(sync_ptr + tl.program_id(0), (s + 1) * tl.num_programs(1))
+    return h
+
+
 # ---------------------------------------------------------------------------------------------------
 # LSTM
 # ---------------------------------------------------------------------------------------------------
@@ -106,13 +160,7 @@ def lstm_persistent_fwd_kernel(
         BLOCK_H: tl.constexpr, BLOCK_HO: tl.constexpr, BLOCK_B: tl.constexpr):
     tl.static_assert(not (HAS_PROJ and BARRIER), "the projection needs all units of a step in one program")
     dt = y_ptr.dtype.element_ty
-    pid_b = tl.program_id(0)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # this program's hidden units
-    ks = tl.arange(0, BLOCK_HO)  # features of h_{t-1}
-    rmask, umask, kmask = rows < B, units < H, ks < HO
-    m_u = umask[:, None] & rmask[None, :]
-    m_k = kmask[:, None] & rmask[None, :]
+    rows, units, ks, rmask, umask, kmask, m_u, m_k = _program_tile(B, H, HO, BLOCK_B, BLOCK_H, BLOCK_HO)
 
     w_i = _w_tile(w_hh_ptr, units, umask, ks, kmask, HO, False)  # [BLOCK_H, BLOCK_HO] per gate
     w_f = _w_tile(w_hh_ptr, units + H, umask, ks, kmask, HO, False)
@@ -136,15 +184,11 @@ def lstm_persistent_fwd_kernel(
     # State in fp32 across steps, [features, BLOCK_B].
     h = tl.load(h0_ptr + rows[None, :] * HO + ocols[:, None], mask=m_o, other=0.0).to(tl.float32)
     c = tl.load(c0_ptr + rows[None, :] * H + units[:, None], mask=m_u, other=0.0).to(tl.float32)
-    if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=rmask, other=0).to(tl.int32)
+    lens = _load_lengths(len_ptr, rows, rmask, HAS_LENGTHS, BLOCK_B)
     WS = 6 * H if HAS_PROJ else 5 * H
 
     for s in range(T):
-        if REVERSE:
-            t = T - 1 - s
-        else:
-            t = s
+        t = _time_of_step(s, T, REVERSE, False)
         t64 = t.to(tl.int64)
         if BARRIER:  # the whole h_{t-1}, published by every program of this batch tile
             h_in = _barrier_state(h0_ptr, hbuf_ptr, s, B, rows, ks, m_k, HO, BLOCK_HO)
@@ -170,21 +214,9 @@ def lstm_persistent_fwd_kernel(
             tl.store(wsp + 4 * H, c_new.to(dt), mask=m_u)
             if HAS_PROJ:
                 tl.store(wsp + 5 * H, r.to(dt), mask=m_u)
-        if HAS_LENGTHS:  # an invalid step keeps the state and writes zeros
-            valid = (t < lens)[None, :]
-            c = tl.where(valid, c_new, c)
-            h = tl.where(valid, h_new, h)
-            out = tl.where(valid, h_new, 0.0)
-        else:
-            c = c_new
-            h = h_new
-            out = h_new
-        tl.store(y_ptr + t64 * B * HO + rows[None, :] * HO + ocols[:, None], out.to(dt), mask=m_o)
-        if BARRIER:
-            hb_next = hbuf_ptr + ((s + 1) % 2) * B * BLOCK_HO
-            tl.store(hb_next + rows[None, :] * BLOCK_HO + ocols[:, None], h.to(dt), mask=m_o)
-            if s + 1 < T:  # nothing reads the state after the last step
-                grid_barrier(sync_ptr + pid_b, (s + 1) * tl.num_programs(1))
+        c = _keep_invalid(c_new, c, t, lens, HAS_LENGTHS)  # an invalid step keeps the state, writes zeros
+        h = _end_forward_step(h_new, h, s, t, T, lens, y_ptr, hbuf_ptr, sync_ptr, B, rows, ocols, m_o, HO,
+                              BLOCK_HO, HAS_LENGTHS, BARRIER)
 
     tl.store(hn_ptr + rows[None, :] * HO + ocols[:, None], h.to(dt), mask=m_o)
     tl.store(cn_ptr + rows[None, :] * H + units[:, None], c.to(dt), mask=m_u)
@@ -208,12 +240,7 @@ def lstm_persistent_bwd_kernel(
     tl.static_assert(not (HAS_PROJ and BARRIER), "the projection needs all units of a step in one program")
     dt = dg_ptr.dtype.element_ty
     pid_b = tl.program_id(0)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    ks = tl.arange(0, BLOCK_HO)
-    rmask, umask, kmask = rows < B, units < H, ks < HO
-    m_u = umask[:, None] & rmask[None, :]
-    m_k = kmask[:, None] & rmask[None, :]
+    rows, units, ks, rmask, umask, kmask, m_u, m_k = _program_tile(B, H, HO, BLOCK_B, BLOCK_H, BLOCK_HO)
 
     if BARRIER:
         # grad h_{t-1}[units] = sum_g W_g[:, units]^T @ dg_g[all units]: [BLOCK_H, BLOCK_HO] (HO == H); the
@@ -240,16 +267,11 @@ def lstm_persistent_bwd_kernel(
     m_o = omask[:, None] & rmask[None, :]
     gh = tl.load(ghn_ptr + rows[None, :] * HO + ocols[:, None], mask=m_o, other=0.0).to(tl.float32)
     gc = tl.load(gcn_ptr + rows[None, :] * H + units[:, None], mask=m_u, other=0.0).to(tl.float32)
-    lens = tl.zeros([BLOCK_B], tl.int32)
-    if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=rmask, other=0).to(tl.int32)
+    lens = _load_lengths(len_ptr, rows, rmask, HAS_LENGTHS, BLOCK_B)
     WS = 6 * H if HAS_PROJ else 5 * H
 
     for s in range(T):
-        if REVERSE:
-            t = s
-        else:
-            t = T - 1 - s
+        t = _time_of_step(s, T, REVERSE, True)
         t64 = t.to(tl.int64)
         go = gh + tl.load(gy_ptr + t64 * B * HO + rows[None, :] * HO + ocols[:, None], mask=m_o,
                           other=0.0).to(tl.float32)
@@ -339,13 +361,7 @@ def gru_persistent_fwd_kernel(
         BARRIER: tl.constexpr, DOT_FP32: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_HO: tl.constexpr, BLOCK_B: tl.constexpr):
     dt = y_ptr.dtype.element_ty
-    pid_b = tl.program_id(0)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    ks = tl.arange(0, BLOCK_HO)
-    rmask, umask, kmask = rows < B, units < H, ks < H
-    m_u = umask[:, None] & rmask[None, :]
-    m_k = kmask[:, None] & rmask[None, :]
+    rows, units, ks, rmask, umask, kmask, m_u, m_k = _program_tile(B, H, H, BLOCK_B, BLOCK_H, BLOCK_HO)
 
     w_r = _w_tile(w_hh_ptr, units, umask, ks, kmask, H, False)
     w_z = _w_tile(w_hh_ptr, units + H, umask, ks, kmask, H, False)
@@ -358,14 +374,10 @@ def gru_persistent_fwd_kernel(
     b_hn = _bias(b_hh_ptr, b_hh_ptr, 2 * H, units, umask & HAS_BIAS, False)
 
     h = tl.load(h0_ptr + rows[None, :] * H + units[:, None], mask=m_u, other=0.0).to(tl.float32)
-    if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=rmask, other=0).to(tl.int32)
+    lens = _load_lengths(len_ptr, rows, rmask, HAS_LENGTHS, BLOCK_B)
 
     for s in range(T):
-        if REVERSE:
-            t = T - 1 - s
-        else:
-            t = s
+        t = _time_of_step(s, T, REVERSE, False)
         t64 = t.to(tl.int64)
         if BARRIER:
             h_in = _barrier_state(h0_ptr, hbuf_ptr, s, B, rows, ks, m_k, H, BLOCK_HO)
@@ -383,19 +395,8 @@ def gru_persistent_fwd_kernel(
             tl.store(wsp + H, z.to(dt), mask=m_u)
             tl.store(wsp + 2 * H, n.to(dt), mask=m_u)
             tl.store(wsp + 3 * H, hn.to(dt), mask=m_u)
-        if HAS_LENGTHS:
-            valid = (t < lens)[None, :]
-            h = tl.where(valid, h_new, h)
-            out = tl.where(valid, h_new, 0.0)
-        else:
-            h = h_new
-            out = h_new
-        tl.store(y_ptr + t64 * B * H + rows[None, :] * H + units[:, None], out.to(dt), mask=m_u)
-        if BARRIER:
-            hb_next = hbuf_ptr + ((s + 1) % 2) * B * BLOCK_HO
-            tl.store(hb_next + rows[None, :] * BLOCK_HO + units[:, None], h.to(dt), mask=m_u)
-            if s + 1 < T:  # nothing reads the state after the last step
-                grid_barrier(sync_ptr + pid_b, (s + 1) * tl.num_programs(1))
+        h = _end_forward_step(h_new, h, s, t, T, lens, y_ptr, hbuf_ptr, sync_ptr, B, rows, units, m_u, H,
+                              BLOCK_HO, HAS_LENGTHS, BARRIER)
 
     tl.store(hn_ptr + rows[None, :] * H + units[:, None], h.to(dt), mask=m_u)
 
@@ -417,12 +418,7 @@ def gru_persistent_bwd_kernel(
         BLOCK_H: tl.constexpr, BLOCK_HO: tl.constexpr, BLOCK_B: tl.constexpr):
     dt = dgx_ptr.dtype.element_ty
     pid_b = tl.program_id(0)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    ks = tl.arange(0, BLOCK_HO)
-    rmask, umask, kmask = rows < B, units < H, ks < H
-    m_u = umask[:, None] & rmask[None, :]
-    m_k = kmask[:, None] & rmask[None, :]
+    rows, units, ks, rmask, umask, kmask, m_u, m_k = _program_tile(B, H, H, BLOCK_B, BLOCK_H, BLOCK_HO)
 
     if BARRIER:  # [BLOCK_H, BLOCK_HO]: W_g[all units, units]^T
         w_r = _w_tile(w_hh_ptr, units, umask, ks, kmask, H, True)
@@ -435,15 +431,10 @@ def gru_persistent_bwd_kernel(
     if DOT_FP32:
         w_r, w_z, w_n = w_r.to(tl.float32), w_z.to(tl.float32), w_n.to(tl.float32)
     gh = tl.load(ghn_ptr + rows[None, :] * H + units[:, None], mask=m_u, other=0.0).to(tl.float32)
-    lens = tl.zeros([BLOCK_B], tl.int32)
-    if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=rmask, other=0).to(tl.int32)
+    lens = _load_lengths(len_ptr, rows, rmask, HAS_LENGTHS, BLOCK_B)
 
     for s in range(T):
-        if REVERSE:
-            t = s
-        else:
-            t = T - 1 - s
+        t = _time_of_step(s, T, REVERSE, True)
         t64 = t.to(tl.int64)
         go = gh + tl.load(gy_ptr + t64 * B * H + rows[None, :] * H + units[:, None], mask=m_u,
                           other=0.0).to(tl.float32)
@@ -512,27 +503,17 @@ def rnn_persistent_fwd_kernel(
         BARRIER: tl.constexpr, DOT_FP32: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_HO: tl.constexpr, BLOCK_B: tl.constexpr):
     dt = y_ptr.dtype.element_ty
-    pid_b = tl.program_id(0)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    ks = tl.arange(0, BLOCK_HO)
-    rmask, umask, kmask = rows < B, units < H, ks < H
-    m_u = umask[:, None] & rmask[None, :]
-    m_k = kmask[:, None] & rmask[None, :]
+    rows, units, ks, rmask, umask, kmask, m_u, m_k = _program_tile(B, H, H, BLOCK_B, BLOCK_H, BLOCK_HO)
 
     w = _w_tile(w_hh_ptr, units, umask, ks, kmask, H, False)
     if DOT_FP32:
         w = w.to(tl.float32)
     b = _bias(b_ih_ptr, b_hh_ptr, 0, units, umask & HAS_BIAS, True)
     h = tl.load(h0_ptr + rows[None, :] * H + units[:, None], mask=m_u, other=0.0).to(tl.float32)
-    if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=rmask, other=0).to(tl.int32)
+    lens = _load_lengths(len_ptr, rows, rmask, HAS_LENGTHS, BLOCK_B)
 
     for s in range(T):
-        if REVERSE:
-            t = T - 1 - s
-        else:
-            t = s
+        t = _time_of_step(s, T, REVERSE, False)
         t64 = t.to(tl.int64)
         if BARRIER:
             h_in = _barrier_state(h0_ptr, hbuf_ptr, s, B, rows, ks, m_k, H, BLOCK_HO)
@@ -544,19 +525,8 @@ def rnn_persistent_fwd_kernel(
             h_new = tl.maximum(pre, 0.0)
         else:
             h_new = tanh(pre)
-        if HAS_LENGTHS:
-            valid = (t < lens)[None, :]
-            h = tl.where(valid, h_new, h)
-            out = tl.where(valid, h_new, 0.0)
-        else:
-            h = h_new
-            out = h_new
-        tl.store(y_ptr + t64 * B * H + rows[None, :] * H + units[:, None], out.to(dt), mask=m_u)
-        if BARRIER:
-            hb_next = hbuf_ptr + ((s + 1) % 2) * B * BLOCK_HO
-            tl.store(hb_next + rows[None, :] * BLOCK_HO + units[:, None], h.to(dt), mask=m_u)
-            if s + 1 < T:  # nothing reads the state after the last step
-                grid_barrier(sync_ptr + pid_b, (s + 1) * tl.num_programs(1))
+        h = _end_forward_step(h_new, h, s, t, T, lens, y_ptr, hbuf_ptr, sync_ptr, B, rows, units, m_u, H,
+                              BLOCK_HO, HAS_LENGTHS, BARRIER)
 
     tl.store(hn_ptr + rows[None, :] * H + units[:, None], h.to(dt), mask=m_u)
 
@@ -575,12 +545,7 @@ def rnn_persistent_bwd_kernel(
         DOT_FP32: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HO: tl.constexpr, BLOCK_B: tl.constexpr):
     dt = dg_ptr.dtype.element_ty
     pid_b = tl.program_id(0)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    ks = tl.arange(0, BLOCK_HO)
-    rmask, umask, kmask = rows < B, units < H, ks < H
-    m_u = umask[:, None] & rmask[None, :]
-    m_k = kmask[:, None] & rmask[None, :]
+    rows, units, ks, rmask, umask, kmask, m_u, m_k = _program_tile(B, H, H, BLOCK_B, BLOCK_H, BLOCK_HO)
 
     if BARRIER:
         w = _w_tile(w_hh_ptr, units, umask, ks, kmask, H, True)
@@ -589,14 +554,10 @@ def rnn_persistent_bwd_kernel(
     if DOT_FP32:
         w = w.to(tl.float32)
     gh = tl.load(ghn_ptr + rows[None, :] * H + units[:, None], mask=m_u, other=0.0).to(tl.float32)
-    if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=rmask, other=0).to(tl.int32)
+    lens = _load_lengths(len_ptr, rows, rmask, HAS_LENGTHS, BLOCK_B)
 
     for s in range(T):
-        if REVERSE:
-            t = s
-        else:
-            t = T - 1 - s
+        t = _time_of_step(s, T, REVERSE, True)
         t64 = t.to(tl.int64)
         off = t64 * B * H + rows[None, :] * H + units[:, None]
         go = gh + tl.load(gy_ptr + off, mask=m_u, other=0.0).to(tl.float32)
