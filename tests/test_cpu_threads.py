@@ -99,3 +99,20 @@ def test_portable_gemm_kernel():
     env = dict(os.environ, FUSEDRNN_CPU_PORTABLE_GEMM="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("proj", [0, 5])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_single_step_matches_reference(cell, proj, reverse):
+    """T=1 (the cells) takes at::mm instead of packed weights; a zero length keeps h0/c0 and their gradients."""
+    if proj and cell != "lstm":
+        pytest.skip("projection is LSTM-only")
+    args = make_layer_args(cell, 1, 4, 6, 9, proj=proj, lengths=[1, 0, 1, 1], reverse=reverse)
+    ref_out, ref_grads = run_and_grad(lambda **a: reference.rnn_layer(cell, **a), args)
+    with fusedrnn.use_backend("cpu"):
+        out, grads = run_and_grad(lambda **a: functional.rnn_layer(cell, **a), args)
+    for name, a, b in zip(("y", "h_n", "c_n"), out, ref_out):
+        assert_close_to_reference(name, a, b)
+    for name, g in ref_grads.items():
+        assert_close_to_reference(f"grad {name}", grads[name], g)
