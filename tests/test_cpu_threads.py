@@ -25,6 +25,19 @@ def threads(request):
     torch.set_num_threads(before)
 
 
+def check_cpu_against_reference(cell, args):
+    """The cpu backend's outputs and every gradient against the reference run in fp64 on the same values."""
+    args64 = {k: (v.detach().double().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                  else v) for k, v in args.items()}
+    ref_out, ref_grads = run_and_grad(lambda **a: reference.rnn_layer(cell, **a), args64)
+    with fusedrnn.use_backend("cpu"):
+        out, grads = run_and_grad(lambda **a: functional.rnn_layer(cell, **a), args)
+    for name, a, b in zip(("y", "h_n", "c_n"), out, ref_out):
+        assert_close_to_reference(name, a, b)
+    for name, g in ref_grads.items():
+        assert_close_to_reference(f"grad {name}", grads[name], g)
+
+
 # (T, B, H, proj): units split (fp64 panels are 16 units wide: H=97 gives 7 blocks, proj 37 gives 3); rows
 # split because H=16 is one block, or because every thread gets 8 rows of small weights (B=24, H=40). The
 # input projection runs in chunks of 64 // B steps: T=37 gives chunks of 16, 16, 5 (B=4) and 21, 16 (B=3).
@@ -42,13 +55,7 @@ def test_team_split_matches_reference(cell, split, threads, lengths, reverse):
     assert plan(cell, B, H, proj or H, bool(proj), torch.float64) == expected_plan
     lens = [(T - 7 * b) % (T + 1) for b in range(B)] if lengths else None  # T first; 0 once B > T
     args = make_layer_args(cell, T, B, 5, H, proj=proj, lengths=lens, reverse=reverse)
-    ref_out, ref_grads = run_and_grad(lambda **a: reference.rnn_layer(cell, **a), args)
-    with fusedrnn.use_backend("cpu"):
-        out, grads = run_and_grad(lambda **a: functional.rnn_layer(cell, **a), args)
-    for name, a, b in zip(("y", "h_n", "c_n"), out, ref_out):
-        assert_close_to_reference(name, a, b)
-    for name, g in ref_grads.items():
-        assert_close_to_reference(f"grad {name}", grads[name], g)
+    check_cpu_against_reference(cell, args)
 
 
 @pytest.mark.parametrize("threads", [2], indirect=True)
@@ -62,15 +69,7 @@ def test_team_fp32(threads):
     T, B, H = 9, 3, 129  # 5 fp32 blocks, the last one unit wide
     assert plan("lstm", B, H, H, False, torch.float32) == [2, 1]
     args = make_layer_args("lstm", T, B, 7, H, dtype=torch.float32)
-    ref_out, ref_grads = run_and_grad(lambda **a: reference.rnn_layer("lstm", **a),
-                                      {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point()
-                                           else v) for k, v in args.items()})
-    with fusedrnn.use_backend("cpu"):
-        out, grads = run_and_grad(lambda **a: functional.rnn_layer("lstm", **a), args)
-    for name, a, b in zip(("y", "h_n", "c_n"), out, ref_out):
-        assert_close_to_reference(name, a, b)
-    for name, g in ref_grads.items():
-        assert_close_to_reference(f"grad {name}", grads[name], g)
+    check_cpu_against_reference("lstm", args)
 
 
 def test_portable_gemm_kernel():
@@ -109,10 +108,4 @@ def test_single_step_matches_reference(cell, proj, reverse):
     if proj and cell != "lstm":
         pytest.skip("projection is LSTM-only")
     args = make_layer_args(cell, 1, 4, 6, 9, proj=proj, lengths=[1, 0, 1, 1], reverse=reverse)
-    ref_out, ref_grads = run_and_grad(lambda **a: reference.rnn_layer(cell, **a), args)
-    with fusedrnn.use_backend("cpu"):
-        out, grads = run_and_grad(lambda **a: functional.rnn_layer(cell, **a), args)
-    for name, a, b in zip(("y", "h_n", "c_n"), out, ref_out):
-        assert_close_to_reference(name, a, b)
-    for name, g in ref_grads.items():
-        assert_close_to_reference(f"grad {name}", grads[name], g)
+    check_cpu_against_reference(cell, args)
