@@ -107,6 +107,6 @@ def rnn_layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tens
         lengths = lengths.to(torch.int64)
     differentiable = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     need_workspace = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
-    y, h_n, c_n, _ = ops.rnn_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+    y, h_n, c_n, _ = ops.run_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
                                    need_workspace)
     return y, h_n, (c_n if cell == "lstm" else None)

@@ -2,6 +2,8 @@
 registration, AOT dispatch), torch.compile(fullgraph=True) of modules, and the need_workspace contract."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -197,7 +199,7 @@ def test_compile_aot_eager(make):
 def op_calls(monkeypatch):
     """Records (cell, T, B, H, has projection, need_workspace, workspace shape) of every fusedrnn op call."""
     calls = []
-    real = ops.rnn_layer
+    real = ops.run_layer
 
     def spy(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, need_workspace):
         out = real(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, need_workspace)
@@ -205,7 +207,7 @@ def op_calls(monkeypatch):
         calls.append((cell, x.shape[0], x.shape[1], H, w_hr is not None, need_workspace, tuple(out[3].shape)))
         return out
 
-    monkeypatch.setattr(ops, "rnn_layer", spy)
+    monkeypatch.setattr(ops, "run_layer", spy)
     return calls
 
 
@@ -283,3 +285,53 @@ def test_functional_lengths_padding_exact_zero():
         y, h, c = functional.rnn_layer(cell, **args)
         assert_close_to_reference("y", y, out)
         assert_close_to_reference("h_n", h, (state[0] if cell == "lstm" else state)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Eager fast path (ops.run_layer): plain eager calls skip the custom op; modes and tracing see the op
+# ---------------------------------------------------------------------------------------------------------
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _PassThroughFunctionMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_dispatch_mode_sees_the_op():
+    m = fusedrnn.GRU(3, 4, num_layers=2)
+    with _RecordOps() as rec:
+        m(torch.randn(5, 2, 3))
+    assert sum("fusedrnn.rnn_layer.default" in op for op in rec.ops) == 2, rec.ops
+
+
+@pytest.mark.parametrize("make", list(MODULES.values()), ids=list(MODULES))
+def test_fast_path_and_op_path_agree(make, monkeypatch):
+    """The same call eagerly (autograd.Function) and through the custom op (forced by a function mode):
+    identical outputs and gradients, bit for bit."""
+    op_calls = []
+    real_op = ops.rnn_layer
+    monkeypatch.setattr(ops, "rnn_layer", lambda *args: op_calls.append(1) or real_op(*args))
+    m, x = _run(make())
+    m.double()
+    x = x.double().requires_grad_()
+    results = []
+    for mode in (None, _PassThroughFunctionMode()):
+        m.zero_grad()
+        x.grad = None
+        ctx = mode if mode is not None else contextlib.nullcontext()
+        with ctx:
+            out = m(x)
+        flat = [o for o in (out if isinstance(out, tuple) else (out,)) for o in (o if isinstance(o, tuple) else (o,))]
+        sum(o.sum() for o in flat).backward()
+        results.append([o.detach().clone() for o in flat] + [x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
+        assert bool(op_calls) == (mode is not None)  # eager skipped the op; the mode forced it
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
