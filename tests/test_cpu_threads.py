@@ -8,7 +8,7 @@ import torch
 
 import fusedrnn
 from fusedrnn import functional, reference
-from helpers import CELLS, assert_close_to_reference, make_layer_args, run_and_grad
+from helpers import CELLS, assert_close_to_reference, cast_args, make_layer_args, run_and_grad
 
 pytestmark = pytest.mark.skipif(fusedrnn.extension_error() is not None, reason="needs the C++ extension")
 
@@ -109,3 +109,23 @@ def test_single_step_matches_reference(cell, proj, reverse):
         pytest.skip("projection is LSTM-only")
     args = make_layer_args(cell, 1, 4, 6, 9, proj=proj, lengths=[1, 0, 1, 1], reverse=reverse)
     check_cpu_against_reference(cell, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("cell,proj", [(c, 0) for c in CELLS] + [("lstm", 4)])
+@pytest.mark.parametrize("lengths,reverse", [(None, False), ([6, 2, 0], True)])
+def test_half_precision_is_computed_in_fp32(cell, proj, dtype, lengths, reverse):
+    """fp16/bf16 on the cpu backend: widened to fp32 around the kernel. Error bound: the tolerance rule of
+    tests/helpers.py (2x the spec's own error when it computes natively in that dtype, plus a few ulp)."""
+    args64 = make_layer_args(cell, 6, 3, 5, 9, proj=proj, lengths=lengths, reverse=reverse)
+    ref_out, ref_grads = run_and_grad(lambda **a: reference.rnn_layer(cell, **a), args64)
+    native_out, native_grads = run_and_grad(lambda **a: reference.rnn_layer(cell, **a, compute_dtype=dtype),
+                                            cast_args(args64, dtype))
+    with fusedrnn.use_backend("cpu"):
+        out, grads = run_and_grad(lambda **a: functional.rnn_layer(cell, **a), cast_args(args64, dtype))
+    for i, (o, r) in enumerate(zip(out, ref_out)):
+        assert o.dtype == dtype
+        assert_close_to_reference(("y", "h_n", "c_n")[i], o, r, native_out[i])
+    for name, g in ref_grads.items():
+        assert grads[name].dtype == dtype, name
+        assert_close_to_reference(f"grad {name}", grads[name], g, native_grads[name])

@@ -1,7 +1,8 @@
 """Backend "cpu": the C++ layer kernels of csrc/cpu/rnn_layer.cpp (torch ops fusedrnn::cpu_rnn_layer*).
 
-fp32 and fp64; fp16/bf16 CPU calls are refused (the dispatcher falls back to the reference, which computes
-them in fp32).
+The kernels run fp32 and fp64. fp16/bf16 calls are computed in fp32, as the spec computes them: their
+tensors are widened, the fp32 kernel runs, and what it returns (outputs, workspace, gradients) is rounded
+back to the call's dtype. The workspace therefore has the call's dtype, like every other backend's.
 """
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import torch
 from .._extension import extension_error, has_extension
 from .base import Backend, LayerCall
 
-_DTYPES = (torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+_WIDENED = (torch.float16, torch.bfloat16)  # computed in fp32
+
+
+def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _WIDENED else dtype
+
+
+def _to(tensors, dtype):
+    return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
 
 
 class CpuBackend(Backend):
@@ -24,16 +34,21 @@ class CpuBackend(Backend):
         return None
 
     def unsupported_reason(self, call: LayerCall):
-        if call.dtype not in _DTYPES:
-            return f"dtype {call.dtype} not supported (float32, float64 only)"
+        if call.dtype not in _KERNEL_DTYPES + _WIDENED:
+            return f"dtype {call.dtype} not supported (float16, bfloat16, float32, float64)"
         return None
 
+    def _layer_args(self, call: LayerCall):
+        args = (call.x, call.h0, call.c0, call.w_ih, call.w_hh, call.b_ih, call.b_hh, call.w_hr)
+        return _to(args, _kernel_dtype(call.dtype))
+
     def forward(self, call: LayerCall, need_workspace: bool):
-        return torch.ops.fusedrnn.cpu_rnn_layer(
-            call.cell, call.x, call.h0, call.c0, call.w_ih, call.w_hh, call.b_ih, call.b_hh, call.w_hr,
-            call.lengths, call.reverse, need_workspace)
+        out = torch.ops.fusedrnn.cpu_rnn_layer(call.cell, *self._layer_args(call), call.lengths, call.reverse,
+                                               need_workspace)
+        return tuple(_to(out, call.dtype)) if call.dtype in _WIDENED else out
 
     def backward(self, call: LayerCall, y, workspace, grad_y, grad_h_n, grad_c_n):
-        return torch.ops.fusedrnn.cpu_rnn_layer_backward(
-            call.cell, call.x, call.h0, call.c0, call.w_ih, call.w_hh, call.b_ih, call.b_hh, call.w_hr,
-            call.lengths, call.reverse, y, workspace, grad_y, grad_h_n, grad_c_n)
+        state = _to((y, workspace, grad_y, grad_h_n, grad_c_n), _kernel_dtype(call.dtype))
+        grads = torch.ops.fusedrnn.cpu_rnn_layer_backward(call.cell, *self._layer_args(call), call.lengths,
+                                                          call.reverse, *state)
+        return tuple(_to(grads, call.dtype)) if call.dtype in _WIDENED else grads
