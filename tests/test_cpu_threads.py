@@ -39,10 +39,10 @@ def check_cpu_against_reference(cell, args):
 
 
 # (T, B, H, proj): units split (fp64 panels are 16 units wide: H=97 gives 7 blocks, proj 37 gives 3); rows
-# split because H=16 is one block, or because every thread gets 8 rows of small weights (B=24, H=40). The
+# split because H=16 (or H_out=12) is one block, or because every thread gets 8 rows of small weights. The
 # input projection runs in chunks of 64 // B steps: T=37 gives chunks of 16, 16, 5 (B=4) and 21, 16 (B=3).
 SPLITS = {"units": (37, 4, 97, 0), "units_proj": (37, 3, 70, 37), "rows": (6, 130, 16, 0),
-          "rows_preferred": (9, 24, 40, 0)}
+          "rows_preferred": (9, 24, 40, 0), "rows_proj": (7, 20, 40, 12)}  # proj 12: one block of H_out
 CASES = [(cell, split) for cell in CELLS for split in SPLITS if cell == "lstm" or not SPLITS[split][3]]
 
 
