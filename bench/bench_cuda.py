@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import fusedrnn  # noqa: E402
-from fusedrnn.backends import BackendUnsupportedError, LayerCall  # noqa: E402
+from fusedrnn.backends import BackendUnsupportedError, LayerCall, scoped_environ  # noqa: E402
 from fusedrnn.backends import cuda as cuda_backend  # noqa: E402
 
 CELLS = ("lstm", "gru")
@@ -111,18 +111,8 @@ def provider_context(provider: str):
         yield
         return
     path = provider.split(":", 1)[1]
-    saved = {k: os.environ.get(k) for k in ("FUSEDRNN_BACKEND", cuda_backend.PATH_ENV)}
-    os.environ["FUSEDRNN_BACKEND"] = "cuda"
-    os.environ[cuda_backend.PATH_ENV] = path
-    try:
-        with fusedrnn.use_backend("cuda"):
-            yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with scoped_environ({"FUSEDRNN_BACKEND": "cuda", cuda_backend.PATH_ENV: path}), fusedrnn.use_backend("cuda"):
+        yield
 
 
 def make_modules(case: Case):

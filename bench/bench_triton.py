@@ -14,15 +14,15 @@ warmup absorbs it. Needs a CUDA device; --list and --help work anywhere.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
-import os
 import statistics
 import sys
 
 import torch
 
 import fusedrnn
-from fusedrnn.backends import BACKENDS, LayerCall
+from fusedrnn.backends import BACKENDS, LayerCall, scoped_environ
 from fusedrnn.backends.triton import PATHS, use_path
 
 # DeepBench-like shapes (T, B, I, H) around the persistent / barrier / alternating boundaries.
@@ -100,27 +100,12 @@ def _time(fn, repeats, warmup):
     return statistics.median(times)
 
 
-class _forced:
+@contextlib.contextmanager
+def _forced(path):
     """Backend "triton" on `path`, also for autograd's CUDA thread (it does not see context variables)."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __enter__(self):
-        self.saved = {k: os.environ.get(k) for k in ("FUSEDRNN_BACKEND", "FUSEDRNN_TRITON_PATH")}
-        os.environ.update(FUSEDRNN_BACKEND="triton", FUSEDRNN_TRITON_PATH=self.path)
-        self.stack = [fusedrnn.use_backend("triton"), use_path(self.path)]
-        for c in self.stack:
-            c.__enter__()
-
-    def __exit__(self, *exc):
-        for c in reversed(self.stack):
-            c.__exit__(*exc)
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with scoped_environ({"FUSEDRNN_BACKEND": "triton", "FUSEDRNN_TRITON_PATH": path}), \
+            fusedrnn.use_backend("triton"), use_path(path):
+        yield
 
 
 def run_case(cell, shape, dtype_name, mode, paths, repeats, warmup):

@@ -25,7 +25,7 @@ import torch
 
 import fusedrnn
 from fusedrnn import functional, reference
-from fusedrnn.backends import BACKENDS, BackendUnsupportedError, LayerCall, explain
+from fusedrnn.backends import BACKENDS, BackendUnsupportedError, LayerCall, explain, scoped_environ
 from fusedrnn.backends import cuda as cuda_backend
 from helpers import (CELLS, assert_close_to_reference, cast_args, make_layer_args, max_error, run_and_grad,
                      tolerance)
@@ -40,20 +40,8 @@ CELL_IDS = [c + ("-proj" if p else "") for c, p in CELL_PROJ]
 def on_cuda(path=None):
     """Backend "cuda" (on `path`, else its heuristic). Through the environment, which autograd's backward
     thread sees too (use_backend's context variable it does not)."""
-    saved = {k: os.environ.get(k) for k in ("FUSEDRNN_BACKEND", cuda_backend.PATH_ENV)}
-    os.environ["FUSEDRNN_BACKEND"] = "cuda"
-    os.environ.pop(cuda_backend.PATH_ENV, None)
-    if path is not None:
-        os.environ[cuda_backend.PATH_ENV] = path
-    try:
-        with fusedrnn.use_backend("cuda"):
-            yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with scoped_environ({"FUSEDRNN_BACKEND": "cuda", cuda_backend.PATH_ENV: path}), fusedrnn.use_backend("cuda"):
+        yield
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import fusedrnn
-from fusedrnn import decoding
 from fusedrnn.decoding import beam_search, filter_logits, greedy_search, sample
 from fusedrnn.reference_decoding import beam_search_reference, filter_logits_reference, length_penalty
 

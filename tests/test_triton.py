@@ -20,8 +20,7 @@ import torch
 
 import fusedrnn
 from fusedrnn import functional, reference
-from fusedrnn.backends import BACKENDS, BackendUnsupportedError, LayerCall, select_backend
-from fusedrnn.backends import triton as triton_backend
+from fusedrnn.backends import BACKENDS, BackendUnsupportedError, LayerCall, scoped_environ, select_backend
 from fusedrnn.backends.triton import plan, use_path
 from helpers import (CELLS, assert_close_to_reference, cast_args, interpreting_triton, make_layer_args, max_error,
                      run_and_grad)
@@ -63,17 +62,9 @@ def launches(monkeypatch):
 def on_triton(path):
     """Backend "triton" on `path`. Also through the environment: on CUDA, autograd runs the backward on its
     own thread, which does not see the context variables of use_backend / use_path."""
-    saved = {k: os.environ.get(k) for k in ("FUSEDRNN_BACKEND", "FUSEDRNN_TRITON_PATH")}
-    os.environ.update(FUSEDRNN_BACKEND="triton", FUSEDRNN_TRITON_PATH=path)
-    try:
-        with fusedrnn.use_backend("triton"), use_path(path):
-            yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with scoped_environ({"FUSEDRNN_BACKEND": "triton", "FUSEDRNN_TRITON_PATH": path}), \
+            fusedrnn.use_backend("triton"), use_path(path):
+        yield
 
 
 def _proj_size(H: int, proj: bool) -> int:

@@ -17,7 +17,7 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from .base import Backend, LayerCall, workspace_width  # noqa: F401  (re-exported)
+from .base import Backend, LayerCall, scoped_environ, workspace_width  # noqa: F401  (re-exported)
 from .cpu import CpuBackend
 from .cuda import CudaBackend
 from .reference import ReferenceBackend

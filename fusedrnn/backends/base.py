@@ -15,8 +15,10 @@ else h0 -- see `previous_states`.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -132,3 +134,24 @@ def valid_mask(seq_len: int, lengths: Optional[Tensor], device) -> Optional[Tens
         return None
     steps = torch.arange(seq_len, device=device).unsqueeze(1)
     return (steps < lengths.to(device).unsqueeze(0)).unsqueeze(-1)
+
+
+@contextlib.contextmanager
+def scoped_environ(values: Mapping[str, Optional[str]]) -> Iterator[None]:
+    """Sets (None: unsets) environment variables for the block, then restores them. Forcing a backend or a
+    path goes through the environment as well as use_backend: autograd runs CUDA backwards on its own
+    thread, which does not see use_backend's context variable."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -20,7 +20,6 @@ the forced path cannot run (forward or backward) is then refused with the path's
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from typing import Optional
@@ -29,7 +28,7 @@ import torch
 
 from .._extension import extension_error, has_cuda_kernels, has_extension
 from ..reference import GATES
-from .base import Backend, LayerCall
+from .base import Backend, LayerCall, scoped_environ
 
 PATHS = ("alternating", "persistent", "cluster")
 PATH_ENV = "FUSEDRNN_CUDA_PATH"
@@ -132,18 +131,8 @@ class CudaBackend(Backend):
 # bench/sanitizer_cases.py hook: every path forced, so compute-sanitizer sees each kernel whatever the heuristic
 # prefers on the machine (its own layer cases run the heuristic only).
 # ---------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
 def _forced(path: str):
-    saved = {k: os.environ.get(k) for k in ("FUSEDRNN_BACKEND", PATH_ENV)}
-    os.environ.update({"FUSEDRNN_BACKEND": "cuda", PATH_ENV: path})  # autograd's thread reads the environment
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return scoped_environ({"FUSEDRNN_BACKEND": "cuda", PATH_ENV: path})  # autograd's thread reads the environment
 
 
 def _sanitizer_run(device, path: str, cell: str, H: int) -> None:
