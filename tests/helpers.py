@@ -105,3 +105,26 @@ def run_and_grad(fn, args: dict, seed: int = 1):
     inputs = tensor_args(args)
     grads = torch.autograd.grad(loss, list(inputs.values()), allow_unused=True)
     return outs, dict(zip(inputs, grads))
+
+
+def compare_with_reference(cell: str, args64: dict, dtype, run_fast, native=None, close=None) -> None:
+    """The whole check of a fast path: `run_fast(args)` -> (outputs, grads) as run_and_grad gives them, on
+    args64 cast to `dtype`, against the fp64 spec -- every output and every gradient, each of `dtype`.
+    The tolerance rule above; the native error comes from the spec run natively in `native` (default:
+    `dtype` when it is fp16/bf16). `close(name, fast, ref64, ref_native)` replaces the comparison."""
+    ref_out, ref_grads = run_and_grad(lambda **a: reference.rnn_layer(cell, **a), args64)
+    native = dtype if native is None else native
+    native_out = native_grads = None
+    if native in (torch.float16, torch.bfloat16):
+        native_out, native_grads = run_and_grad(
+            lambda **a: reference.rnn_layer(cell, **a, compute_dtype=native), cast_args(args64, native))
+    out, grads = run_fast(cast_args(args64, dtype))
+    close = close or assert_close_to_reference
+    assert len(out) == len(ref_out)
+    for i, (o, r) in enumerate(zip(out, ref_out)):
+        assert o.dtype == dtype
+        close(("y", "h_n", "c_n")[i], o, r, native_out[i] if native_out else None)
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        assert g is not None and g.dtype == dtype, name
+        close(f"grad {name}", g, ref_grads[name], native_grads[name] if native_grads else None)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import fusedrnn
-from fusedrnn import functional, reference
-from helpers import CELLS, assert_close_to_reference, cast_args, make_layer_args, run_and_grad
+from fusedrnn import functional
+from helpers import CELLS, cast_args, compare_with_reference, make_layer_args, run_and_grad
 
 pytestmark = pytest.mark.skipif(fusedrnn.extension_error() is not None, reason="needs the C++ extension")
 
@@ -25,17 +25,17 @@ def threads(request):
     torch.set_num_threads(before)
 
 
+def on_cpu(cell):
+    """run_fast for compare_with_reference: the layer on the cpu backend."""
+    def run(args):
+        with fusedrnn.use_backend("cpu"):
+            return run_and_grad(lambda **a: functional.rnn_layer(cell, **a), args)
+    return run
+
+
 def check_cpu_against_reference(cell, args):
-    """The cpu backend's outputs and every gradient against the reference run in fp64 on the same values."""
-    args64 = {k: (v.detach().double().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point()
-                  else v) for k, v in args.items()}
-    ref_out, ref_grads = run_and_grad(lambda **a: reference.rnn_layer(cell, **a), args64)
-    with fusedrnn.use_backend("cpu"):
-        out, grads = run_and_grad(lambda **a: functional.rnn_layer(cell, **a), args)
-    for name, a, b in zip(("y", "h_n", "c_n"), out, ref_out):
-        assert_close_to_reference(name, a, b)
-    for name, g in ref_grads.items():
-        assert_close_to_reference(f"grad {name}", grads[name], g)
+    """The cpu backend's outputs and every gradient against the fp64 spec on the same values."""
+    compare_with_reference(cell, cast_args(args, torch.float64), args["x"].dtype, on_cpu(cell))
 
 
 # (T, B, H, proj): units split (fp64 panels are 16 units wide: H=97 gives 7 blocks, proj 37 gives 3); rows
@@ -118,14 +118,4 @@ def test_half_precision_is_computed_in_fp32(cell, proj, dtype, lengths, reverse)
     """fp16/bf16 on the cpu backend: widened to fp32 around the kernel. Error bound: the tolerance rule of
     tests/helpers.py (2x the spec's own error when it computes natively in that dtype, plus a few ulp)."""
     args64 = make_layer_args(cell, 6, 3, 5, 9, proj=proj, lengths=lengths, reverse=reverse)
-    ref_out, ref_grads = run_and_grad(lambda **a: reference.rnn_layer(cell, **a), args64)
-    native_out, native_grads = run_and_grad(lambda **a: reference.rnn_layer(cell, **a, compute_dtype=dtype),
-                                            cast_args(args64, dtype))
-    with fusedrnn.use_backend("cpu"):
-        out, grads = run_and_grad(lambda **a: functional.rnn_layer(cell, **a), cast_args(args64, dtype))
-    for i, (o, r) in enumerate(zip(out, ref_out)):
-        assert o.dtype == dtype
-        assert_close_to_reference(("y", "h_n", "c_n")[i], o, r, native_out[i])
-    for name, g in ref_grads.items():
-        assert grads[name].dtype == dtype, name
-        assert_close_to_reference(f"grad {name}", grads[name], g, native_grads[name])
+    compare_with_reference(cell, args64, dtype, on_cpu(cell))

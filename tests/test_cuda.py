@@ -27,8 +27,8 @@ import fusedrnn
 from fusedrnn import functional, reference
 from fusedrnn.backends import BACKENDS, BackendUnsupportedError, LayerCall, explain, scoped_environ
 from fusedrnn.backends import cuda as cuda_backend
-from helpers import (CELLS, assert_close_to_reference, cast_args, make_layer_args, max_error, run_and_grad,
-                     tolerance)
+from helpers import (CELLS, assert_close_to_reference, cast_args, compare_with_reference, make_layer_args,
+                     max_error, run_and_grad, tolerance)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PATHS = ["alternating", "persistent", "cluster"]
@@ -76,14 +76,10 @@ def check_against_reference(cell, T, B, I, H, dtype, path, proj=False, reverse=F
             if why is not None and path == "cluster" and torch.cuda.get_device_capability()[0] < 9:
                 pytest.skip(f"cluster path on sm_{torch.cuda.get_device_capability()[0]}0: {why}")
             assert why is None, why
-        with on_cuda(path):
-            out, grads = run_and_grad(lambda **a: functional.rnn_layer(cell, **a), args)
-    ref_out, ref_grads = run_and_grad(lambda **a: reference.rnn_layer(cell, **a), args64)
-    native = torch.float16 if tensor_cores_fp32 else dtype
-    native_out = native_grads = None
-    if native in (torch.float16, torch.bfloat16):
-        native_out, native_grads = run_and_grad(
-            lambda **a: reference.rnn_layer(cell, **a, compute_dtype=native), cast_args(args64, native))
+
+    def run_fast(args):
+        with tf32(tensor_cores_fp32), on_cuda(path):
+            return run_and_grad(lambda **a: functional.rnn_layer(cell, **a), args)
 
     def close(name, fast, ref, nat):
         if tensor_cores_fp32:  # TF32: the fp16 rule (same mantissa), on the fp32 result
@@ -93,14 +89,8 @@ def check_against_reference(cell, T, B, I, H, dtype, path, proj=False, reverse=F
         else:
             assert_close_to_reference(name, fast, ref, nat)
 
-    assert len(out) == len(ref_out)
-    for i, (o, r) in enumerate(zip(out, ref_out)):
-        assert o.dtype == dtype
-        close(["y", "h_n", "c_n"][i], o, r, native_out[i] if native_out else None)
-    assert set(grads) == set(ref_grads)
-    for name, g in grads.items():
-        assert g is not None and g.dtype == dtype, name
-        close(f"grad {name}", g, ref_grads[name], native_grads[name] if native_grads else None)
+    compare_with_reference(cell, args64, dtype, run_fast, native=torch.float16 if tensor_cores_fp32 else dtype,
+                           close=close)
 
 
 # ---------------------------------------------------------------------------------------------------------

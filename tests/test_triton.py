@@ -22,8 +22,8 @@ import fusedrnn
 from fusedrnn import functional, reference
 from fusedrnn.backends import BACKENDS, BackendUnsupportedError, LayerCall, scoped_environ, select_backend
 from fusedrnn.backends.triton import plan, use_path
-from helpers import (CELLS, assert_close_to_reference, cast_args, interpreting_triton, make_layer_args, max_error,
-                     run_and_grad)
+from helpers import (CELLS, assert_close_to_reference, cast_args, compare_with_reference, interpreting_triton,
+                     make_layer_args, max_error, run_and_grad)
 
 pytest.importorskip("triton")
 
@@ -76,22 +76,12 @@ def check_against_reference(cell, T, B, I, H, dtype, path, proj=False, reverse=F
     """Forward and every gradient of the triton backend on `path` vs the fp64 spec (see module doc)."""
     args64 = make_layer_args(cell, T, B, I, H, proj=_proj_size(H, proj), bias=bias, reverse=reverse,
                              lengths=lengths, seed=seed, device=DEVICE)
-    ref_out, ref_grads = run_and_grad(lambda **a: reference.rnn_layer(cell, **a), args64)
-    native_out = native_grads = None
-    if dtype in (torch.float16, torch.bfloat16):
-        native_out, native_grads = run_and_grad(
-            lambda **a: reference.rnn_layer(cell, **a, compute_dtype=dtype), cast_args(args64, dtype))
-    args = cast_args(args64, dtype)
-    with on_triton(path):
-        out, grads = run_and_grad(lambda **a: functional.rnn_layer(cell, **a), args)
-    assert len(out) == len(ref_out)
-    for i, (o, r) in enumerate(zip(out, ref_out)):
-        assert o.dtype == dtype
-        assert_close_to_reference(["y", "h_n", "c_n"][i], o, r, native_out[i] if native_out else None)
-    assert set(grads) == set(ref_grads)
-    for name, g in grads.items():
-        assert g is not None and g.dtype == dtype, name
-        assert_close_to_reference(f"grad {name}", g, ref_grads[name], native_grads[name] if native_grads else None)
+
+    def run_fast(args):
+        with on_triton(path):
+            return run_and_grad(lambda **a: functional.rnn_layer(cell, **a), args)
+
+    compare_with_reference(cell, args64, dtype, run_fast)
 
 
 # ---------------------------------------------------------------------------------------------------------
