@@ -128,3 +128,19 @@ def compare_with_reference(cell: str, args64: dict, dtype, run_fast, native=None
     for name, g in grads.items():
         assert g is not None and g.dtype == dtype, name
         close(f"grad {name}", g, ref_grads[name], native_grads[name] if native_grads else None)
+
+
+def check_inputs_not_modified(cell: str, args: dict, context) -> None:
+    """Forward and backward of the layer under `context` (a backend/path context manager) leave every input
+    and every cotangent as they were."""
+    from fusedrnn import functional
+    before = {n: t.detach().clone() for n, t in args.items() if isinstance(t, torch.Tensor)}
+    with context:
+        outs = [o for o in functional.rnn_layer(cell, **args) if o is not None]
+        cot = [torch.ones_like(o) for o in outs]
+        keep = [c.clone() for c in cot]
+        torch.autograd.grad(outs, [args["x"], args["h0"], args["w_hh"]], cot)
+    for n, t in before.items():
+        assert torch.equal(args[n].detach(), t), f"{n} was modified"
+    for c, k in zip(cot, keep):
+        assert torch.equal(c, k), "a cotangent was modified"

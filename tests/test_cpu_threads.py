@@ -8,7 +8,7 @@ import torch
 
 import fusedrnn
 from fusedrnn import functional
-from helpers import CELLS, cast_args, compare_with_reference, make_layer_args, run_and_grad
+from helpers import CELLS, cast_args, check_inputs_not_modified, compare_with_reference, make_layer_args, run_and_grad
 
 pytestmark = pytest.mark.skipif(fusedrnn.extension_error() is not None, reason="needs the C++ extension")
 
@@ -119,3 +119,10 @@ def test_half_precision_is_computed_in_fp32(cell, proj, dtype, lengths, reverse)
     tests/helpers.py (2x the spec's own error when it computes natively in that dtype, plus a few ulp)."""
     args64 = make_layer_args(cell, 6, 3, 5, 9, proj=proj, lengths=lengths, reverse=reverse)
     compare_with_reference(cell, args64, dtype, on_cpu(cell))
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("cell,proj", [(c, 0) for c in CELLS] + [("lstm", 20)])
+def test_inputs_are_not_modified(cell, proj, threads):
+    a = make_layer_args(cell, 9, 4, 3, 40, proj=proj, dtype=torch.float32, lengths=[9, 2, 0, 5])
+    check_inputs_not_modified(cell, a, fusedrnn.use_backend("cpu"))
