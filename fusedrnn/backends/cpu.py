@@ -15,10 +15,6 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 _WIDENED = (torch.float16, torch.bfloat16)  # computed in fp32
 
 
-def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in _WIDENED else dtype
-
-
 def _to(tensors, dtype):
     return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
 
@@ -40,7 +36,7 @@ class CpuBackend(Backend):
 
     def _layer_args(self, call: LayerCall):
         args = (call.x, call.h0, call.c0, call.w_ih, call.w_hh, call.b_ih, call.b_hh, call.w_hr)
-        return _to(args, _kernel_dtype(call.dtype))
+        return _to(args, torch.float32) if call.dtype in _WIDENED else args
 
     def forward(self, call: LayerCall, need_workspace: bool):
         out = torch.ops.fusedrnn.cpu_rnn_layer(call.cell, *self._layer_args(call), call.lengths, call.reverse,
@@ -48,7 +44,9 @@ class CpuBackend(Backend):
         return tuple(_to(out, call.dtype)) if call.dtype in _WIDENED else out
 
     def backward(self, call: LayerCall, y, workspace, grad_y, grad_h_n, grad_c_n):
-        state = _to((y, workspace, grad_y, grad_h_n, grad_c_n), _kernel_dtype(call.dtype))
+        state = (y, workspace, grad_y, grad_h_n, grad_c_n)
+        if call.dtype in _WIDENED:
+            state = _to(state, torch.float32)
         grads = torch.ops.fusedrnn.cpu_rnn_layer_backward(call.cell, *self._layer_args(call), call.lengths,
                                                           call.reverse, *state)
         return tuple(_to(grads, call.dtype)) if call.dtype in _WIDENED else grads
