@@ -225,7 +225,7 @@ template <typename T, int MR>
 FUSEDRNN_ALWAYS_INLINE void gemm_tile(int64_t k, const T* a, int64_t lda, const T* panel, T beta, T* c,
                                       int64_t ldc, int64_t nr) {
   using V = typename Vec64<T>::type;
-  constexpr int W = 64 / static_cast<int>(sizeof(T));
+  constexpr int W = kLanes<T>;
   V acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = V{};
   for (int64_t p = 0; p < k; ++p) {

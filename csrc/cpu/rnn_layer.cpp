@@ -412,6 +412,18 @@ void gather_previous(const Dims& d, const std::vector<int64_t>& len, const T* st
   });
 }
 
+// grad_h[b, cols] = grad_h_next[b, cols] for the rows b in [b0, b1) valid at step t; an invalid step did
+// nothing, so its rows pass their gradient on unchanged.
+template <typename T>
+void take_valid_rows(const Dims& d, const std::vector<int64_t>& len, int64_t t, int64_t b0, int64_t b1, int64_t k0,
+                     int64_t n_out, const T* grad_h_next, T* grad_h) {
+  for (int64_t b = b0; b < b1; ++b) {
+    if (t < len[b]) {
+      std::copy(grad_h_next + b * d.H_out + k0, grad_h_next + b * d.H_out + k0 + n_out, grad_h + b * d.H_out + k0);
+    }
+  }
+}
+
 // The reverse loop, split over the team as the forward (StepSlice). Each step's gate gradients go to their
 // own [t] slice of grad_xg / grad_hg, so one barrier per step suffices: the GEMM of step t reads every
 // unit's gate gradients of step t while faster threads already write step t-1's.
@@ -467,11 +479,7 @@ void backward_loop(const Dims& d, const std::vector<int64_t>& len, const PackedB
       if (sl.shared) team_barrier(team);
       gemm_panels<T>(rows, sl.o0, sl.o1, ghg_t + sl.b0 * GH, GH, w_hh, d.cell == Cell::GRU ? T(1) : T(0),
                      grad_h_next + sl.b0 * d.H_out, d.H_out);
-      for (int64_t b = sl.b0; b < sl.b1; ++b) {  // invalid rows keep their gradient
-        if (t < len[b]) {
-          std::copy(grad_h_next + b * d.H_out + k0, grad_h_next + b * d.H_out + k0 + n_out, grad_h + b * d.H_out + k0);
-        }
-      }
+      take_valid_rows<T>(d, len, t, sl.b0, sl.b1, k0, n_out, grad_h_next, grad_h);
     }
   });
 }
@@ -522,13 +530,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_r
                             grad_out_all.data_ptr<scalar_t>(), d.proj ? grad_r.data_ptr<scalar_t>() : nullptr,
                             grad_h_next.data_ptr<scalar_t>(), single_step);
   });
-  if (single_step) {  // dL/dh0 = grad_hg @ W_hh (+ GRU's direct term) on valid rows; others pass grad_h_n on
-    Tensor grad_h_step = at::mm(grad_hg.view({d.B, GH}), w_hh);
-    if (cell == Cell::GRU) grad_h_step.add_(grad_h_next);
-    std::vector<uint8_t> valid(d.B);
-    for (int64_t b = 0; b < d.B; ++b) valid[b] = len[b] > 0;
-    Tensor valid_rows = at::from_blob(valid.data(), {d.B, 1}, at::TensorOptions().dtype(at::kBool)).clone();
-    grad_h = at::where(valid_rows, grad_h_step, grad_h);
+  if (single_step) {  // the loop's last GEMM and copy, with at::mm: dL/dh0 = grad_hg @ W_hh (+ GRU's direct term)
+    grad_h_next.addmm_(grad_hg.view({d.B, GH}), w_hh, /*beta=*/cell == Cell::GRU ? 1 : 0);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fusedrnn_cpu_rnn_layer_single_step", [&] {
+      take_valid_rows<scalar_t>(d, len, 0, 0, d.B, 0, d.H_out, grad_h_next.data_ptr<scalar_t>(),
+                                grad_h.data_ptr<scalar_t>());
+    });
   }
 
   // Everything off the recurrence: one GEMM / reduction each over all T*B rows, on the packed kernel
