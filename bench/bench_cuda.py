@@ -43,6 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import fusedrnn  # noqa: E402
+from fusedrnn.bench.timing import measure  # noqa: E402
 from fusedrnn.backends import BackendUnsupportedError, LayerCall, scoped_environ  # noqa: E402
 from fusedrnn.backends import cuda as cuda_backend  # noqa: E402
 
@@ -126,18 +127,8 @@ def make_modules(case: Case):
 
 
 def time_call(fn, warmup: int, repeats: int) -> float:
-    """Median milliseconds of fn() over `repeats` calls, CUDA events around each."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    """Median milliseconds of fn() over `repeats` calls, CUDA events around each (the CLI's timer)."""
+    times = measure({"fn": (fn, contextlib.nullcontext)}, torch.device("cuda"), warmup, repeats)["fn"]
     return statistics.median(times)
 
 

@@ -24,6 +24,7 @@ import torch
 import fusedrnn
 from fusedrnn.backends import BACKENDS, LayerCall, scoped_environ
 from fusedrnn.backends.triton import PATHS, use_path
+from fusedrnn.bench.timing import measure
 
 # DeepBench-like shapes (T, B, I, H) around the persistent / barrier / alternating boundaries.
 DEFAULT_SHAPES = [(256, 16, 128, 128), (256, 64, 256, 256), (100, 16, 512, 512), (100, 32, 1024, 1024),
@@ -86,17 +87,8 @@ def _modules(cell, I, H, dtype):
 
 
 def _time(fn, repeats, warmup):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+    """Median milliseconds of fn() over `repeats` calls, CUDA events around each (the CLI's timer)."""
+    times = measure({"fn": (fn, contextlib.nullcontext)}, torch.device("cuda"), warmup, repeats)["fn"]
     return statistics.median(times)
 
 
