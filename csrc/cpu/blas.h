@@ -13,26 +13,13 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <type_traits>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
-#define FUSEDRNN_X86_DISPATCH 1
-#define FUSEDRNN_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define FUSEDRNN_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
-#else
-#define FUSEDRNN_X86_DISPATCH 0
-#define FUSEDRNN_MULTIVERSION
-#define FUSEDRNN_TARGET_AVX512
-#endif
-// Callees of a multiversioned function must be inlined into it to get its instruction set.
-#if defined(__GNUC__)
-#define FUSEDRNN_ALWAYS_INLINE __attribute__((always_inline)) inline
-#else
-#define FUSEDRNN_ALWAYS_INLINE inline
-#endif
+#include "cpu/isa.h"
 
 namespace fusedrnn::cpu {
 
@@ -93,7 +80,9 @@ inline at::Tensor scratch(Scratch slot, at::IntArrayRef shape, at::ScalarType dt
   if (!buf.defined() || buf.nbytes() < static_cast<size_t>(bytes)) {
     buf = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
   }
-  return buf.view(dtype).narrow(0, 0, numel).view(shape);
+  // Narrowed to this call's bytes before the view: the slot may hold a buffer sized by a call of another dtype,
+  // whose byte count need not divide by this element size (a float64 call after a float32 one failed so).
+  return buf.narrow(0, 0, bytes).view(dtype).narrow(0, 0, numel).view(shape);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -118,40 +107,22 @@ struct PackedB {
   int64_t width(int64_t q) const { return std::min(kPanel<T>, group_width - (q / groups) * kPanel<T>); }
 };
 
-// GCC vector extensions: one 64-byte vector (zmm with AVX-512, 2 ymm with AVX2, 4 xmm otherwise). Written
-// with explicit vectors because GCC's auto-vectorizer turned the plain-array version of this loop into
-// shuffles at 4.7 GFLOP/s.
-template <typename T>
-struct Vec64;
-template <>
-struct Vec64<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct Vec64<double> {
-  typedef double type __attribute__((vector_size(64)));
-};
-
-// Lanes of a 64-byte vector; VecInt64 are the matching shuffle masks.
-template <typename T>
-constexpr int kLanes = 64 / static_cast<int>(sizeof(T));
-template <typename T>
-struct VecInt64;
-template <>
-struct VecInt64<float> {
-  typedef int32_t type __attribute__((vector_size(64)));
-};
-template <>
-struct VecInt64<double> {
-  typedef int64_t type __attribute__((vector_size(64)));
+// GCC vector extensions, VB bytes (one register at that ISA level: cpu/isa.h). Written with explicit vectors
+// because GCC's auto-vectorizer turned the plain-array version of the GEMM loop into shuffles at 4.7 GFLOP/s.
+template <typename T, int VB>
+struct Simd {
+  typedef T type __attribute__((vector_size(VB)));
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> lane_int;
+  typedef lane_int mask __attribute__((vector_size(VB)));  // shuffle masks
+  static constexpr int lanes = VB / static_cast<int>(sizeof(T));
 };
 
 // Transposes a W x W block in registers (W = lanes): rows[i] <- column i. log2(W) rounds of two-source
 // shuffles, each swapping the off-diagonal s x s blocks of every 2s x 2s block (s = W/2, ..., 1).
-template <typename T, int s>
-FUSEDRNN_ALWAYS_INLINE void transpose_round(typename Vec64<T>::type* rows) {
-  using M = typename VecInt64<T>::type;
-  constexpr int W = kLanes<T>;
+template <typename T, int VB, int s>
+FUSEDRNN_ALWAYS_INLINE void transpose_rounds(typename Simd<T, VB>::type* rows) {
+  using M = typename Simd<T, VB>::mask;
+  constexpr int W = Simd<T, VB>::lanes;
   M lo{}, hi{};
   for (int e = 0; e < W; ++e) {
     const int g = e / (2 * s), w = e % (2 * s);
@@ -165,16 +136,18 @@ FUSEDRNN_ALWAYS_INLINE void transpose_round(typename Vec64<T>::type* rows) {
       rows[i + s] = __builtin_shuffle(a, b, hi);
     }
   }
+  if constexpr (s > 1) transpose_rounds<T, VB, s / 2>(rows);
 }
 
 // One panel: dst[p * NR + jj] = src[p * stride_p + jj * stride_j] for p < k, jj < width; zero for jj >= width.
 // A transposed source (stride_p == 1: the weights as stored) goes through register transposes of W x W
 // blocks: element by element it took ~0.9 ns per value and a fifth of a batch-1 LSTM call (H = 256).
-template <typename T>
-FUSEDRNN_MULTIVERSION void pack_panel(const T* __restrict__ src, int64_t k, int64_t width, int64_t stride_p,
-                                      int64_t stride_j, T* __restrict__ dst) {
-  using V = typename Vec64<T>::type;
-  constexpr int64_t NR = kPanel<T>, W = kLanes<T>;
+template <typename T, Isa isa>
+FUSEDRNN_ALWAYS_INLINE void pack_panel_body(const T* __restrict__ src, int64_t k, int64_t width, int64_t stride_p,
+                                            int64_t stride_j, T* __restrict__ dst) {
+  constexpr int VB = kVectorBytes<isa>;
+  using V = typename Simd<T, VB>::type;
+  constexpr int64_t NR = kPanel<T>, W = Simd<T, VB>::lanes;
   int64_t p_done = 0;
   if (stride_p == 1 && width == NR) {
     p_done = k / W * W;
@@ -182,10 +155,7 @@ FUSEDRNN_MULTIVERSION void pack_panel(const T* __restrict__ src, int64_t k, int6
       for (int64_t jj0 = 0; jj0 < NR; jj0 += W) {
         V rows[W];
         for (int i = 0; i < W; ++i) __builtin_memcpy(&rows[i], src + (jj0 + i) * stride_j + p0, sizeof(V));
-        transpose_round<T, W / 2>(rows);
-        transpose_round<T, W / 4>(rows);
-        transpose_round<T, W / 8>(rows);
-        if constexpr (W == 16) transpose_round<T, 1>(rows);
+        transpose_rounds<T, VB, W / 2>(rows);
         for (int i = 0; i < W; ++i) __builtin_memcpy(dst + (p0 + i) * NR + jj0, &rows[i], sizeof(V));
       }
     }
@@ -195,6 +165,9 @@ FUSEDRNN_MULTIVERSION void pack_panel(const T* __restrict__ src, int64_t k, int6
     for (int64_t jj = width; jj < NR; ++jj) dst[p * NR + jj] = T(0);
   }
 }
+FUSEDRNN_ISA_LEVELS(pack_panel, (const T* __restrict__ src, int64_t k, int64_t width, int64_t stride_p,
+                                 int64_t stride_j, T* __restrict__ dst),
+                    (src, k, width, stride_p, stride_j, dst))
 
 // B[p][j] = src[p * stride_p + j * stride_j] for p < k, j < groups * group_width.
 template <typename T>
@@ -220,18 +193,20 @@ PackedB<T> pack_b(Scratch slot, const T* src, int64_t k, int64_t groups, int64_t
 // ---------------------------------------------------------------------------------------------------
 // Kernel
 // ---------------------------------------------------------------------------------------------------
-// One MR x NR tile of C over the full k (NR = two vectors): panel is [k, NR].
-template <typename T, int MR>
+// One MR x (2 vectors) tile of C over the full k: `panel` points at the tile's first column inside a packed
+// panel (rows NR apart); nr <= 2 * lanes columns are stored.
+template <typename T, int VB, int MR>
 FUSEDRNN_ALWAYS_INLINE void gemm_tile(int64_t k, const T* a, int64_t lda, const T* panel, T beta, T* c,
                                       int64_t ldc, int64_t nr) {
-  using V = typename Vec64<T>::type;
-  constexpr int W = kLanes<T>;
+  using V = typename Simd<T, VB>::type;
+  constexpr int W = Simd<T, VB>::lanes;
+  constexpr int64_t NR = kPanel<T>;
   V acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = V{};
   for (int64_t p = 0; p < k; ++p) {
     V b0, b1;
-    __builtin_memcpy(&b0, panel + p * 2 * W, sizeof(V));
-    __builtin_memcpy(&b1, panel + p * 2 * W + W, sizeof(V));
+    __builtin_memcpy(&b0, panel + p * NR, sizeof(V));
+    __builtin_memcpy(&b1, panel + p * NR + W, sizeof(V));
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const T av = a[r * lda + p];
@@ -241,7 +216,7 @@ FUSEDRNN_ALWAYS_INLINE void gemm_tile(int64_t k, const T* a, int64_t lda, const 
   }
   for (int r = 0; r < MR; ++r) {
     T* crow = c + r * ldc;
-    if (nr == 2 * W) {  // full panel: vector stores (a scalar store loop cost ~6% at k = 256)
+    if (nr == 2 * W) {  // full tile: vector stores (a scalar store loop cost ~6% at k = 256)
       if (beta != T(0)) {
         V c0, c1;
         __builtin_memcpy(&c0, crow, sizeof(V));
@@ -266,59 +241,51 @@ FUSEDRNN_ALWAYS_INLINE void gemm_tile(int64_t k, const T* a, int64_t lda, const 
 
 // Rows [0, m) x panels [q0, q1), in blocks of 64 rows so that a block of A stays in L1/L2 while every panel
 // streams past it: panel-outer order re-read A from memory once per panel and ran the [8192x512]@[512x2048]
-// input projection at 76 GFLOP/s, row blocks at 110 (one Zen 4 core, MR=8).
-template <typename T, int MR>
+// input projection at 76 GFLOP/s, row blocks at 110 (one Zen 4 core, AVX-512). A panel (128 bytes of
+// columns) is one tile wide with AVX-512 and 2 (AVX2) or 4 (16-byte vectors) tiles wide below it.
+template <typename T, int VB, int MR>
 FUSEDRNN_ALWAYS_INLINE void gemm_rows_panels(int64_t m, int64_t q0, int64_t q1, const T* a, int64_t lda,
                                              const PackedB<T>& b, T beta, T* c, int64_t ldc) {
-  constexpr int64_t kRowBlock = 64;
+  constexpr int64_t kRowBlock = 64, S = 2 * Simd<T, VB>::lanes;
   for (int64_t i0 = 0; i0 < m; i0 += kRowBlock) {
     const int64_t i1 = std::min(m, i0 + kRowBlock);
     for (int64_t q = q0; q < q1; ++q) {
-      const T* pb = b.panel(q);
+      const T* panel = b.panel(q);
       T* cq = c + b.col(q);
-      const int64_t nr = b.width(q);
-      int64_t i = i0;
-      for (; i + MR <= i1; i += MR) gemm_tile<T, MR>(b.k, a + i * lda, lda, pb, beta, cq + i * ldc, ldc, nr);
-      // Leftover rows in 4-, 2- and 1-row tiles: one row alone keeps only two FMA chains in flight
-      // (LSTM B=4, H=128: ~20% faster per step than four 1-row tiles).
-      if (MR > 4 && i + 4 <= i1) {
-        gemm_tile<T, 4>(b.k, a + i * lda, lda, pb, beta, cq + i * ldc, ldc, nr);
-        i += 4;
+      const int64_t width = b.width(q);
+      for (int64_t s0 = 0; s0 < width; s0 += S) {
+        const T* pb = panel + s0;
+        T* cs = cq + s0;
+        const int64_t nr = std::min(S, width - s0);
+        int64_t i = i0;
+        for (; i + MR <= i1; i += MR) gemm_tile<T, VB, MR>(b.k, a + i * lda, lda, pb, beta, cs + i * ldc, ldc, nr);
+        // Leftover rows in 4-, 2- and 1-row tiles: one row alone keeps only two FMA chains in flight
+        // (LSTM B=4, H=128: ~20% faster per step than four 1-row tiles).
+        if (MR > 4 && i + 4 <= i1) {
+          gemm_tile<T, VB, 4>(b.k, a + i * lda, lda, pb, beta, cs + i * ldc, ldc, nr);
+          i += 4;
+        }
+        if (i + 2 <= i1) {
+          gemm_tile<T, VB, 2>(b.k, a + i * lda, lda, pb, beta, cs + i * ldc, ldc, nr);
+          i += 2;
+        }
+        if (i < i1) gemm_tile<T, VB, 1>(b.k, a + i * lda, lda, pb, beta, cs + i * ldc, ldc, nr);
       }
-      if (i + 2 <= i1) {
-        gemm_tile<T, 2>(b.k, a + i * lda, lda, pb, beta, cq + i * ldc, ldc, nr);
-        i += 2;
-      }
-      if (i < i1) gemm_tile<T, 1>(b.k, a + i * lda, lda, pb, beta, cq + i * ldc, ldc, nr);
     }
   }
 }
 
-// AVX-512 has 32 vector registers: an 8-row tile (16 accumulators) runs at 112-115 GFLOP/s where 4 rows
-// reach 100-110 (m = 16-64, k = 256-512). AVX2's 16 registers hold the 4-row tile only.
-template <typename T>
-FUSEDRNN_TARGET_AVX512 void gemm_avx512(int64_t m, int64_t q0, int64_t q1, const T* a, int64_t lda,
-                                        const PackedB<T>& b, T beta, T* c, int64_t ldc) {
-  gemm_rows_panels<T, 8>(m, q0, q1, a, lda, b, beta, c, ldc);
+// Rows per tile: 2 vectors x MR accumulators + 2 B vectors + 1 broadcast must fit the register file.
+// AVX-512 (32 registers): 8 rows ran at 112-115 GFLOP/s where 4 reached 100-110 (m = 16-64, k = 256-512).
+// AVX2 and 16-byte vectors (16 registers): 6 rows use 15.
+template <typename T, Isa isa>
+FUSEDRNN_ALWAYS_INLINE void gemm_panels_isa_body(int64_t m, int64_t q0, int64_t q1, const T* a, int64_t lda,
+                                             const PackedB<T>& b, T beta, T* c, int64_t ldc) {
+  gemm_rows_panels<T, kVectorBytes<isa>, isa == Isa::kAvx512 ? 8 : 6>(m, q0, q1, a, lda, b, beta, c, ldc);
 }
-
-template <typename T>
-FUSEDRNN_MULTIVERSION void gemm_portable(int64_t m, int64_t q0, int64_t q1, const T* a, int64_t lda,
-                                         const PackedB<T>& b, T beta, T* c, int64_t ldc) {
-  gemm_rows_panels<T, 4>(m, q0, q1, a, lda, b, beta, c, ldc);
-}
-
-// FUSEDRNN_CPU_PORTABLE_GEMM=1 takes the 4-row kernel on any machine (tests run it so).
-inline bool has_avx512() {
-#if FUSEDRNN_X86_DISPATCH
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-                          !std::getenv("FUSEDRNN_CPU_PORTABLE_GEMM");
-  return yes;
-#else
-  return false;
-#endif
-}
+FUSEDRNN_ISA_LEVELS(gemm_panels_isa, (int64_t m, int64_t q0, int64_t q1, const T* a, int64_t lda,
+                                      const PackedB<T>& b, T beta, T* c, int64_t ldc),
+                    (m, q0, q1, a, lda, b, beta, c, ldc))
 
 // C[:m, cols of panels q0..q1) = beta*C + A[m, k] @ B; A row stride lda, C row stride ldc. Single-threaded:
 // callers inside a team pass their own panel range.
@@ -326,11 +293,7 @@ template <typename T>
 inline void gemm_panels(int64_t m, int64_t q0, int64_t q1, const T* a, int64_t lda, const PackedB<T>& b, T beta,
                         T* c, int64_t ldc) {
   if (m <= 0 || q1 <= q0) return;
-  if (has_avx512()) {
-    gemm_avx512<T>(m, q0, q1, a, lda, b, beta, c, ldc);
-  } else {
-    gemm_portable<T>(m, q0, q1, a, lda, b, beta, c, ldc);
-  }
+  gemm_panels_isa<T>(m, q0, q1, a, lda, b, beta, c, ldc);
 }
 
 // Threads worth using for `macs` multiply-adds: one below 2^18 (~3 us; a fork costs ~5-10 us).

@@ -68,7 +68,7 @@ Tensor contig(const Tensor& t) { return t.contiguous(); }
 OptTensor contig(const OptTensor& t) { return t ? OptTensor(t->contiguous()) : std::nullopt; }
 
 // ---------------------------------------------------------------------------------------------------
-// Pointwise rows: one batch row of one step, every hidden unit j; multiversioned so they get AVX-512/AVX2.
+// Pointwise rows: one batch row of one step, every hidden unit j; one copy per ISA level (cpu/isa.h).
 // The row's flags (valid, projection, tanh) become compile-time constants before the loop (with_flags):
 // GCC 12 does not unswitch a select on a bool argument, and "control flow in loop" kept these loops scalar.
 // Pointers are never null (absent biases point at zeros, an unneeded workspace at a scratch row) and never
@@ -87,8 +87,8 @@ FUSEDRNN_ALWAYS_INLINE void with_flags(bool a, bool b, const F& f) {
 
 // Every row function covers n hidden units of one batch row: its pointers start at the first unit, and the
 // gates of a unit are H apart (the layout of x_gates, the workspace and the gradients).
-template <typename T>
-FUSEDRNN_MULTIVERSION void lstm_forward_row(int64_t H, int64_t n, const T* __restrict__ xg, const T* __restrict__ hg,
+template <typename T, Isa>
+FUSEDRNN_ALWAYS_INLINE void lstm_forward_row_body(int64_t H, int64_t n, const T* __restrict__ xg, const T* __restrict__ hg,
                                             const T* __restrict__ bias, T* __restrict__ c,
                                             const T* __restrict__ h_in, T* __restrict__ h_out, T* __restrict__ y,
                                             T* __restrict__ ws, T* __restrict__ r, bool valid, bool proj) {
@@ -114,10 +114,12 @@ FUSEDRNN_MULTIVERSION void lstm_forward_row(int64_t H, int64_t n, const T* __res
     }
   });
 }
+FUSEDRNN_ISA_LEVELS(lstm_forward_row, (int64_t H, int64_t n, const T* __restrict__ xg, const T* __restrict__ hg, const T* __restrict__ bias, T* __restrict__ c, const T* __restrict__ h_in, T* __restrict__ h_out, T* __restrict__ y, T* __restrict__ ws, T* __restrict__ r, bool valid, bool proj),
+                    (H, n, xg, hg, bias, c, h_in, h_out, y, ws, r, valid, proj))
 
 // bias holds b_ir+b_hr, b_iz+b_hz, b_in; bias_hn is b_hn (it stays inside r * (W_hn h + b_hn)).
-template <typename T>
-FUSEDRNN_MULTIVERSION void gru_forward_row(int64_t H, int64_t n, const T* __restrict__ xg, const T* __restrict__ hg,
+template <typename T, Isa>
+FUSEDRNN_ALWAYS_INLINE void gru_forward_row_body(int64_t H, int64_t n, const T* __restrict__ xg, const T* __restrict__ hg,
                                            const T* __restrict__ bias, const T* __restrict__ bias_hn,
                                            const T* __restrict__ h_in, T* __restrict__ h_out, T* __restrict__ y,
                                            T* __restrict__ ws, bool valid) {
@@ -136,9 +138,11 @@ FUSEDRNN_MULTIVERSION void gru_forward_row(int64_t H, int64_t n, const T* __rest
     }
   });
 }
+FUSEDRNN_ISA_LEVELS(gru_forward_row, (int64_t H, int64_t n, const T* __restrict__ xg, const T* __restrict__ hg, const T* __restrict__ bias, const T* __restrict__ bias_hn, const T* __restrict__ h_in, T* __restrict__ h_out, T* __restrict__ y, T* __restrict__ ws, bool valid),
+                    (H, n, xg, hg, bias, bias_hn, h_in, h_out, y, ws, valid))
 
-template <typename T>
-FUSEDRNN_MULTIVERSION void rnn_forward_row(int64_t n, const T* __restrict__ xg, const T* __restrict__ hg,
+template <typename T, Isa>
+FUSEDRNN_ALWAYS_INLINE void rnn_forward_row_body(int64_t n, const T* __restrict__ xg, const T* __restrict__ hg,
                                            const T* __restrict__ bias, const T* __restrict__ h_in,
                                            T* __restrict__ h_out, T* __restrict__ y, bool valid, bool tanh_cell) {
   with_flags(valid, tanh_cell, [&](auto VALID, auto TANH) FUSEDRNN_INLINE_LAMBDA {
@@ -150,6 +154,8 @@ FUSEDRNN_MULTIVERSION void rnn_forward_row(int64_t n, const T* __restrict__ xg, 
     }
   });
 }
+FUSEDRNN_ISA_LEVELS(rnn_forward_row, (int64_t n, const T* __restrict__ xg, const T* __restrict__ hg, const T* __restrict__ bias, const T* __restrict__ h_in, T* __restrict__ h_out, T* __restrict__ y, bool valid, bool tanh_cell),
+                    (n, xg, hg, bias, h_in, h_out, y, valid, tanh_cell))
 
 // ---------------------------------------------------------------------------------------------------
 // Work split of the recurrence over a thread team
@@ -298,6 +304,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_rnn_layer(
   const Dims d = layer_dims(cell, x, w_hh, h0, w_hr.has_value(), b_ih.has_value(), reverse);
   check_args(d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
   const auto len = valid_lengths(d, lengths);
+  if (d.B == 0 || d.H == 0) {  // nothing to compute (and no division by the batch size below)
+    return {at::zeros({d.T, d.B, d.H_out}, x.options()), h0.clone(), c0 ? c0->clone() : at::empty({0}, x.options()),
+            at::zeros({need_workspace ? d.T : 0, d.B, d.ws}, x.options())};
+  }
 
   // The input projection runs chunk by chunk inside the loop (forward_loop), on the packed kernel of
   // cpu/blas.h rather than at::mm: ~110 GFLOP/s per Zen 4 core at m >= 16, where torch's MKL takes its
@@ -351,8 +361,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_rnn_layer(
 // Backward rows, n units each (layout as the forward rows). grad_out / grad_r are zero on invalid rows (that
 // step did nothing), so every gate gradient of such a row is zero without a branch; only the carried
 // cell-state gradient needs the select.
-template <typename T>
-FUSEDRNN_MULTIVERSION void lstm_backward_row(int64_t H, int64_t n, const T* __restrict__ ws,
+template <typename T, Isa>
+FUSEDRNN_ALWAYS_INLINE void lstm_backward_row_body(int64_t H, int64_t n, const T* __restrict__ ws,
                                              const T* __restrict__ c_prev, const T* __restrict__ grad_r,
                                              T* __restrict__ grad_c, T* __restrict__ gx, bool valid) {
   with_flags(valid, false, [&](auto VALID, auto) FUSEDRNN_INLINE_LAMBDA {
@@ -368,9 +378,11 @@ FUSEDRNN_MULTIVERSION void lstm_backward_row(int64_t H, int64_t n, const T* __re
     }
   });
 }
+FUSEDRNN_ISA_LEVELS(lstm_backward_row, (int64_t H, int64_t n, const T* __restrict__ ws, const T* __restrict__ c_prev, const T* __restrict__ grad_r, T* __restrict__ grad_c, T* __restrict__ gx, bool valid),
+                    (H, n, ws, c_prev, grad_r, grad_c, gx, valid))
 
-template <typename T>
-FUSEDRNN_MULTIVERSION void gru_backward_row(int64_t H, int64_t n, const T* __restrict__ ws,
+template <typename T, Isa>
+FUSEDRNN_ALWAYS_INLINE void gru_backward_row_body(int64_t H, int64_t n, const T* __restrict__ ws,
                                             const T* __restrict__ h_prev, const T* __restrict__ grad_out,
                                             T* __restrict__ gx, T* __restrict__ gh, T* __restrict__ grad_h_direct) {
   for (int64_t j = 0; j < n; ++j) {
@@ -384,9 +396,11 @@ FUSEDRNN_MULTIVERSION void gru_backward_row(int64_t H, int64_t n, const T* __res
     grad_h_direct[j] = g.h_prev;  // the GEMM of the step accumulates onto it
   }
 }
+FUSEDRNN_ISA_LEVELS(gru_backward_row, (int64_t H, int64_t n, const T* __restrict__ ws, const T* __restrict__ h_prev, const T* __restrict__ grad_out, T* __restrict__ gx, T* __restrict__ gh, T* __restrict__ grad_h_direct),
+                    (H, n, ws, h_prev, grad_out, gx, gh, grad_h_direct))
 
-template <typename T>
-FUSEDRNN_MULTIVERSION void rnn_backward_row(int64_t n, const T* __restrict__ h, const T* __restrict__ grad_out,
+template <typename T, Isa>
+FUSEDRNN_ALWAYS_INLINE void rnn_backward_row_body(int64_t n, const T* __restrict__ h, const T* __restrict__ grad_out,
                                             T* __restrict__ gx, bool tanh_cell) {
   with_flags(tanh_cell, false, [&](auto TANH, auto) FUSEDRNN_INLINE_LAMBDA {
     for (int64_t j = 0; j < n; ++j) {
@@ -394,6 +408,8 @@ FUSEDRNN_MULTIVERSION void rnn_backward_row(int64_t n, const T* __restrict__ h, 
     }
   });
 }
+FUSEDRNN_ISA_LEVELS(rnn_backward_row, (int64_t n, const T* __restrict__ h, const T* __restrict__ grad_out, T* __restrict__ gx, bool tanh_cell),
+                    (n, h, grad_out, gx, tanh_cell))
 
 // ---------------------------------------------------------------------------------------------------
 // Backward
@@ -501,6 +517,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_r
   const auto len = valid_lengths(d, lengths);
   const int64_t GH = d.G * d.H;
   auto opts = x.options();
+  if (d.B == 0 || d.H == 0) {  // no step computed anything: the state gradients pass through, the rest is 0
+    return {at::zeros_like(x), grad_h_n.clone(),
+            cell == Cell::LSTM ? (grad_c_n ? grad_c_n->clone() : at::zeros_like(*c0)) : at::empty({0}, opts),
+            at::zeros_like(w_ih), at::zeros_like(w_hh), d.bias ? at::zeros({GH}, opts) : at::empty({0}, opts),
+            d.bias ? at::zeros({GH}, opts) : at::empty({0}, opts),
+            d.proj ? at::zeros_like(*w_hr) : at::empty({0}, opts)};
+  }
   const bool single_step = d.T == 1;  // as in the forward: at::mm instead of packing W_hh and W_ih
 
   Tensor grad_h = grad_h_n.contiguous().clone();
