@@ -1,22 +1,39 @@
 """CPU benchmark of the "cpu" backend against torch.nn (ATen / oneDNN) on the CPU, fp32, in one run.
 
     python bench/bench_cpu_layers.py [--repeats 5] [--cells lstm,gru,rnn_tanh] [--shapes 64,1,256,256 ...]
+    python bench/bench_cpu_layers.py --isa all --threads 2      # every level this CPU runs, torch capped alike
+    python bench/bench_cpu_layers.py --isa avx2 --busy 1        # with another process spinning on one core
 
 Prints a table of median times (forward; forward+backward) and the speedup fusedrnn/torch per shape, and
 the geometric mean per cell. Weights are shared (state_dict copy), so both compute the same function;
-outputs are compared before timing.
+outputs are compared before timing. --isa LEVEL runs the table in a fresh process with fusedrnn's cpu kernels
+AND torch (ATen, oneDNN, MKL) capped to that level (fusedrnn/bench/isa.py).
 """
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import math
+import os
 import statistics
+import sys
 import time
 
-import torch
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from fusedrnn.bench import isa  # noqa: E402  (imports no torch: --isa must set the environment first)
 
-import fusedrnn
+if __name__ == "__main__" and "--isa" in sys.argv and not isa.in_level_child():
+    _p = argparse.ArgumentParser(add_help=False)
+    _p.add_argument("--isa")
+    _known, _rest = _p.parse_known_args()
+    _status = 0
+    for _level in isa.requested_levels(_known.isa):
+        _status |= isa.run_at_level(_level, [os.path.abspath(__file__)] + _rest)
+    sys.exit(_status)
+
+import torch  # noqa: E402
+
+import fusedrnn  # noqa: E402
 
 DEFAULT_SHAPES = [(64, 1, 256, 256), (64, 16, 256, 256), (128, 64, 512, 512), (32, 8, 1024, 1024)]
 TORCH = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn_tanh": torch.nn.RNN, "rnn_relu": torch.nn.RNN}
@@ -77,12 +94,22 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--backend", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--isa", help="avx512, avx2, baseline (comma-separated) or all: fusedrnn and torch capped to "
+                                 "each level in turn, a fresh process each")
+    p.add_argument("--busy", type=int, default=0, help="processes spinning on a core each during the run")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, backend {args.backend}, "
+          f"fusedrnn cpu ISA {torch.ops.fusedrnn.cpu_isa()}, torch ATen ISA "
+          f"{torch.backends.cpu.get_cpu_capability()}, busy processes {args.busy}, "
           f"load average {os.getloadavg()[0]:.1f}")
+    with isa.busy_cores(args.busy) if args.busy else contextlib.nullcontext():
+        table(args, shapes)
+
+
+def table(args, shapes):
     print(f"{'cell':9} {'T,B,I,H':18} {'fwd ms':>9} {'torch':>9} {'x':>6} {'fwd+bwd ms':>11} {'torch':>9} {'x':>6}")
     for cell in args.cells.split(","):
         ratios = {"fwd": [], "fwdbwd": []}

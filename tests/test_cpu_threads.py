@@ -72,34 +72,6 @@ def test_team_fp32(threads):
     check_cpu_against_reference("lstm", args)
 
 
-def test_portable_gemm_kernel():
-    """The 4-row GEMM kernel (machines without AVX-512) in a fresh process, forward and backward, fp32/fp64,
-    with a partial panel (H=129) and a row count that is not a multiple of 4."""
-    import os
-    import subprocess
-    import sys
-    code = (
-        "import torch, fusedrnn\n"
-        "from fusedrnn import reference\n"
-        "for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-4)):\n"
-        "    g = torch.Generator().manual_seed(0)\n"
-        "    x = torch.randn(5, 7, 11, generator=g, dtype=dtype, requires_grad=True)\n"
-        "    m = fusedrnn.LSTM(11, 129, dtype=dtype)\n"
-        "    with fusedrnn.use_backend('cpu'):\n"
-        "        y = m(x)[0]\n"
-        "    y.sum().backward()\n"
-        "    with fusedrnn.use_backend('reference'):\n"
-        "        x2 = x.detach().clone().requires_grad_()\n"
-        "        y2 = m(x2)[0]\n"
-        "    y2.sum().backward()\n"
-        "    assert (y - y2).abs().max() < tol, (y - y2).abs().max()\n"
-        "    assert (x.grad - x2.grad).abs().max() < tol, (x.grad - x2.grad).abs().max()\n"
-        "print('ok')\n")
-    env = dict(os.environ, FUSEDRNN_CPU_PORTABLE_GEMM="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
-
-
 @pytest.mark.parametrize("cell,proj", [(c, 0) for c in CELLS] + [("lstm", 5)])  # projection is LSTM-only
 @pytest.mark.parametrize("reverse", [False, True])
 def test_single_step_matches_reference(cell, proj, reverse):

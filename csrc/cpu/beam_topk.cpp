@@ -24,6 +24,8 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/isa.h"
+
 // The 32-byte vector helpers below are internal and inlined; gcc's note that their ABI differs with and
 // without AVX does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -39,38 +41,45 @@ constexpr int64_t kChunk = 512;
 template <typename T>
 inline T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 
-// GCC/Clang vector extensions: 8 floats. Under target_clones the AVX2 copy uses one ymm register per
-// vector, the default copy two SSE2 registers -- explicit, because gcc's auto-vectoriser left the exp loop
-// scalar (12 ns/element instead of ~1).
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-inline v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+// GCC/Clang vector extensions of VB bytes, one register at each ISA level (cpu/isa.h): 16 bytes at the
+// baseline, 32 with AVX2 and AVX-512 (a chunk is 2 KB: wider vectors gain nothing measurable). Explicit,
+// because gcc's auto-vectoriser left the exp loop scalar (12 ns/element instead of ~1).
+template <int VB>
+struct F32Vec {
+  typedef float v __attribute__((vector_size(VB)));
+  typedef int32_t i __attribute__((vector_size(VB)));
+  static constexpr int lanes = VB / 4;
+  static FUSEDRNN_ALWAYS_INLINE v load(const float* p) {
+    v out;
+    std::memcpy(&out, p, sizeof(out));
+    return out;
+  }
+};
+constexpr int kBeamVectorBytes(Isa isa) { return isa == Isa::kBaseline ? 16 : 32; }
 
 // exp(x) for x <= 0 (x - row max), Cephes' expf polynomial: relative error < 3e-7 (~2 ulp) on [-87, 0]
 // (checked against std::exp in tests/test_beam_topk.py through the scores). Rounds with the "magic number"
 // 1.5 * 2^23 instead of floorf (SSE2 has no vector floor). x < -87 (incl. -inf) gives exactly 0.
-inline v8f exp_nonpos8(v8f x) {
-  const v8f kMagic = v8f{} + 12582912.0f;
-  const v8i tiny = x < -87.0f;
-  x = tiny ? v8f{} - 87.0f : x;
-  const v8f fx = (x * 1.44269504088896341f + kMagic) - kMagic;
-  v8f r = x - fx * 0.693359375f;
+template <int VB>
+FUSEDRNN_ALWAYS_INLINE typename F32Vec<VB>::v exp_nonpos(typename F32Vec<VB>::v x) {
+  using V = typename F32Vec<VB>::v;
+  using I = typename F32Vec<VB>::i;
+  const V kMagic = V{} + 12582912.0f;
+  const I tiny = x < -87.0f;
+  x = tiny ? V{} - 87.0f : x;
+  const V fx = (x * 1.44269504088896341f + kMagic) - kMagic;
+  V r = x - fx * 0.693359375f;
   r = r - fx * -2.12194440e-4f;
-  v8f p = v8f{} + 1.9875691500e-4f;
+  V p = V{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const v8i e = (__builtin_convertvector(fx, v8i) + 127) << 23;
-  const v8f scale = reinterpret_cast<const v8f&>(e);
-  return tiny ? v8f{} : p * scale;
+  const I e = (__builtin_convertvector(fx, I) + 127) << 23;
+  const V scale = (V)e;  // same-size vector cast: the bits of e as floats (2^fx)
+  return tiny ? V{} : p * scale;
 }
 
 template <typename acc_t>
@@ -80,42 +89,56 @@ struct ChunkStats {
 };
 
 // n is a multiple of 8 (the chunk buffer is padded with -inf).
-__attribute__((target_clones("avx2", "default")))
-ChunkStats<float> chunk_stats_f32(const float* x, int64_t n) {
-  v8f mx = v8f{} - std::numeric_limits<float>::infinity();
-  v8i bad = v8i{};
+template <typename T, Isa isa>
+FUSEDRNN_ALWAYS_INLINE void chunk_stats_f32_body(const float* x, int64_t n, ChunkStats<float>* out) {
+  using Vec = F32Vec<kBeamVectorBytes(isa)>;
+  using V = typename Vec::v;
+  using I = typename Vec::i;
+  constexpr int L = Vec::lanes;
+  V mx = V{} - std::numeric_limits<float>::infinity();
+  I bad = I{};
   const float inf = std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; i += 8) {
-    const v8f v = load8(x + i);
+  for (int64_t i = 0; i < n; i += L) {
+    const V v = Vec::load(x + i);
     mx = v > mx ? v : mx;   // NaN compares false: ignored here, flagged below
     bad |= ~(v < inf);      // NaN or +inf
   }
   ChunkStats<float> st{mx[0], false};
-  for (int j = 0; j < 8; ++j) {
+  for (int j = 0; j < L; ++j) {
     st.max = mx[j] > st.max ? mx[j] : st.max;
     st.bad = st.bad || bad[j] != 0;
   }
+  *out = st;
+}
+FUSEDRNN_ISA_LEVELS(chunk_stats_f32, (const float* x, int64_t n, ChunkStats<float>* out), (x, n, out))
+
+template <typename T, Isa isa>
+FUSEDRNN_ALWAYS_INLINE void chunk_exp_sum_f32_body(const float* x, int64_t n, float m, float* out) {
+  constexpr int VB = kBeamVectorBytes(isa);
+  using Vec = F32Vec<VB>;
+  typename Vec::v acc{};
+  for (int64_t i = 0; i < n; i += Vec::lanes) acc += exp_nonpos<VB>(Vec::load(x + i) - m);
+  float s = 0.f;
+  for (int j = 0; j < Vec::lanes; ++j) s += acc[j];
+  *out = s;
+}
+FUSEDRNN_ISA_LEVELS(chunk_exp_sum_f32, (const float* x, int64_t n, float m, float* out), (x, n, m, out))
+
+ChunkStats<float> chunk_stats(const float* x, int64_t n) {
+  ChunkStats<float> st;
+  chunk_stats_f32<float>(x, n, &st);
   return st;
 }
-
-__attribute__((target_clones("avx2", "default")))
-float chunk_exp_sum_f32(const float* x, int64_t n, float m) {
-  v8f acc = v8f{};
-  for (int64_t i = 0; i < n; i += 8) acc += exp_nonpos8(load8(x + i) - m);
-  float s = 0.f;
-  for (int j = 0; j < 8; ++j) s += acc[j];
+float chunk_exp_sum(const float* x, int64_t n, float m) {
+  float s;
+  chunk_exp_sum_f32<float>(x, n, m, &s);
   return s;
 }
 
-ChunkStats<float> chunk_stats(const float* x, int64_t n) { return chunk_stats_f32(x, n); }
-float chunk_exp_sum(const float* x, int64_t n, float m) { return chunk_exp_sum_f32(x, n, m); }
-
 inline bool any_greater8(const float* x, float thr) {
-  const v8i gt = load8(x) > thr;
-  v8i acc = gt;
-  bool any = false;
-  for (int j = 0; j < 8; ++j) any = any || acc[j] != 0;
-  return any;
+  using Vec = F32Vec<16>;  // row_pass runs at the build's default target, where 16-byte vectors are native
+  const typename Vec::i gt = (Vec::load(x) > thr) | (Vec::load(x + 4) > thr);
+  return (gt[0] | gt[1] | gt[2] | gt[3]) != 0;
 }
 
 // fp64 logits are rare (tests, spec checks): plain loops and std::exp.
