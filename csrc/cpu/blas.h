@@ -100,7 +100,7 @@ template <typename T>
 struct PackedB {
   int64_t k = 0, groups = 1, group_width = 0;
   int64_t blocks = 0;  // panels per group
-  at::Tensor storage;  // [groups * blocks, k, NR], zero-padded
+  at::Tensor storage;  // [groups * blocks] panels of k * NR values, zero-padded, slice by slice (pack_panel_body)
   const T* panel(int64_t q) const { return storage.data_ptr<T>() + q * k * kPanel<T>; }
   int64_t panels() const { return groups * blocks; }
   int64_t col(int64_t q) const { return (q % groups) * group_width + (q / groups) * kPanel<T>; }
@@ -139,7 +139,10 @@ FUSEDRNN_ALWAYS_INLINE void transpose_rounds(typename Simd<T, VB>::type* rows) {
   if constexpr (s > 1) transpose_rounds<T, VB, s / 2>(rows);
 }
 
-// One panel: dst[p * NR + jj] = src[p * stride_p + jj * stride_j] for p < k, jj < width; zero for jj >= width.
+// One panel: B[p][jj] = src[p * stride_p + jj * stride_j] for p < k, jj < width; zero for jj >= width. Stored
+// slice by slice (panel_slice_offset): the GEMM tile of each level reads one slice of 2 vectors' columns,
+// and its k rows must be contiguous -- read at the panel's 128-byte row stride, the baseline's 32-byte slices
+// used a quarter of every line fetched and ran at 8 GFLOP/s (rnn_relu T=16, B=64, H=512, Zen 3).
 // A transposed source (stride_p == 1: the weights as stored) goes through register transposes of W x W
 // blocks: element by element it took ~0.9 ns per value and a fifth of a batch-1 LSTM call (H = 256).
 template <typename T, Isa isa>
@@ -147,7 +150,8 @@ FUSEDRNN_ALWAYS_INLINE void pack_panel_body(const T* __restrict__ src, int64_t k
                                             int64_t stride_j, T* __restrict__ dst) {
   constexpr int VB = kVectorBytes<isa>;
   using V = typename Simd<T, VB>::type;
-  constexpr int64_t NR = kPanel<T>, W = Simd<T, VB>::lanes;
+  constexpr int64_t NR = kPanel<T>, W = Simd<T, VB>::lanes, S = 2 * W;
+  const auto at = [k](int64_t p, int64_t jj) { return (jj / S) * k * S + p * S + jj % S; };
   int64_t p_done = 0;
   if (stride_p == 1 && width == NR) {
     p_done = k / W * W;
@@ -156,13 +160,13 @@ FUSEDRNN_ALWAYS_INLINE void pack_panel_body(const T* __restrict__ src, int64_t k
         V rows[W];
         for (int i = 0; i < W; ++i) __builtin_memcpy(&rows[i], src + (jj0 + i) * stride_j + p0, sizeof(V));
         transpose_rounds<T, VB, W / 2>(rows);
-        for (int i = 0; i < W; ++i) __builtin_memcpy(dst + (p0 + i) * NR + jj0, &rows[i], sizeof(V));
+        for (int i = 0; i < W; ++i) __builtin_memcpy(dst + at(p0 + i, jj0), &rows[i], sizeof(V));
       }
     }
   }
   for (int64_t p = p_done; p < k; ++p) {
-    for (int64_t jj = 0; jj < width; ++jj) dst[p * NR + jj] = src[p * stride_p + jj * stride_j];
-    for (int64_t jj = width; jj < NR; ++jj) dst[p * NR + jj] = T(0);
+    for (int64_t jj = 0; jj < width; ++jj) dst[at(p, jj)] = src[p * stride_p + jj * stride_j];
+    for (int64_t jj = width; jj < NR; ++jj) dst[at(p, jj)] = T(0);
   }
 }
 FUSEDRNN_ISA_LEVELS(pack_panel, (const T* __restrict__ src, int64_t k, int64_t width, int64_t stride_p,
@@ -193,20 +197,19 @@ PackedB<T> pack_b(Scratch slot, const T* src, int64_t k, int64_t groups, int64_t
 // ---------------------------------------------------------------------------------------------------
 // Kernel
 // ---------------------------------------------------------------------------------------------------
-// One MR x (2 vectors) tile of C over the full k: `panel` points at the tile's first column inside a packed
-// panel (rows NR apart); nr <= 2 * lanes columns are stored.
+// One MR x (2 vectors) tile of C over the full k: `slice` is one slice of a packed panel ([k, 2 vectors]);
+// nr <= 2 * lanes columns are stored.
 template <typename T, int VB, int MR>
-FUSEDRNN_ALWAYS_INLINE void gemm_tile(int64_t k, const T* a, int64_t lda, const T* panel, T beta, T* c,
+FUSEDRNN_ALWAYS_INLINE void gemm_tile(int64_t k, const T* a, int64_t lda, const T* slice, T beta, T* c,
                                       int64_t ldc, int64_t nr) {
   using V = typename Simd<T, VB>::type;
   constexpr int W = Simd<T, VB>::lanes;
-  constexpr int64_t NR = kPanel<T>;
   V acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = V{};
   for (int64_t p = 0; p < k; ++p) {
     V b0, b1;
-    __builtin_memcpy(&b0, panel + p * NR, sizeof(V));
-    __builtin_memcpy(&b1, panel + p * NR + W, sizeof(V));
+    __builtin_memcpy(&b0, slice + p * 2 * W, sizeof(V));
+    __builtin_memcpy(&b1, slice + p * 2 * W + W, sizeof(V));
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const T av = a[r * lda + p];
@@ -242,7 +245,7 @@ FUSEDRNN_ALWAYS_INLINE void gemm_tile(int64_t k, const T* a, int64_t lda, const 
 // Rows [0, m) x panels [q0, q1), in blocks of 64 rows so that a block of A stays in L1/L2 while every panel
 // streams past it: panel-outer order re-read A from memory once per panel and ran the [8192x512]@[512x2048]
 // input projection at 76 GFLOP/s, row blocks at 110 (one Zen 4 core, AVX-512). A panel (128 bytes of
-// columns) is one tile wide with AVX-512 and 2 (AVX2) or 4 (16-byte vectors) tiles wide below it.
+// columns) is one slice (tile width) with AVX-512, 2 with AVX2 and 4 with 16-byte vectors.
 template <typename T, int VB, int MR>
 FUSEDRNN_ALWAYS_INLINE void gemm_rows_panels(int64_t m, int64_t q0, int64_t q1, const T* a, int64_t lda,
                                              const PackedB<T>& b, T beta, T* c, int64_t ldc) {
@@ -254,7 +257,7 @@ FUSEDRNN_ALWAYS_INLINE void gemm_rows_panels(int64_t m, int64_t q0, int64_t q1, 
       T* cq = c + b.col(q);
       const int64_t width = b.width(q);
       for (int64_t s0 = 0; s0 < width; s0 += S) {
-        const T* pb = panel + s0;
+        const T* pb = panel + s0 * b.k;  // slice s0 / S: [k, S] (pack_panel_body)
         T* cs = cq + s0;
         const int64_t nr = std::min(S, width - s0);
         int64_t i = i0;
