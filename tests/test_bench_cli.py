@@ -46,6 +46,7 @@ BAD_ARGS = [
     (["--repeats", "0"], "--repeats: expected a positive integer"),
     (["--device", "tpu"], "--device"),
     (["--replot", "/nonexistent/results.json"], "--replot: no such file"),
+    (["--isa", "sse9"], "--isa: expected one of avx512, avx2, baseline or 'all', got 'sse9'"),
 ]
 
 
@@ -56,6 +57,15 @@ def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err, err
+
+
+def test_isa_level_runs_in_a_capped_child(capfd, tmp_path):
+    """--isa baseline: the command again in a fresh process with fusedrnn and torch capped to the level."""
+    status = cli.main(["--isa", "baseline", "--list", "--shape", "2,1,4,4", "--out", str(tmp_path)])
+    out = capfd.readouterr().out
+    assert status == 0, out
+    assert "== ISA level baseline: FUSEDRNN_CPU_ISA=baseline ATEN_CPU_CAPABILITY=default" in out
+    assert "lstm-T2-B1-I4-H4" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

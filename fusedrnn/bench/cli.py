@@ -22,6 +22,7 @@ import torch
 
 import fusedrnn
 
+from . import isa
 from . import presets as P
 from . import report, runner, timing
 from .providers import auto_backends, backend_problem, extra_providers, fusedrnn_provider, torch_provider
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, help="start no new case after this many seconds; the rest is "
                                                     "listed as not run (default: none)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads on a CPU (default: torch's)")
+    p.add_argument("--isa", help="CPU instruction-set level(s): avx512, avx2, baseline (comma-separated) or all; "
+                                 "each runs in a fresh process with fusedrnn's cpu kernels and torch (ATen, "
+                                 "oneDNN, MKL) capped to that level, results in --out/<level>")
     p.add_argument("--seed", type=int, default=0, help="weights and inputs seed (default 0)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -239,9 +243,33 @@ def _title(meta: dict) -> str:
             f"{meta.get('cuda_version', '?')} | fusedrnn {meta.get('fusedrnn_version', '?')} @ {commit}")
 
 
+def _run_levels(args, argv: list[str], parser) -> int:
+    """--isa: this command again at each level, in a fresh process each (the caps apply at library load)."""
+    try:
+        levels = isa.requested_levels(args.isa)
+    except ValueError as e:
+        parser.error(str(e))
+    rest, skip = [], False
+    for a in argv:  # drop --isa and --out; each level gets its own --out
+        if skip:
+            skip = False
+        elif a in ("--isa", "--out"):
+            skip = True
+        elif not a.startswith(("--isa=", "--out=")):
+            rest.append(a)
+    base = args.out or f"fusedrnn-bench-cpu-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    status = 0
+    for level in levels:
+        status = max(status, isa.run_at_level(level, ["-m", "fusedrnn.bench", *rest, "--out",
+                                                      os.path.join(base, level)]))
+    return status
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.isa and not isa.in_level_child():
+        return _run_levels(args, sys.argv[1:] if argv is None else list(argv), parser)
     if args.replot:
         if not os.path.exists(args.replot):
             parser.error(f"--replot: no such file {args.replot!r}")
@@ -278,6 +306,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(header, file=sys.stderr)
     print(f"device: {env['device_name']} | torch {env['torch_version']} | CUDA {env['cuda_version']} | "
           f"commit {env['commit'][:12]} | threads {env['threads']} | load {env['load_avg']} | "
+          + (f"ISA {env['cpu_isa']} | " if "cpu_isa" in env else "") +
           f"memory: {env['mem_method']}",
           file=sys.stderr)
 

@@ -79,6 +79,12 @@ def load_average() -> str:
         return "n/a"
 
 
+def _cpu_isa() -> str:
+    """fusedrnn's cpu kernel level and torch's ATen level, e.g. 'fusedrnn avx2, torch AVX2'."""
+    ours = torch.ops.fusedrnn.cpu_isa() if fusedrnn.extension_error() is None else "n/a (no extension)"
+    return f"fusedrnn {ours}, torch {torch.backends.cpu.get_cpu_capability()}"
+
+
 def environment(device: torch.device) -> dict:
     commit, dirty = git_commit()
     if device.type == "cuda":
@@ -91,7 +97,7 @@ def environment(device: torch.device) -> dict:
         "cuda_version": torch.version.cuda or "none", "cudnn_version": str(cudnn) if cudnn else "none",
         "triton_version": _version("triton"), "fusedrnn_version": fusedrnn.__version__, "commit": commit,
         "git_dirty": dirty, "threads": torch.get_num_threads(), "python": platform.python_version(),
-        "load_avg": load_average(),
+        "load_avg": load_average(), **({"cpu_isa": _cpu_isa()} if device.type == "cpu" else {}),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
