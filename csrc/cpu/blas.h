@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <type_traits>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -198,10 +199,11 @@ PackedB<T> pack_b(Scratch slot, const T* src, int64_t k, int64_t groups, int64_t
 // Kernel
 // ---------------------------------------------------------------------------------------------------
 // One MR x (2 vectors) tile of C over the full k: `slice` is one slice of a packed panel ([k, 2 vectors]);
-// nr <= 2 * lanes columns are stored.
-template <typename T, int VB, int MR>
-FUSEDRNN_ALWAYS_INLINE void gemm_tile(int64_t k, const T* a, int64_t lda, const T* slice, T beta, T* c,
-                                      int64_t ldc, int64_t nr) {
+// nr <= 2 * lanes columns are stored. A's values come from `a` (row stride lda), or with kBroadcastA already
+// broadcast into vectors: ab[p * MR + r] = {a[r][p], ...} (gemm_rows_panels says when).
+template <typename T, int VB, int MR, bool kBroadcastA = false>
+FUSEDRNN_ALWAYS_INLINE void gemm_tile(int64_t k, const T* a, int64_t lda, const typename Simd<T, VB>::type* ab,
+                                      const T* slice, T beta, T* c, int64_t ldc, int64_t nr) {
   using V = typename Simd<T, VB>::type;
   constexpr int W = Simd<T, VB>::lanes;
   V acc[MR][2];
@@ -212,9 +214,15 @@ FUSEDRNN_ALWAYS_INLINE void gemm_tile(int64_t k, const T* a, int64_t lda, const 
     __builtin_memcpy(&b1, slice + p * 2 * W + W, sizeof(V));
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const T av = a[r * lda + p];
-      acc[r][0] += av * b0;
-      acc[r][1] += av * b1;
+      if constexpr (kBroadcastA) {
+        const V av = ab[p * MR + r];
+        acc[r][0] += av * b0;
+        acc[r][1] += av * b1;
+      } else {
+        const T av = a[r * lda + p];
+        acc[r][0] += av * b0;
+        acc[r][1] += av * b1;
+      }
     }
   }
   for (int r = 0; r < MR; ++r) {
@@ -242,38 +250,69 @@ FUSEDRNN_ALWAYS_INLINE void gemm_tile(int64_t k, const T* a, int64_t lda, const 
   }
 }
 
+// Every slice of panels [q0, q1) with the rows [i, i1) of one row block: fn(slice, C columns, width).
+template <typename T, int VB, typename F>
+FUSEDRNN_ALWAYS_INLINE void for_each_slice(int64_t q0, int64_t q1, const PackedB<T>& b, T* c, const F& fn) {
+  constexpr int64_t S = 2 * Simd<T, VB>::lanes;
+  for (int64_t q = q0; q < q1; ++q) {
+    const T* panel = b.panel(q);
+    const int64_t width = b.width(q);
+    for (int64_t s0 = 0; s0 < width; s0 += S) fn(panel + s0 * b.k, c + b.col(q) + s0, std::min(S, width - s0));
+  }
+}
+
 // Rows [0, m) x panels [q0, q1), in blocks of 64 rows so that a block of A stays in L1/L2 while every panel
 // streams past it: panel-outer order re-read A from memory once per panel and ran the [8192x512]@[512x2048]
 // input projection at 76 GFLOP/s, row blocks at 110 (one Zen 4 core, AVX-512). A panel (128 bytes of
 // columns) is one slice (tile width) with AVX-512, 2 with AVX2 and 4 with 16-byte vectors.
-template <typename T, int VB, int MR>
+// kBroadcastA (x86 baseline, SSE2): SSE has no broadcast instruction, and a movss + shufps per row and k step
+// took the ports the multiplies and adds need; each full tile's A is broadcast into vectors once and serves
+// every panel (standalone 48x512 @ 512x2048, Zen 3: 27.6 -> 35.3 GFLOP/s).
+template <typename T, int VB, int MR, bool kBroadcastA>
 FUSEDRNN_ALWAYS_INLINE void gemm_rows_panels(int64_t m, int64_t q0, int64_t q1, const T* a, int64_t lda,
                                              const PackedB<T>& b, T beta, T* c, int64_t ldc) {
-  constexpr int64_t kRowBlock = 64, S = 2 * Simd<T, VB>::lanes;
+  using V = typename Simd<T, VB>::type;
+  constexpr int64_t kRowBlock = 64;
+  // Leftover rows in 4-, 2- and 1-row tiles: one row alone keeps only two FMA chains in flight
+  // (LSTM B=4, H=128: ~20% faster per step than four 1-row tiles).
+  const auto leftover_rows = [&](int64_t i, int64_t i1, const T* slice, T* cs, int64_t nr) FUSEDRNN_INLINE_LAMBDA {
+    if (MR > 4 && i + 4 <= i1) {
+      gemm_tile<T, VB, 4>(b.k, a + i * lda, lda, nullptr, slice, beta, cs + i * ldc, ldc, nr);
+      i += 4;
+    }
+    if (i + 2 <= i1) {
+      gemm_tile<T, VB, 2>(b.k, a + i * lda, lda, nullptr, slice, beta, cs + i * ldc, ldc, nr);
+      i += 2;
+    }
+    if (i < i1) gemm_tile<T, VB, 1>(b.k, a + i * lda, lda, nullptr, slice, beta, cs + i * ldc, ldc, nr);
+  };
   for (int64_t i0 = 0; i0 < m; i0 += kRowBlock) {
     const int64_t i1 = std::min(m, i0 + kRowBlock);
-    for (int64_t q = q0; q < q1; ++q) {
-      const T* panel = b.panel(q);
-      T* cq = c + b.col(q);
-      const int64_t width = b.width(q);
-      for (int64_t s0 = 0; s0 < width; s0 += S) {
-        const T* pb = panel + s0 * b.k;  // slice s0 / S: [k, S] (pack_panel_body)
-        T* cs = cq + s0;
-        const int64_t nr = std::min(S, width - s0);
-        int64_t i = i0;
-        for (; i + MR <= i1; i += MR) gemm_tile<T, VB, MR>(b.k, a + i * lda, lda, pb, beta, cs + i * ldc, ldc, nr);
-        // Leftover rows in 4-, 2- and 1-row tiles: one row alone keeps only two FMA chains in flight
-        // (LSTM B=4, H=128: ~20% faster per step than four 1-row tiles).
-        if (MR > 4 && i + 4 <= i1) {
-          gemm_tile<T, VB, 4>(b.k, a + i * lda, lda, pb, beta, cs + i * ldc, ldc, nr);
-          i += 4;
+    const int64_t i_rest = i0 + (i1 - i0) / MR * MR;  // rows left after the full MR-row tiles
+    if constexpr (kBroadcastA) {
+      thread_local std::vector<V> broadcast;
+      if (static_cast<int64_t>(broadcast.size()) < b.k * MR) broadcast.resize(b.k * MR);
+      V* ab = broadcast.data();
+      for (int64_t i = i0; i < i_rest; i += MR) {
+        for (int64_t p = 0; p < b.k; ++p) {
+          for (int r = 0; r < MR; ++r) ab[p * MR + r] = V{} + a[(i + r) * lda + p];
         }
-        if (i + 2 <= i1) {
-          gemm_tile<T, VB, 2>(b.k, a + i * lda, lda, pb, beta, cs + i * ldc, ldc, nr);
-          i += 2;
-        }
-        if (i < i1) gemm_tile<T, VB, 1>(b.k, a + i * lda, lda, pb, beta, cs + i * ldc, ldc, nr);
+        for_each_slice<T, VB>(q0, q1, b, c + i * ldc, [&](const T* slice, T* cs, int64_t nr) FUSEDRNN_INLINE_LAMBDA {
+          gemm_tile<T, VB, MR, true>(b.k, nullptr, 0, ab, slice, beta, cs, ldc, nr);
+        });
       }
+      if (i_rest < i1) {
+        for_each_slice<T, VB>(q0, q1, b, c, [&](const T* slice, T* cs, int64_t nr) FUSEDRNN_INLINE_LAMBDA {
+          leftover_rows(i_rest, i1, slice, cs, nr);
+        });
+      }
+    } else {  // every row of the block per slice: the slice stays in L1 across the block's tiles
+      for_each_slice<T, VB>(q0, q1, b, c, [&](const T* slice, T* cs, int64_t nr) FUSEDRNN_INLINE_LAMBDA {
+        for (int64_t i = i0; i < i_rest; i += MR) {
+          gemm_tile<T, VB, MR>(b.k, a + i * lda, lda, nullptr, slice, beta, cs + i * ldc, ldc, nr);
+        }
+        leftover_rows(i_rest, i1, slice, cs, nr);
+      });
     }
   }
 }
@@ -284,7 +323,9 @@ FUSEDRNN_ALWAYS_INLINE void gemm_rows_panels(int64_t m, int64_t q0, int64_t q1, 
 template <typename T, Isa isa>
 FUSEDRNN_ALWAYS_INLINE void gemm_panels_isa_body(int64_t m, int64_t q0, int64_t q1, const T* a, int64_t lda,
                                              const PackedB<T>& b, T beta, T* c, int64_t ldc) {
-  gemm_rows_panels<T, kVectorBytes<isa>, isa == Isa::kAvx512 ? 8 : 6>(m, q0, q1, a, lda, b, beta, c, ldc);
+  constexpr bool kBroadcastA = FUSEDRNN_X86 && isa == Isa::kBaseline;
+  gemm_rows_panels<T, kVectorBytes<isa>, isa == Isa::kAvx512 ? 8 : 6, kBroadcastA>(m, q0, q1, a, lda, b, beta, c,
+                                                                                    ldc);
 }
 FUSEDRNN_ISA_LEVELS(gemm_panels_isa, (int64_t m, int64_t q0, int64_t q1, const T* a, int64_t lda,
                                       const PackedB<T>& b, T beta, T* c, int64_t ldc),

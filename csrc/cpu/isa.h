@@ -25,8 +25,10 @@
 
 #if defined(__GNUC__)
 #define FUSEDRNN_ALWAYS_INLINE __attribute__((always_inline)) inline
+#define FUSEDRNN_INLINE_LAMBDA __attribute__((always_inline))
 #else
 #define FUSEDRNN_ALWAYS_INLINE inline
+#define FUSEDRNN_INLINE_LAMBDA
 #endif
 
 namespace fusedrnn::cpu {

@@ -74,8 +74,6 @@ OptTensor contig(const OptTensor& t) { return t ? OptTensor(t->contiguous()) : s
 // Pointers are never null (absent biases point at zeros, an unneeded workspace at a scratch row) and never
 // alias each other (__restrict__: with 8 pointers GCC gave up on its run-time alias checks).
 // ---------------------------------------------------------------------------------------------------
-#define FUSEDRNN_INLINE_LAMBDA __attribute__((always_inline))
-
 template <typename F>
 FUSEDRNN_ALWAYS_INLINE void with_flags(bool a, bool b, const F& f) {
   if (a) {
