@@ -3,6 +3,8 @@ hidden units (barrier per step, double-buffered h) or by batch rows (no barrier)
 parts (3 threads), projection, lengths and reverse, against the fp64 reference, outputs and every gradient."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -18,11 +20,26 @@ def plan(cell, B, H, H_out, proj, dtype):
 
 
 @pytest.fixture
-def threads(request):
+def threads(request, monkeypatch):
+    """torch's thread count for the test; teams may be larger than this machine's cores (3 threads give
+    uneven parts), which they are not by default."""
+    monkeypatch.setenv("FUSEDRNN_CPU_TEAM_MAX", "64")
     before = torch.get_num_threads()
     torch.set_num_threads(request.param)
     yield request.param
     torch.set_num_threads(before)
+
+
+def test_teams_never_exceed_the_cores(monkeypatch):
+    """More threads than cores: a team meets at a barrier every step, so it stays at the core count."""
+    monkeypatch.delenv("FUSEDRNN_CPU_TEAM_MAX", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    torch.set_num_threads(cores + 2)
+    try:
+        assert plan("lstm", 64, 1024, 1024, False, torch.float32)[0] == cores
+    finally:
+        torch.set_num_threads(before)
 
 
 def on_cpu(cell):

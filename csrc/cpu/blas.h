@@ -11,8 +11,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
 #include <algorithm>
 #include <cstdlib>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -37,6 +42,22 @@ struct Team {
 // [begin, end) of part `id` when n items are split into `parts` near-equal ranges.
 inline std::pair<int64_t, int64_t> split_range(int64_t n, int id, int parts) {
   return {n * id / parts, n * (id + 1) / parts};
+}
+
+// Threads a team may use: torch's setting, but never more than the CPUs this process may run on (or
+// $FUSEDRNN_CPU_TEAM_MAX: tests use it to split 3 ways on 2 cores). A team meets at a barrier every step, so a
+// thread beyond the cores waits for a time slice at each one.
+inline int team_threads() {
+  static const int cpus = [] {
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+    return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  }();
+  const char* cap = std::getenv("FUSEDRNN_CPU_TEAM_MAX");
+  const int limit = cap && std::atoi(cap) > 0 ? std::atoi(cap) : cpus;
+  return std::max(1, std::min(at::get_num_threads(), limit));
 }
 
 // Runs body(Team) on `threads` threads (1: on the caller). body must not throw: the whole call is prepared
@@ -342,7 +363,7 @@ inline void gemm_panels(int64_t m, int64_t q0, int64_t q1, const T* a, int64_t l
 
 // Threads worth using for `macs` multiply-adds: one below 2^18 (~3 us; a fork costs ~5-10 us).
 inline int threads_for(int64_t macs) {
-  return macs >= (int64_t(1) << 18) ? at::get_num_threads() : 1;
+  return macs >= (int64_t(1) << 18) ? team_threads() : 1;
 }
 
 // C[m, n] = beta*C + A[m, k] @ B, A and C row-major contiguous, split over the team by rows (by panels when

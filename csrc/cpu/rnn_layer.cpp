@@ -187,7 +187,7 @@ bool split_by_units(const Dims& d, int64_t nr, int threads) {
 }
 
 int loop_threads(const Dims& d, int64_t nr) {
-  const int threads = at::get_num_threads();
+  const int threads = team_threads();
   const int64_t step_macs = d.B * d.G * d.H * d.H_out + (d.proj ? d.B * d.H * d.H_out : 0);
   if (threads <= 1 || step_macs < kTeamMinStepMacs) return 1;
   if (std::min(unit_blocks(d.H, nr), unit_blocks(d.H_out, nr)) >= threads) return threads;
