@@ -130,3 +130,200 @@ def test_program_error_is_raised_with_its_index():
                                                                          r"power of 2"):
             _toy(3, steps=3, fail=1)
         assert time.monotonic() - start < 15.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The barrier path through the backend
+# ---------------------------------------------------------------------------------------------------------
+# Three slices per batch tile, the last partial (LSTM/GRU: 64 + 64 + 22 units of H=150; RNN: 128 + 128 + 44
+# of H=300; the slice widths are the GPU's, barrier_slice's), and two batch tiles of 8, the second partial:
+# 6 programs per launch. T=4 reuses each ping-pong slot.
+HIDDEN = {"lstm": 150, "gru": 150, "rnn_tanh": 300, "rnn_relu": 300}
+SLICE = {"lstm": 64, "gru": 64, "rnn_tanh": 128, "rnn_relu": 128}
+T, B, I = 4, 11, 3
+LENGTHS = [4, 3, 0, 2, 4, 1, 4, 2, 3, 0, 1]  # a 0 in each batch tile; the second tile's longest is 3
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+CASES = {"fwd": (False, None), "fwd-lengths": (False, LENGTHS), "rev": (True, None), "rev-lengths": (True, LENGTHS)}
+
+
+@pytest.fixture
+def slices(monkeypatch):
+    """The slice_h of every persistent launcher call, so a test proves the barrier variant ran."""
+    from fusedrnn.triton import rnn_persistent as P
+    seen = []
+
+    def spy(name):
+        real = getattr(P, name)
+
+        def wrapper(*args, slice_h=None, **kwargs):
+            seen.append((name, slice_h))
+            return real(*args, slice_h=slice_h, **kwargs)
+        monkeypatch.setattr(P, name, wrapper)
+    spy("persistent_forward")
+    spy("persistent_backward")
+    return seen
+
+
+def run_barrier_path(cell, dtype, reverse, lengths, seed=0, between=None):
+    """Forward and every gradient of the triton backend's barrier path vs the fp64 spec (helpers' rule).
+    between(): called after the forward, before the backward."""
+    args64 = make_layer_args(cell, T, B, I, HIDDEN[cell], reverse=reverse, lengths=lengths, seed=seed)
+
+    def layer(**a):
+        out = functional.rnn_layer(cell, **a)
+        if between is not None:
+            between()
+        return out
+
+    def run_fast(args):
+        with fusedrnn.use_backend("triton"), use_path("barrier"):
+            return run_and_grad(layer, args)
+    compare_with_reference(cell, args64, dtype, run_fast)
+
+
+# every case at fp16; bf16 (the same code, other rounding) at two, to keep the file within ~3 min on 2 cores
+DTYPE_CASES = [("fp16", c) for c in CASES] + [("bf16", "fwd"), ("bf16", "rev-lengths")]
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype,case", DTYPE_CASES, ids=[f"{d}-{c}" for d, c in DTYPE_CASES])
+@pytest.mark.parametrize("cell", CELLS)
+def test_barrier_path_matches_reference(cell, dtype, case, concurrent_interpreter, slices):
+    run_barrier_path(cell, DTYPES[dtype], *CASES[case])
+    assert slices == [("persistent_forward", SLICE[cell]), ("persistent_backward", SLICE[cell])]
+    assert (concurrent_interpreter.launches, concurrent_interpreter.programs) == (2, 12)
+
+
+@interpreter_only
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_barrier_path_fuzzed_schedules(cell, fuzzed_interpreter, slices):
+    run_barrier_path(cell, torch.float16, True, LENGTHS)
+    assert len(slices) == 2 and fuzzed_interpreter.fuzz_sleeps > 0
+
+
+def _call(cell, H, dtype, B=11):
+    a = make_layer_args(cell, 2, B, 3, H, dtype=dtype, requires_grad=False)
+    return LayerCall(cell, a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], a["w_hr"], None,
+                     False)
+
+
+@interpreter_only
+def test_path_choice_under_the_concurrent_interpreter(concurrent_interpreter):
+    """The GPU's rules, minus the residency check (every program is a thread): auto takes the barrier path
+    where the weights do not fit one program; fp32 and the projection are refused with their reasons."""
+    assert plan(_call("lstm", 150, torch.float16))[:2] == ("barrier", 64)
+    assert plan(_call("rnn_tanh", 300, torch.bfloat16))[:2] == ("barrier", 128)
+    assert plan(_call("lstm", 100, torch.float16))[:2] == ("persistent", None)
+    with use_path("barrier"):
+        assert "fp16/bf16 only" in BACKENDS["triton"].unsupported_reason(_call("lstm", 150, torch.float32))
+        assert plan(_call("gru", 100, torch.float16))[:2] == ("barrier", 64)
+
+
+@interpreter_only
+def test_barrier_path_refused_by_the_serial_interpreter():
+    with use_path("barrier"):
+        why = BACKENDS["triton"].unsupported_reason(_call("lstm", 150, torch.float16))
+    assert "one after another" in why and "concurrent_programs()" in why
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Planted bugs: small copies of cell_math.grid_barrier / the forward's exchange, patched into rnn_persistent
+# (the interpreter resolves the helpers a kernel calls in its module at run time)
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def _barrier_without_wait(counter_ptr, target):
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _barrier_one_arrival_short(counter_ptr, target):
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    while seen < target - 1:
+        seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
+def _barrier_one_arrival_too_many(counter_ptr, target):
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    while seen < target + 1:
+        seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
+def _single_slot_state(h0_ptr, hbuf_ptr, s, B, rows, ks, m_k, HO: tl.constexpr, BLOCK_HO: tl.constexpr):
+    # rnn_persistent._barrier_state reading slot 0 at every step
+    if s == 0:
+        h_in = tl.load(h0_ptr + rows[None, :] * HO + ks[:, None], mask=m_k, other=0.0)
+    else:
+        h_in = tl.load(hbuf_ptr + rows[None, :] * BLOCK_HO + ks[:, None], mask=m_k, other=0.0)
+    return h_in
+
+
+@triton.jit
+def _single_slot_end_step(h_new, h, s, t, T, lens, y_ptr, hbuf_ptr, sync_ptr, B, rows, cols, m,
+                          HO: tl.constexpr, BLOCK_HO: tl.constexpr, HAS_LENGTHS: tl.constexpr, BARRIER: tl.constexpr):
+    # rnn_persistent._end_forward_step publishing into slot 0 at every step
+    if HAS_LENGTHS:
+        out = tl.where((t < lens)[None, :], h_new, 0.0)
+        h = tl.where((t < lens)[None, :], h_new, h)
+    else:
+        out = h_new
+        h = h_new
+    tl.store(y_ptr + t.to(tl.int64) * B * HO + rows[None, :] * HO + cols[:, None], out.to(y_ptr.dtype.element_ty),
+             mask=m)
+    if BARRIER:
+        tl.store(hbuf_ptr + rows[None, :] * BLOCK_HO + cols[:, None], h.to(y_ptr.dtype.element_ty), mask=m)
+        if s + 1 < T:
+            grid_barrier(sync_ptr + tl.program_id(0), (s + 1) * tl.num_programs(1))
+    return h
+
+
+VALUES_WRONG = r"max error (nan|\d\S*) > tolerance"
+
+
+@interpreter_only
+@pytest.mark.parametrize("mutant", [_barrier_without_wait, _barrier_one_arrival_short],
+                         ids=["no-wait", "one-arrival-short"])
+def test_mutant_barrier_is_caught_by_values(mutant, monkeypatch, concurrent_interpreter):
+    """A program goes on before the others published: it reads a stale or unwritten exchange slot."""
+    from fusedrnn.triton import rnn_persistent as P
+    monkeypatch.setattr(P, "grid_barrier", mutant)
+    with pytest.raises(AssertionError, match=r"^y: " + VALUES_WRONG):
+        run_barrier_path("lstm", torch.float16, True, LENGTHS)
+
+
+@interpreter_only
+def test_mutant_backward_barrier_is_caught_by_gradients(monkeypatch, concurrent_interpreter):
+    """The forward right, the backward's barrier not waiting: the outputs pass, a gradient does not."""
+    from fusedrnn.triton import rnn_persistent as P
+    with pytest.raises(AssertionError, match=r"^grad \w+: " + VALUES_WRONG):
+        run_barrier_path("gru", torch.float16, False, LENGTHS,
+                         between=lambda: monkeypatch.setattr(P, "grid_barrier", _barrier_without_wait))
+
+
+@interpreter_only
+def test_mutant_single_exchange_slot_is_caught(monkeypatch, concurrent_interpreter):
+    """One slot instead of two: a program publishes step s+1's state over step s's before a slower one read
+    it. Needs run_to_atomic (the fixture's): with 5 ms time slices every program reads right after the
+    barrier, long before any writes, and this mutant passed."""
+    from fusedrnn.triton import rnn_persistent as P
+    monkeypatch.setattr(P, "_barrier_state", _single_slot_state)
+    monkeypatch.setattr(P, "_end_forward_step", _single_slot_end_step)
+    with pytest.raises(AssertionError, match=r"^y: " + VALUES_WRONG):
+        run_barrier_path("rnn_tanh", torch.float16, False, None)
+
+
+@interpreter_only
+def test_mutant_barrier_target_too_high_is_aborted(monkeypatch):
+    """Waiting for one arrival more than the grid makes: a deadlock, aborted by the watchdog with where the
+    programs wait, instead of a hung job."""
+    from fusedrnn.triton import rnn_persistent as P
+    monkeypatch.setattr(P, "grid_barrier", _barrier_one_arrival_too_many)
+    start = time.monotonic()
+    with ci.concurrent_programs(stall_timeout=1.0), pytest.raises(
+            ci.LaunchAborted, match=r"lstm_persistent_fwd_kernel grid \(2, 3, 1\) aborted: .*\(deadlock\?\); "
+                                    r"6 of 6 programs left: .*_barrier_one_arrival_too_many"):
+        run_barrier_path("lstm", torch.float16, False, None)
+    assert time.monotonic() - start < 20.0

@@ -327,11 +327,17 @@ def _concurrent_call(self, *args_dev, **kwargs):
 
 @contextlib.contextmanager
 def concurrent_programs(stall_timeout: float = 10.0, timeout: float = 600.0, fuzz: float = 0.0, seed: int = 0,
-                        yield_after_atomic: bool = True, max_programs: int = 512) -> Iterator[Stats]:
+                        yield_after_atomic: bool = True, run_to_atomic: bool = False,
+                        max_programs: int = 512) -> Iterator[Stats]:
     """Inside the block every interpreted Triton launch runs its programs concurrently (see module doc).
     stall_timeout: seconds without any load or store before a launch is aborted as deadlocked; timeout: the
     longest a launch may run; fuzz: probability of a random 0-1 ms sleep around each atomic, load and store
-    (seeded per program by `seed`); yield_after_atomic=False only to measure what the hand-off buys.
+    (seeded per program by `seed`); yield_after_atomic=False only to measure what the hand-off buys;
+    run_to_atomic: a program keeps the GIL from one atomic (or fuzz sleep) to the next instead of for
+    Python's 5 ms switch interval, so one program can run a whole step of a kernel while the others wait:
+    with the switch interval a step of the LSTM barrier kernel (~50 ms of interpreter time) is cut in many
+    slices, every program reads its inputs long before any writes, and ordering bugs between a read after
+    the barrier and the next step's write (one exchange slot instead of two) go unseen.
     Yields the block's Stats. Not reentrant; launches from several threads run one at a time."""
     global _settings, _saved
     if _settings is not None:
@@ -346,7 +352,10 @@ def concurrent_programs(stall_timeout: float = 10.0, timeout: float = 600.0, fuz
               "grid_idx_instance": I.interpreter_builder.__dict__.pop("grid_idx", None),
               "methods": {m: B.__dict__[m] for m in _PATCHED_METHODS}}
     _settings = _Settings(stall_timeout, timeout, fuzz, seed, yield_after_atomic, max_programs)
+    switch_interval = sys.getswitchinterval()
     try:
+        if run_to_atomic:
+            sys.setswitchinterval(1.0)
         B.grid_idx = property(_grid_idx_get, _grid_idx_set)
         for m in ("create_atomic_rmw", "create_atomic_cas"):
             setattr(B, m, _wrap_atomic(_saved["methods"][m]))
@@ -357,6 +366,7 @@ def concurrent_programs(stall_timeout: float = 10.0, timeout: float = 600.0, fuz
         I._patch_lang = _serialized(_saved["patch_lang"])
         yield _settings.stats
     finally:
+        sys.setswitchinterval(switch_interval)
         G.__call__ = _saved["grid_call"]
         IF.rewrite = _saved["rewrite"]
         I._patch_lang = _saved["patch_lang"]
