@@ -22,17 +22,16 @@ STALL_TIMEOUT = 10.0
 
 @pytest.fixture
 def concurrent_interpreter():
-    """Every interpreted Triton launch of the test runs its programs concurrently, each from one atomic to
-    the next without preemption (run_to_atomic: the schedule in which a program that passed a barrier runs
-    a whole step before a slower one reads; also 2x faster than 5 ms time slices: the RNN forward at H=300,
-    6 programs, 0.52 s vs 1.16 s). Yields the Stats."""
-    with concurrent_programs(stall_timeout=STALL_TIMEOUT, run_to_atomic=True) as stats:
+    """Every interpreted Triton launch of the test runs its programs concurrently, taking turns round robin
+    at each atomic (a deterministic schedule). Yields the Stats."""
+    with concurrent_programs(stall_timeout=STALL_TIMEOUT) as stats:
         yield stats
 
 
 @pytest.fixture(params=[1, 2], ids=lambda s: f"fuzz-seed{s}")
 def fuzzed_interpreter(request):
-    """Python's 5 ms time slices, and random 0-1 ms sleeps around 20% of the memory operations and atomics
-    (seeded per program): interleavings the other fixture does not produce."""
+    """The turn goes to a random program at each atomic and at 20% of the loads and stores (seeded: the
+    same seed gives the same schedule), so a program may run several steps ahead or stop between its
+    stores and its arrival."""
     with concurrent_programs(stall_timeout=STALL_TIMEOUT, fuzz=0.2, seed=request.param) as stats:
         yield stats

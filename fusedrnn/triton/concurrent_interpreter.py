@@ -70,7 +70,6 @@ EXPECTED_SIGNATURES = [
     ("InterpreterBuilder", "create_masked_store", ["self", "ptrs", "value", "mask", "cache_modifier",
                                                    "eviction_policy"],
      ["self", "ptrs", "value", "mask", "cache_policy"]),
-    ("InterpretedFunction", "rewrite", ["self"]),
     ("", "_patch_lang", ["fn"]),
     ("", "_implicit_cvt", ["arg"]),
 ]
@@ -133,11 +132,11 @@ def check_interpreter() -> List[str]:
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class Stats:
-    """Counters of one concurrent_programs() block (read them in a test; approximate under races)."""
+    """Counters of one concurrent_programs() block."""
     launches: int = 0
     programs: int = 0
     atomics: int = 0
-    fuzz_sleeps: int = 0
+    handovers: int = 0  # the running program passed the turn to another
     longest_launch_s: float = 0.0
 
 
@@ -147,18 +146,51 @@ class _Settings:
     timeout: float
     fuzz: float
     seed: int
-    yield_after_atomic: bool
     max_programs: int
     stats: Stats = field(default_factory=Stats)
 
 
+class _Launch:
+    """The programs of one launch take turns: exactly one runs, each other waits on its own event (one
+    Condition for all woke every waiter at each hand-over: 4 ms a hand-over on the 2 busy cores)."""
+
+    def __init__(self, n: int, rng: Optional[random.Random]):
+        self.lock = threading.Lock()
+        self.wake = [threading.Event() for _ in range(n)]
+        self.live = list(range(n))  # program numbers not finished, in launch order
+        self.turn = 0
+        self.rng = rng  # None: round robin
+        self.abort: Optional[str] = None  # set: every program raises LaunchAborted at its next turn
+        self.progress = 0  # loads + stores: the watchdog's heartbeat
+
+    def next_after(self, me: int) -> int:
+        if self.rng is not None:
+            return self.rng.choice(self.live)
+        later = [p for p in self.live if p > me]
+        return later[0] if later else self.live[0]
+
+    def give_turn(self, nxt: int):
+        self.turn = nxt
+        self.wake[nxt].set()
+
+    def wait_turn(self, me: int):
+        while self.turn != me and self.abort is None:
+            self.wake[me].wait()
+            self.wake[me].clear()
+        if self.abort is not None:
+            raise LaunchAborted(self.abort)
+
+    def stop(self, why: str):
+        self.abort = why
+        for e in self.wake:
+            e.set()
+
+
 _settings: Optional[_Settings] = None
 _saved: Optional[dict] = None
-_tls = threading.local()      # grid_idx, rng of the program running on this thread
-_abort: Optional[str] = None  # set: every program raises LaunchAborted at its next memory operation
-_progress = 0                 # loads + stores of the current launch: the watchdog's heartbeat
+_launch: Optional[_Launch] = None
+_tls = threading.local()  # grid_idx and number of the program running on this thread
 _launch_lock = threading.Lock()
-_rewrite_lock = threading.RLock()
 
 
 def active() -> bool:
@@ -166,27 +198,29 @@ def active() -> bool:
     return _settings is not None
 
 
-def _check_abort():
-    if _abort is not None:
-        raise LaunchAborted(_abort)
+def _check_abort(launch: _Launch):
+    if launch.abort is not None:
+        raise LaunchAborted(launch.abort)
 
 
-def _maybe_sleep():
-    rng = getattr(_tls, "rng", None)
-    if rng is not None and rng.random() < _settings.fuzz:
-        _settings.stats.fuzz_sleeps += 1
-        time.sleep(rng.choice((0.0, 1e-4, 1e-3)))
+def _hand_over():
+    """Called by the running program: pass the turn on (round robin, or a seeded random program, maybe this
+    one) and wait until it comes back."""
+    launch, me = _launch, _tls.number
+    with launch.lock:
+        nxt = launch.next_after(me)
+    if nxt != me:
+        _settings.stats.handovers += 1
+        launch.give_turn(nxt)
+        launch.wait_turn(me)
 
 
 def _wrap_atomic(stock):
     def atomic(self, *args, **kwargs):
-        _check_abort()
-        _maybe_sleep()
+        _check_abort(_launch)
         out = stock(self, *args, **kwargs)
         _settings.stats.atomics += 1
-        if _settings.yield_after_atomic:
-            time.sleep(0)  # hand the GIL over: a spinning program lets the others run at once
-        _maybe_sleep()
+        _hand_over()  # a spinning program lets the others run at once
         return out
     atomic.__wrapped__ = stock
     return atomic
@@ -194,24 +228,15 @@ def _wrap_atomic(stock):
 
 def _wrap_memory(stock):
     def memory(self, *args, **kwargs):
-        global _progress
-        _check_abort()
-        _progress += 1
+        launch = _launch
+        _check_abort(launch)
+        launch.progress += 1
         out = stock(self, *args, **kwargs)
-        _maybe_sleep()
+        if launch.rng is not None and launch.rng.random() < _settings.fuzz:
+            _hand_over()
         return out
     memory.__wrapped__ = stock
     return memory
-
-
-def _serialized(stock):
-    # rewrite() of a device function's first call inserts names into its module's globals, which
-    # _patch_lang of another program iterates: one at a time ("dictionary changed size during iteration").
-    def serialized(*args, **kwargs):
-        with _rewrite_lock:
-            return stock(*args, **kwargs)
-    serialized.__wrapped__ = stock
-    return serialized
 
 
 def _grid_idx_get(self):
@@ -240,27 +265,35 @@ def _where(thread, depth: int = 3) -> str:
 
 
 def _run_programs(fn, args, grid, name):
-    global _abort, _progress
+    global _launch
     s = _settings
-    errors = []
-
-    def program(x, y, z):
-        global _abort
-        _tls.grid_idx = (x, y, z)
-        _tls.rng = random.Random(f"{s.seed}-{x}-{y}-{z}") if s.fuzz else None
-        try:
-            fn(**args)
-        except BaseException as e:  # noqa: BLE001  (reported by the launching thread)
-            errors.append(((x, y, z), e))
-            if _abort is None and not isinstance(e, LaunchAborted):
-                _abort = f"program {(x, y, z)} of {name} raised {type(e).__name__}"
-
     n = grid[0] * grid[1] * grid[2]
     if n > s.max_programs:
         raise LaunchAborted(f"{name}: grid {grid} has {n} programs, over max_programs={s.max_programs} threads")
-    threads = [threading.Thread(target=program, args=(x, y, z), name=f"{name}{(x, y, z)}", daemon=True)
-               for x in range(grid[0]) for y in range(grid[1]) for z in range(grid[2])]
-    _abort, _progress = None, 0
+    idx = [(x, y, z) for x in range(grid[0]) for y in range(grid[1]) for z in range(grid[2])]
+    launch = _launch = _Launch(n, random.Random(f"{s.seed}-{s.stats.launches}") if s.fuzz else None)
+    errors = []
+
+    def program(number):
+        _tls.grid_idx, _tls.number = idx[number], number
+        try:
+            launch.wait_turn(number)
+            fn(**args)
+        except BaseException as e:  # noqa: BLE001  (reported by the launching thread)
+            errors.append((idx[number], e))
+            if launch.abort is None and not isinstance(e, LaunchAborted):
+                launch.stop(f"program {idx[number]} of {name} raised {type(e).__name__}")
+        finally:
+            _tls.grid_idx = None
+            with launch.lock:
+                nxt = launch.next_after(number)
+                launch.live.remove(number)
+                if nxt == number and launch.live:
+                    nxt = launch.next_after(number)
+            if launch.live:
+                launch.give_turn(nxt)
+
+    threads = [threading.Thread(target=program, args=(i,), name=f"{name}{idx[i]}", daemon=True) for i in range(n)]
     s.stats.launches += 1
     s.stats.programs += n
     start = last_t = time.monotonic()
@@ -273,31 +306,29 @@ def _run_programs(fn, args, grid, name):
             break
         live[0].join(0.05)
         now = time.monotonic()
-        if _progress != last:
-            last, last_t = _progress, now
+        if launch.progress != last:
+            last, last_t = launch.progress, now
         why = None
         if now - last_t > s.stall_timeout:
             why = f"no program loaded or stored anything for {s.stall_timeout:g} s (deadlock?)"
         elif now - start > s.timeout:
             why = f"still running after {s.timeout:g} s"
-        if why and _abort is None:
+        if why and launch.abort is None:
             stuck = ", ".join(f"{t.name[len(name):]} at {_where(t)}" for t in live)
-            _abort = f"launch of {name} grid {grid} aborted: {why}; {len(live)} of {n} programs left: {stuck}"
+            launch.stop(f"launch of {name} grid {grid} aborted: {why}; {len(live)} of {n} programs left: {stuck}")
             for t in live:
                 t.join(5.0)
             left = [t for t in live if t.is_alive()]
-            msg = _abort + (f"; {len(left)} threads did not stop (left as daemon threads)" if left else "")
-            _abort = None
-            raise LaunchAborted(msg)
+            raise LaunchAborted(launch.abort + (f"; {len(left)} threads did not stop (left as daemon threads)"
+                                                if left else ""))
     s.stats.longest_launch_s = max(s.stats.longest_launch_s, time.monotonic() - start)
-    _abort = None
     if errors:
         first = [e for e in errors if not isinstance(e[1], LaunchAborted)] or errors
-        idx, e = first[0]
+        where, e = first[0]
         import triton
         if getattr(getattr(getattr(triton, "knobs", None), "compilation", None), "front_end_debugging", False):
             raise e
-        raise _interp().InterpreterError(f"program {idx} of {name}: {e!r}") from e
+        raise _interp().InterpreterError(f"program {where} of {name}: {e!r}") from e
 
 
 def _concurrent_call(self, *args_dev, **kwargs):
@@ -325,19 +356,21 @@ def _concurrent_call(self, *args_dev, **kwargs):
         self._restore_args_dev(args_dev, args_hst, kwargs, kwargs_hst)
 
 
+def _wrap_grid_call(stock):
+    def grid_call(self, *args, **kwargs):
+        return _concurrent_call(self, *args, **kwargs)
+    grid_call._stock = stock  # check_interpreter() fingerprints the stock one even while patched
+    return grid_call
+
+
 @contextlib.contextmanager
 def concurrent_programs(stall_timeout: float = 10.0, timeout: float = 600.0, fuzz: float = 0.0, seed: int = 0,
-                        yield_after_atomic: bool = True, run_to_atomic: bool = False,
                         max_programs: int = 512) -> Iterator[Stats]:
     """Inside the block every interpreted Triton launch runs its programs concurrently (see module doc).
     stall_timeout: seconds without any load or store before a launch is aborted as deadlocked; timeout: the
-    longest a launch may run; fuzz: probability of a random 0-1 ms sleep around each atomic, load and store
-    (seeded per program by `seed`); yield_after_atomic=False only to measure what the hand-off buys;
-    run_to_atomic: a program keeps the GIL from one atomic (or fuzz sleep) to the next instead of for
-    Python's 5 ms switch interval, so one program can run a whole step of a kernel while the others wait:
-    with the switch interval a step of the LSTM barrier kernel (~50 ms of interpreter time) is cut in many
-    slices, every program reads its inputs long before any writes, and ordering bugs between a read after
-    the barrier and the next step's write (one exchange slot instead of two) go unseen.
+    longest a launch may run; fuzz: 0 hands the turn round robin at every atomic; above 0 to a random
+    program (this one included) at every atomic and, with probability `fuzz`, at every load and store,
+    from a generator seeded by `seed` and the launch's number: the same seed, the same schedule.
     Yields the block's Stats. Not reentrant; launches from several threads run one at a time."""
     global _settings, _saved
     if _settings is not None:
@@ -346,30 +379,21 @@ def concurrent_programs(stall_timeout: float = 10.0, timeout: float = 600.0, fuz
     if problems:
         raise InterpreterMismatch("the concurrent interpreter does not support this Triton:\n  " + "\n  ".join(problems))
     I = _interp()
-    B, G, IF = I.InterpreterBuilder, I.GridExecutor, I.InterpretedFunction
-    _saved = {"grid_call": G.__dict__["__call__"], "rewrite": IF.__dict__["rewrite"], "patch_lang": I._patch_lang,
-              "grid_idx_class": B.__dict__.get("grid_idx"),
+    B, G = I.InterpreterBuilder, I.GridExecutor
+    _saved = {"grid_call": G.__dict__["__call__"], "grid_idx_class": B.__dict__.get("grid_idx"),
               "grid_idx_instance": I.interpreter_builder.__dict__.pop("grid_idx", None),
               "methods": {m: B.__dict__[m] for m in _PATCHED_METHODS}}
-    _settings = _Settings(stall_timeout, timeout, fuzz, seed, yield_after_atomic, max_programs)
-    switch_interval = sys.getswitchinterval()
+    _settings = _Settings(stall_timeout, timeout, fuzz, seed, max_programs)
     try:
-        if run_to_atomic:
-            sys.setswitchinterval(1.0)
         B.grid_idx = property(_grid_idx_get, _grid_idx_set)
         for m in ("create_atomic_rmw", "create_atomic_cas"):
             setattr(B, m, _wrap_atomic(_saved["methods"][m]))
         for m in ("create_masked_load", "create_masked_store"):
             setattr(B, m, _wrap_memory(_saved["methods"][m]))
         G.__call__ = _wrap_grid_call(_saved["grid_call"])
-        IF.rewrite = _serialized(_saved["rewrite"])
-        I._patch_lang = _serialized(_saved["patch_lang"])
         yield _settings.stats
     finally:
-        sys.setswitchinterval(switch_interval)
         G.__call__ = _saved["grid_call"]
-        IF.rewrite = _saved["rewrite"]
-        I._patch_lang = _saved["patch_lang"]
         for m, stock in _saved["methods"].items():
             setattr(B, m, stock)
         del B.grid_idx
@@ -378,10 +402,3 @@ def concurrent_programs(stall_timeout: float = 10.0, timeout: float = 600.0, fuz
         if _saved["grid_idx_instance"] is not None:
             I.interpreter_builder.grid_idx = _saved["grid_idx_instance"]
         _settings = _saved = None
-
-
-def _wrap_grid_call(stock):
-    def grid_call(self, *args, **kwargs):
-        return _concurrent_call(self, *args, **kwargs)
-    grid_call._stock = stock  # check_interpreter() fingerprints the stock one even while patched
-    return grid_call
