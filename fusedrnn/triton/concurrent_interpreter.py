@@ -4,25 +4,29 @@ other (the grid barrier of rnn_persistent.py's barrier variant) finish under TRI
 Triton's interpreter runs a launch's programs one after another: program 0 spinning on a grid barrier waits
 for arrivals of programs that never start. Inside `concurrent_programs()`:
   - each program (x, y, z) runs in a thread of its own; its program id is thread-local;
-  - after every atomic the program yields the GIL (`time.sleep(0)`): a spinning program would otherwise hold
-    it for the 5 ms switch interval between polls;
+  - the programs take turns: one runs, the others wait on an event; after every atomic the running program
+    hands the turn on (round robin; a spinning program polls once per turn, so it never starves the one it
+    waits for). One program at a time makes a schedule deterministic: the same run, the same interleaving
+    (free-running threads under the GIL were not: they missed the tests' single-slot mutant in 2 of 7 runs);
+  - `fuzz=p`: the turn goes to a random program (maybe the same) at every atomic, and with probability p at
+    every load and store, from a generator seeded by `seed`: a program runs several steps ahead or stops
+    between its stores and its arrival, reproducibly;
   - a watchdog aborts a launch in which no program loaded or stored anything for `stall_timeout` seconds
     (every live program spins on an atomic: a deadlock) or that runs past `timeout`; the error names the
-    kernel, the grid and the line each stuck program waits at, and the CI job fails instead of hanging;
-  - an exception in any program aborts the others and is raised (InterpreterError, as the stock
-    interpreter raises it) with the program's index;
-  - `fuzz=p` (seeded per program) sleeps 0-1 ms with probability p around atomics, loads and stores, so
-    the tests see other interleavings than the regular one the GIL hand-off produces.
+    kernel, the grid and the lines each stuck program waits at, and the CI job fails instead of hanging;
+  - an exception in any program stops the others and is raised (InterpreterError, as the stock interpreter
+    raises it) with the program's index.
 The fusedrnn triton backend offers its barrier path under the interpreter only while this is active
-(`active()`); on a GPU nothing here is used.
+(`active()`); on a GPU nothing here is used. What it cannot show: memory-model bugs (a missing fence or
+.cg): the interpreter's memory is sequentially consistent.
 
 It replaces private names of triton/runtime/interpreter.py (GridExecutor.__call__ is re-implemented;
 InterpreterBuilder's grid_idx, atomics, masked loads and stores are wrapped). `check_interpreter()` lists
-what differs from the interpreter this was written against (triton 3.6-3.8 run, 3.9 read); entering
-`concurrent_programs()` raises `InterpreterMismatch` with that list, and tests/test_triton_barrier.py pins
-it, so a Triton upgrade fails a test with the reason instead of hanging or silently running serially.
+what differs from the interpreter this was written against (run on triton 3.8; 3.6.0, 3.7.1 and 3.9.0
+compared by source); entering `concurrent_programs()` raises `InterpreterMismatch` with that list, and
+tests/test_triton_barrier.py pins it, so a Triton upgrade fails a test with the reason instead of hanging.
 
-Usage (a contributor's barrier kernel on the CPU):
+Usage (a contributor's barrier kernel on the CPU; tests/triton_concurrent.py has the pytest fixtures):
     with concurrent_programs(stall_timeout=5) as stats:
         my_kernel[(4,)](...)
 """
@@ -132,7 +136,7 @@ def check_interpreter() -> List[str]:
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class Stats:
-    """Counters of one concurrent_programs() block."""
+    """Counters of one concurrent_programs() block (exact: one program runs at a time)."""
     launches: int = 0
     programs: int = 0
     atomics: int = 0
@@ -188,8 +192,7 @@ class _Launch:
 
 _settings: Optional[_Settings] = None
 _saved: Optional[dict] = None
-_launch: Optional[_Launch] = None
-_tls = threading.local()  # grid_idx and number of the program running on this thread
+_tls = threading.local()  # grid_idx, number and launch of the program running on this thread
 _launch_lock = threading.Lock()
 
 
@@ -206,7 +209,7 @@ def _check_abort(launch: _Launch):
 def _hand_over():
     """Called by the running program: pass the turn on (round robin, or a seeded random program, maybe this
     one) and wait until it comes back."""
-    launch, me = _launch, _tls.number
+    launch, me = _tls.launch, _tls.number
     with launch.lock:
         nxt = launch.next_after(me)
     if nxt != me:
@@ -217,7 +220,9 @@ def _hand_over():
 
 def _wrap_atomic(stock):
     def atomic(self, *args, **kwargs):
-        _check_abort(_launch)
+        if getattr(_tls, "launch", None) is None:  # not in a program of a launch: nothing to schedule
+            return stock(self, *args, **kwargs)
+        _check_abort(_tls.launch)
         out = stock(self, *args, **kwargs)
         _settings.stats.atomics += 1
         _hand_over()  # a spinning program lets the others run at once
@@ -228,7 +233,9 @@ def _wrap_atomic(stock):
 
 def _wrap_memory(stock):
     def memory(self, *args, **kwargs):
-        launch = _launch
+        launch = getattr(_tls, "launch", None)
+        if launch is None:
+            return stock(self, *args, **kwargs)
         _check_abort(launch)
         launch.progress += 1
         out = stock(self, *args, **kwargs)
@@ -265,17 +272,16 @@ def _where(thread, depth: int = 3) -> str:
 
 
 def _run_programs(fn, args, grid, name):
-    global _launch
     s = _settings
     n = grid[0] * grid[1] * grid[2]
     if n > s.max_programs:
         raise LaunchAborted(f"{name}: grid {grid} has {n} programs, over max_programs={s.max_programs} threads")
     idx = [(x, y, z) for x in range(grid[0]) for y in range(grid[1]) for z in range(grid[2])]
-    launch = _launch = _Launch(n, random.Random(f"{s.seed}-{s.stats.launches}") if s.fuzz else None)
+    launch = _Launch(n, random.Random(f"{s.seed}-{s.stats.launches}") if s.fuzz else None)
     errors = []
 
     def program(number):
-        _tls.grid_idx, _tls.number = idx[number], number
+        _tls.grid_idx, _tls.number, _tls.launch = idx[number], number, launch
         try:
             launch.wait_turn(number)
             fn(**args)
@@ -284,7 +290,7 @@ def _run_programs(fn, args, grid, name):
             if launch.abort is None and not isinstance(e, LaunchAborted):
                 launch.stop(f"program {idx[number]} of {name} raised {type(e).__name__}")
         finally:
-            _tls.grid_idx = None
+            _tls.grid_idx = _tls.launch = None
             with launch.lock:
                 nxt = launch.next_after(number)
                 launch.live.remove(number)
@@ -377,7 +383,8 @@ def concurrent_programs(stall_timeout: float = 10.0, timeout: float = 600.0, fuz
         raise RuntimeError("concurrent_programs() is already active")
     problems = check_interpreter()
     if problems:
-        raise InterpreterMismatch("the concurrent interpreter does not support this Triton:\n  " + "\n  ".join(problems))
+        raise InterpreterMismatch("the concurrent interpreter does not support this Triton:\n  "
+                                  + "\n  ".join(problems))
     I = _interp()
     B, G = I.InterpreterBuilder, I.GridExecutor
     _saved = {"grid_call": G.__dict__["__call__"], "grid_idx_class": B.__dict__.get("grid_idx"),
