@@ -164,10 +164,12 @@ def slices(monkeypatch):
     return seen
 
 
-def run_barrier_path(cell, dtype, reverse, lengths, seed=0, between=None):
-    """Forward and every gradient of the triton backend's barrier path vs the fp64 spec (helpers' rule).
-    between(): called after the forward, before the backward."""
-    args64 = make_layer_args(cell, T, B, I, HIDDEN[cell], reverse=reverse, lengths=lengths, seed=seed)
+def run_barrier_path(cell, dtype, reverse, lengths, shape=None, between=None):
+    """Forward and every gradient of the triton backend's barrier path vs the fp64 spec (helpers' rule) at
+    shape (T, B, H), by default (T, B, HIDDEN[cell]). between(): called after the forward, before the
+    backward."""
+    t, b, h = shape or (T, B, HIDDEN[cell])
+    args64 = make_layer_args(cell, t, b, I, h, reverse=reverse, lengths=lengths)
 
     def layer(**a):
         out = functional.rnn_layer(cell, **a)
@@ -192,6 +194,21 @@ def test_barrier_path_matches_reference(cell, dtype, case, concurrent_interprete
     run_barrier_path(cell, DTYPES[dtype], *CASES[case])
     assert slices == [("persistent_forward", SLICE[cell]), ("persistent_backward", SLICE[cell])]
     assert (concurrent_interpreter.launches, concurrent_interpreter.programs) == (2, 12)
+
+
+EDGE_SHAPES = {  # cell, T, B, H, dtype, lengths: 2 slices each
+    "lstm-T1-B3-H128": ("lstm", 1, 3, 128, torch.float16, None),  # the forward has no barrier, the backward one
+    "gru-T2-B8-H65": ("gru", 2, 8, 65, torch.bfloat16, [2, 0, 1, 2, 2, 1, 0, 2]),  # a slice of 1 unit, a full tile
+    "rnn_relu-T3-B1-H129": ("rnn_relu", 3, 1, 129, torch.float16, None),  # 128 + 1 units, one sequence
+}
+
+
+@interpreter_only
+@pytest.mark.parametrize("shape", list(EDGE_SHAPES))
+def test_barrier_path_edge_shapes(shape, concurrent_interpreter, slices):
+    cell, t, b, h, dtype, lengths = EDGE_SHAPES[shape]
+    run_barrier_path(cell, dtype, True, lengths, shape=(t, b, h))
+    assert [s for _, s in slices] == [SLICE[cell]] * 2 and concurrent_interpreter.programs == 2 * 2 * -(-b // 8)
 
 
 @interpreter_only
