@@ -271,6 +271,33 @@ def _where(thread, depth: int = 3) -> str:
     return " <- ".join(found) or "?"
 
 
+def _watch(launch: _Launch, threads, name, grid, start):
+    """Waits for the programs; stops the launch and raises LaunchAborted on a stall or at the timeout."""
+    s, n = _settings, len(threads)
+    last, last_t = -1, start
+    while True:
+        live = [t for t in threads if t.is_alive()]
+        if not live:
+            break
+        live[0].join(0.05)
+        now = time.monotonic()
+        if launch.progress != last:
+            last, last_t = launch.progress, now
+        why = None
+        if now - last_t > s.stall_timeout:
+            why = f"no program loaded or stored anything for {s.stall_timeout:g} s (deadlock?)"
+        elif now - start > s.timeout:
+            why = f"still running after {s.timeout:g} s"
+        if why and launch.abort is None:
+            stuck = ", ".join(f"{t.name[len(name):]} at {_where(t)}" for t in live)
+            launch.stop(f"launch of {name} grid {grid} aborted: {why}; {len(live)} of {n} programs left: {stuck}")
+            for t in live:
+                t.join(5.0)
+            left = [t for t in live if t.is_alive()]
+            raise LaunchAborted(launch.abort + (f"; {len(left)} threads did not stop (left as daemon threads)"
+                                                if left else ""))
+
+
 def _run_programs(fn, args, grid, name):
     s = _settings
     n = grid[0] * grid[1] * grid[2]
@@ -302,31 +329,17 @@ def _run_programs(fn, args, grid, name):
     threads = [threading.Thread(target=program, args=(i,), name=f"{name}{idx[i]}", daemon=True) for i in range(n)]
     s.stats.launches += 1
     s.stats.programs += n
-    start = last_t = time.monotonic()
-    last = -1
+    start = time.monotonic()
     for t in threads:
         t.start()
-    while True:
-        live = [t for t in threads if t.is_alive()]
-        if not live:
-            break
-        live[0].join(0.05)
-        now = time.monotonic()
-        if launch.progress != last:
-            last, last_t = launch.progress, now
-        why = None
-        if now - last_t > s.stall_timeout:
-            why = f"no program loaded or stored anything for {s.stall_timeout:g} s (deadlock?)"
-        elif now - start > s.timeout:
-            why = f"still running after {s.timeout:g} s"
-        if why and launch.abort is None:
-            stuck = ", ".join(f"{t.name[len(name):]} at {_where(t)}" for t in live)
-            launch.stop(f"launch of {name} grid {grid} aborted: {why}; {len(live)} of {n} programs left: {stuck}")
-            for t in live:
-                t.join(5.0)
-            left = [t for t in live if t.is_alive()]
-            raise LaunchAborted(launch.abort + (f"; {len(left)} threads did not stop (left as daemon threads)"
-                                                if left else ""))
+    try:
+        _watch(launch, threads, name, grid, start)
+    except BaseException as e:  # KeyboardInterrupt too: no program may go on writing into freed tensors
+        if launch.abort is None:
+            launch.stop(f"launch of {name} grid {grid} interrupted: {type(e).__name__}")
+        for t in threads:
+            t.join(5.0)
+        raise
     s.stats.longest_launch_s = max(s.stats.longest_launch_s, time.monotonic() - start)
     if errors:
         first = [e for e in errors if not isinstance(e[1], LaunchAborted)] or errors
