@@ -3,8 +3,9 @@
 On a machine without a GPU the kernels run on CPU tensors in Triton's interpreter (conftest sets
 TRITON_INTERPRET=1): every kernel (the persistent recurrence without barrier and the fused gate kernels of the
 alternating path) at small odd shapes, every cell, both directions, lengths, fp32/fp16/bf16, forward and all
-gradients. The barrier variant cannot run there (programs run one after another); its refusal is tested here
-and its numerics in the GPU tests at the end (@pytest.mark.gpu, real sizes).
+gradients. The barrier variant cannot run in the stock interpreter (programs run one after another); its
+refusal is tested here, its numerics with several slices in tests/test_triton_barrier.py (programs in threads)
+and in the GPU tests at the end (@pytest.mark.gpu, real sizes).
 
 Tolerance: tests/helpers.py -- fp32 fixed; fp16/bf16 within 2x the error of the reference run natively at
 that dtype (`compute_dtype=dtype`) plus a few ulp.

@@ -5,7 +5,8 @@ Three paths, chosen per call (`plan`), or forced with `use_path(...)` / $FUSEDRN
   persistent   one launch for all steps, the recurrent matrix of a batch tile in one program
                (rnn_persistent.py, no barrier); taken whenever the weights fit one program
   barrier      one launch for all steps, hidden units split across programs that meet at a grid barrier
-               every step; CUDA only (never in the interpreter), only when every program can be resident
+               every step; CUDA only, only when every program can be resident (in the interpreter only
+               inside concurrent_interpreter.concurrent_programs(), which runs every program in a thread)
   alternating  per step one torch GEMM for the recurrent term + one fused gate kernel (rnn_pointwise.py);
                any size
 Around every path: x @ W_ih^T for all steps is one GEMM before; after the backward loop dx, dW_ih, dW_hh,
@@ -22,6 +23,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..triton import concurrent_interpreter
 from .base import Backend, LayerCall, previous_states
 
 logger = logging.getLogger("fusedrnn")
@@ -89,10 +91,11 @@ def plan(call: LayerCall):
 
     why = None
     slice_h = P.barrier_slice(cell, H, elem)
-    if cell_math.INTERPRET:
+    interpret_concurrently = cell_math.INTERPRET and concurrent_interpreter.active()
+    if cell_math.INTERPRET and not interpret_concurrently:
         why = ("barrier path: the interpreter runs programs one after another, so a grid barrier would wait "
-               "forever")
-    elif call.device.type != "cuda":
+               "forever (fusedrnn.triton.concurrent_interpreter.concurrent_programs() runs them concurrently)")
+    elif call.device.type != "cuda" and not interpret_concurrently:
         why = f"barrier path: needs CUDA tensors, got {call.device.type}"
     elif has_proj:
         why = "barrier path: the projection needs all hidden units of a step in one program"
@@ -107,7 +110,7 @@ def plan(call: LayerCall):
                f"{P.weight_bytes(cell, sl, P.block(H), elem) // 1024} KB of weights at H={H}, over the "
                f"{P.WEIGHT_BUDGET // 1024} KB budget" if P.block(H) > sl else
                f"barrier path: H={H} is narrower than one slice of {sl} hidden units")
-    else:
+    elif not interpret_concurrently:  # there every program is a thread: all are resident
         programs = -(-B // P.BLOCK_B) * -(-H // slice_h)
         sms = _sm_count(call.device)
         if programs > sms:

@@ -52,8 +52,8 @@ def mm(a, b, acc, DOT_FP32: tl.constexpr):
 def grid_barrier(counter_ptr, target):
     """Waits until `target` arrivals were counted at counter_ptr (one arrival per program and step).
     Only for grids whose programs are all resident at once. The interpreter runs programs one after
-    another: there a program can only wait for itself (one slice per batch tile, as the tests do); the
-    backend never starts a wider barrier grid under it."""
+    another: there a program can only wait for itself, unless concurrent_interpreter.concurrent_programs()
+    runs each program in a thread (the backend starts a wider barrier grid under the interpreter only then)."""
     # Every thread's stores of this step are issued before the release; Triton issues a scalar atomic from
     # one thread (a predicated atom.release / ld.acquire in the PTX, checked by tests/test_triton_static.py)
     # and broadcasts the polled value through shared memory.

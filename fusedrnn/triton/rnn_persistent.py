@@ -17,9 +17,10 @@ Variants (constexpr BARRIER):
 - barrier (grid (batch tiles, slices)): every step each program publishes its slice of what the next
   matmul needs (forward: h; backward: the gate gradients) into a padded ping-pong buffer, then all programs
   of the batch tile meet at a grid barrier (an atomic counter) before reading the whole of it back. The
-  backend (fusedrnn/backends/triton.py) starts it only when every program can be resident at once, and
-  never under the interpreter, whose programs run one after another (they would wait forever); the tests
-  run its code there with one slice per batch tile, and the forward with several slices for one step.
+  backend (fusedrnn/backends/triton.py) starts it only when every program can be resident at once; under
+  the interpreter, whose programs run one after another (they would wait forever), only inside
+  concurrent_interpreter.concurrent_programs(), which runs each program in a thread
+  (tests/test_triton_barrier.py: several slices and batch tiles, every cell, fwd + bwd, planted bugs).
 
 Not done here: x_gates = x @ W_ih^T for all steps (one GEMM before the launch), and after the backward
 launch dx, dW_ih, dW_hh, dW_hr and the biases (one GEMM / sum each over all steps). The workspace layout is
