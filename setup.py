@@ -106,7 +106,7 @@ def _emu_extension(CppExtension, cuda_home):
         sys.exit("FUSEDRNN_BUILD_EMU=1 needs Linux and the CUDA headers (a CUDA toolkit, or pip's nvidia-cuda-runtime)")
     if not (can if want is None else want):
         return None
-    cxx = ["-O2", "-std=c++20", "-fvisibility=hidden", "-Wno-psabi", "-DFUSEDRNN_EMU"]
+    cxx = ["-O2", "-std=c++20", "-fvisibility=hidden", "-Wno-psabi", "-Wno-unknown-pragmas", "-DFUSEDRNN_EMU"]
     # -Bsymbolic: the CUDA runtime calls of the kernels' host code must bind to csrc/emu/emu.cpp's, not to the
     # libcudart that torch has loaded (else every launch fails with error 35).
     link = ["-Wl,-Bsymbolic", "-pthread"]
