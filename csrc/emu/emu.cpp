@@ -20,6 +20,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -86,7 +87,7 @@ using Context = ucontext_t;
 #endif
 
 struct Stack {
-  unsigned char* base = nullptr;  // lowest address (a guard page), size bytes in all
+  unsigned char* base = nullptr;  // lowest address (the canary), size bytes in all
   size_t size = 0;
 };
 
@@ -174,39 +175,47 @@ EMU_FN size_t stack_bytes() {
   return bytes;
 }
 
-// Fiber stacks: mmap'd with a guard page below (an overflow faults instead of corrupting), recycled.
+// Fiber stacks, recycled. Mapped 256 at a time (one mapping each: a launch of 128 CTAs x 256 threads would
+// otherwise exceed the kernel's 65530 mappings per process), with a canary at the bottom of each, checked when
+// the stack is returned: an overflow is reported instead of corrupting a neighbour silently.
+constexpr size_t kStacksPerMap = 256;
+constexpr uint64_t kCanary = 0x5afe57ac6b0770f5ull;
 std::mutex g_stack_mu;
 std::vector<Stack> g_stacks;
 
 EMU_FN Stack take_stack() {
-  {
-    std::lock_guard<std::mutex> lock(g_stack_mu);
-    if (!g_stacks.empty()) {
-      Stack s = g_stacks.back();
-      g_stacks.pop_back();
-      return s;
+  std::lock_guard<std::mutex> lock(g_stack_mu);
+  if (g_stacks.empty()) {
+    const size_t bytes = stack_bytes();
+    void* p = mmap(nullptr, bytes * kStacksPerMap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    if (p == MAP_FAILED) {
+      std::fprintf(stderr, "fusedrnn cuda-emu: cannot map %zu fiber stacks of %zu bytes\n", kStacksPerMap, bytes);
+      std::abort();
+    }
+    for (size_t i = 0; i < kStacksPerMap; ++i) {
+      Stack s;
+      s.base = static_cast<unsigned char*>(p) + i * bytes;
+      s.size = bytes;
+      std::memcpy(s.base, &kCanary, sizeof(kCanary));
+      g_stacks.push_back(s);
     }
   }
-  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  Stack s;
-  s.size = stack_bytes() + page;
-  void* p = mmap(nullptr, s.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (p == MAP_FAILED) {
-    std::fprintf(stderr, "fusedrnn cuda-emu: cannot map a fiber stack of %zu bytes\n", s.size);
-    std::abort();
-  }
-  mprotect(p, page, PROT_NONE);
-  s.base = static_cast<unsigned char*>(p);
+  Stack s = g_stacks.back();
+  g_stacks.pop_back();
   return s;
 }
 
-EMU_FN void give_stack(Stack s) {
+// false if the fiber that used it overflowed its stack (the canary is gone)
+EMU_FN bool give_stack(Stack s) {
 #if EMU_ASAN
-  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  __asan_unpoison_memory_region(s.base + page, s.size - page);  // an abandoned fiber leaves poisoned frames
+  __asan_unpoison_memory_region(s.base, s.size);  // an abandoned fiber leaves poisoned frames
 #endif
+  const bool intact = std::memcmp(s.base, &kCanary, sizeof(kCanary)) == 0;
+  std::memcpy(s.base, &kCanary, sizeof(kCanary));
   std::lock_guard<std::mutex> lock(g_stack_mu);
   g_stacks.push_back(s);
+  return intact;
 }
 
 // ---- context switches ----
@@ -230,8 +239,7 @@ EMU_FN void resume(Cta* c, Fiber& f) {
   __tsan_switch_to_fiber(f.tsan, __tsan_switch_to_fiber_no_sync);
 #endif
 #if EMU_ASAN
-  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  __sanitizer_start_switch_fiber(&c->sched_asan_fake, f.stack.base + page, f.stack.size - page);
+  __sanitizer_start_switch_fiber(&c->sched_asan_fake, f.stack.base, f.stack.size);
 #endif
 #if EMU_BOOST
   f.ctx = bctx::jump_fcontext(f.ctx, nullptr).fctx;
@@ -372,13 +380,11 @@ EMU_FN void run_cta(Grid& g, Cta& c) {
     f.tid = make_uint3(i % g.block.x, (i / g.block.x) % g.block.y, i / (g.block.x * g.block.y));
     f.stack = take_stack();
 #if EMU_BOOST
-    f.ctx = bctx::make_fcontext(f.stack.base + f.stack.size, f.stack.size - static_cast<size_t>(sysconf(_SC_PAGESIZE)),
-                                fiber_entry);
+    f.ctx = bctx::make_fcontext(f.stack.base + f.stack.size, f.stack.size, fiber_entry);
 #else
     getcontext(&f.ctx);
-    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-    f.ctx.uc_stack.ss_sp = f.stack.base + page;
-    f.ctx.uc_stack.ss_size = f.stack.size - page;
+    f.ctx.uc_stack.ss_sp = f.stack.base;
+    f.ctx.uc_stack.ss_size = f.stack.size;
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_entry, 0);
 #endif
@@ -422,11 +428,19 @@ EMU_FN void run_cta(Grid& g, Cta& c) {
   __tsan_acquire(&c.end_sync);
 #endif
   c.exited = true;
+  bool overflow = false;
   for (Fiber& f : c.fibers) {  // abandoned fibers (a cancelled launch) are simply never resumed
-    give_stack(f.stack);
+    overflow = !give_stack(f.stack) || overflow;
 #if EMU_TSAN
     __tsan_destroy_fiber(f.tsan);
 #endif
+  }
+  if (overflow) {
+    std::lock_guard<std::mutex> lock(g.mu);
+    if (g.error.empty()) {
+      g.error = "a thread of CTA " + std::to_string(c.linear) + " overflowed its fiber stack of " +
+                std::to_string(stack_bytes() >> 10) + " KB (FUSEDRNN_EMU_STACK_KB)";
+    }
   }
   t_cta = nullptr;
 }
@@ -533,7 +547,17 @@ EMU_FN cudaError_t run_grid(KernelBody body, void* closure, const char* name, di
   };
   std::vector<std::thread> pool;
   pool.reserve(workers);
-  for (int i = 0; i < workers; ++i) pool.emplace_back(work);
+  try {
+    for (int i = 0; i < workers; ++i) pool.emplace_back(work);
+  } catch (const std::system_error& e) {  // out of threads: cancel what started
+    {
+      std::lock_guard<std::mutex> lock(g.mu);
+      g.error = "cannot start a thread per CTA (" + std::to_string(pool.size()) + " started): " + e.what();
+    }
+    g.cancel = true;
+    std::lock_guard<std::mutex> lock(done_mu);
+    finished += workers - static_cast<int>(pool.size());
+  }
 
   // Watchdog: no progress anywhere (a rendezvous completing, an atomic, a thread exiting) for that long is a hang.
   const double limit_s = std::max(1, env_int("FUSEDRNN_EMU_WATCHDOG_S", 60));
