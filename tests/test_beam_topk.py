@@ -303,8 +303,10 @@ def test_emulated_cuda_op_dispatch():
         assert_matches("cuda-emu via op", ops.beam_topk(x, b, 8, 2), x, b, 8, 2)
         with pytest.raises(fusedrnn.BackendUnsupportedError, match="k <= 128"):
             ops.beam_topk(torch.randn(4, 200), b, 129, 2)
-    with pytest.raises(RuntimeError, match="logits must be CPU tensors"):
-        torch.ops.fusedrnn.cuda_emu_beam_topk(x.to("meta"), b, 8, 2)
+    with pytest.raises(RuntimeError, match="logits must be float16/bfloat16/float32"):
+        torch.ops.fusedrnn.cuda_emu_beam_topk(x.double(), b, 8, 2)
+    with pytest.raises(RuntimeError, match=r"k=129 must be in \[1, min\(128"):
+        torch.ops.fusedrnn.cuda_emu_beam_topk(torch.randn(4, 200), b, 129, 2)
 
 
 # --- GPU (unverified here: no GPU on the development machine) -----------------------------------------

@@ -181,7 +181,7 @@ SHAPES = {  # T, B, I, H, bias
     "T1-B1-I1-H1": (1, 1, 1, 1, True),
     "T3-B1-I2-H16-nobias": (3, 1, 2, 16, False),
     "T4-B3-I3-H63": (4, 3, 3, 63, True),
-    "T6-B9-I5-H129": (6, 9, 5, 129, True),     # grid of 33 CTAs forward; 8-CTA clusters
+    "T6-B9-I5-H129": (6, 9, 5, 129, True),     # grids of 33 (forward) and 9 CTAs; clusters of 2-4 CTAs
     "T5-B40-I8-H64": (5, 40, 8, 64, True),     # two batch chunks (grid) / two clusters
     "T7-B70-I6-H33": (7, 70, 6, 33, True),     # three chunks, a partial last one
 }
@@ -237,9 +237,9 @@ def test_emulated_shapes_take_multi_cta_plans():
         assert fields("persistent", "forward", "lstm", dtype, 3, 7)["ctas"] == 2  # test_layer_matches_reference
         for direction in ("forward", "backward"):
             assert fields("persistent", direction, "lstm", dtype, 9, 129)["ctas"] >= 8
-            assert fields("cluster", direction, "lstm", dtype, 9, 129)["ctas"] >= 4  # a multi-CTA cluster
+            assert fields("cluster", direction, "lstm", dtype, 9, 129)["ctas"] >= 2  # a multi-CTA cluster
             assert fields("cluster", direction, "gru", dtype, 9, 129)["ctas"] >= 2
-            assert fields("cluster", direction, "lstm", dtype, 40, 64)["groups"] == 2
+            assert fields("cluster", direction, "lstm", dtype, 40, 64)["groups"] >= 2  # several clusters
             assert fields("cluster", direction, "rnn_tanh", dtype, 70, 33)["groups"] == 3
         assert fields("persistent", "forward", "gru", dtype, 70, 33)["chunk"] == 32  # 3 chunks per step
 
@@ -285,8 +285,8 @@ def test_workspace_layout_equals_reference(target, cell, proj, path):
     def close(name, fast, r):
         if path == "alternating":
             assert_close_to_reference(name, fast, r)
-        else:
-            tol = tolerance(torch.float16, 0.0, r.abs().max().item())
+        else:  # (c_n and the RNN workspace are empty for some cells)
+            tol = tolerance(torch.float16, 0.0, r.abs().max().item() if r.numel() else 1.0)
             assert max_error(fast, r) <= tol, f"{name}: error {max_error(fast, r):.3g} > {tol:.3g} (tf32)"
 
     for name, o, r in zip(["y", "h_n", "c_n"], out, ref):
@@ -460,6 +460,10 @@ def test_emulated_op_rejects_bad_input():
     with pytest.raises(RuntimeError, match="path must be one of alternating, persistent, cluster, got 'fused'"):
         torch.ops.fusedrnn.cuda_emu_rnn_layer("lstm", b["x"], b["h0"], b["c0"], b["w_ih"], b["w_hh"], b["b_ih"],
                                               b["b_hh"], None, None, False, True, "fused")
-    with pytest.raises(RuntimeError, match="must be CPU tensors"):
-        torch.ops.fusedrnn.cuda_emu_rnn_layer("lstm", b["x"], b["h0"], b["c0"].to("meta"), b["w_ih"], b["w_hh"],
+    with pytest.raises(RuntimeError, match="must be CPU tensors .backend cuda-emu. of x's dtype"):
+        torch.ops.fusedrnn.cuda_emu_rnn_layer("lstm", b["x"], b["h0"], b["c0"].float(), b["w_ih"], b["w_hh"],
                                               b["b_ih"], b["b_hh"], None, None, False, True, "alternating")
+    with pytest.raises(RuntimeError, match="lengths must be an int64 tensor"):
+        torch.ops.fusedrnn.cuda_emu_rnn_layer("lstm", b["x"], b["h0"], b["c0"], b["w_ih"], b["w_hh"], b["b_ih"],
+                                              b["b_hh"], None, torch.tensor([3, 1], dtype=torch.int32), False, True,
+                                              "persistent")

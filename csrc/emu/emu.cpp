@@ -100,6 +100,8 @@ struct Fiber {
   int linear = 0;
   bool done = false;
   Wait wait = Wait::None;
+  const unsigned* wait_gen = nullptr;  // waiting for *wait_gen != wait_seen (a local rendezvous): not worth resuming
+  unsigned wait_seen = 0;              // before it changes
   std::vector<std::pair<void*, const void*>> async;  // cp.async copies not yet waited for
 };
 
@@ -298,11 +300,14 @@ EMU_FN void fiber_body(Cta* c) {
   std::abort();  // never resumed
 }
 
-EMU_FN void block(Wait why) {
+EMU_FN void block(Wait why, const unsigned* gen = nullptr, unsigned seen = 0) {
   Cta* c = t_cta;
   c->cur->wait = why;
+  c->cur->wait_gen = gen;
+  c->cur->wait_seen = seen;
   suspend(c, false);
   c->cur->wait = Wait::None;
+  c->cur->wait_gen = nullptr;
 }
 
 // Records the first failure of the launch, cancels it, and parks this fiber for good.
@@ -333,7 +338,7 @@ EMU_FN void arrive_and_wait(Rendezvous& r, Wait why) {
     ++c->local_releases;
     g_progress.fetch_add(1, std::memory_order_relaxed);
   } else {
-    while (r.gen == gen) block(why);
+    while (r.gen == gen) block(why, &r.gen, gen);
   }
 #if EMU_TSAN
   __tsan_acquire(&r);
@@ -399,6 +404,11 @@ EMU_FN void run_cta(Grid& g, Cta& c) {
     live = 0;
     for (Fiber& f : c.fibers) {
       if (f.done) continue;
+      if (f.wait_gen != nullptr && *f.wait_gen == f.wait_seen) {  // still blocked: skip the two switches
+        ++live;
+        all_local = all_local && (f.wait == Wait::SyncThreads || f.wait == Wait::Warp);
+        continue;
+      }
       resume(&c, f);
       if (f.done) {
         g_progress.fetch_add(1, std::memory_order_relaxed);
@@ -654,7 +664,7 @@ EMU_FN void warp_collective(const void* in, size_t in_bytes, void* out, size_t o
     ++c.local_releases;
     g_progress.fetch_add(1, std::memory_order_relaxed);
   } else {
-    while (w.bar.gen == gen) block(Wait::Warp);
+    while (w.bar.gen == gen) block(Wait::Warp, &w.bar.gen, gen);
   }
 #if EMU_TSAN
   __tsan_acquire(&w.bar);
@@ -688,7 +698,7 @@ EMU_FN void cluster_sync() {
     ++r.gen;
     ++c.local_releases;
   } else {
-    while (r.gen == local_gen) block(Wait::Cluster);
+    while (r.gen == local_gen) block(Wait::Cluster, &r.gen, local_gen);
   }
 #if EMU_TSAN
   __tsan_acquire(&cb);
@@ -737,19 +747,35 @@ float tf32_bits_to_float(uint32_t u) {  // the tensor core reads the upper 19 bi
   std::memcpy(&f, &u, 4);
   return f;
 }
-// D = A B + C of a 16 x 8 tile; products exact, summed in double, rounded once (the tensor core's internal
-// rounding is finer than a chain of fp32 FMAs; exact whenever the sums are exact in fp32).
-template <int K, typename ElemA, typename ElemB>
-void mma_tile(const unsigned char (*ins)[64], unsigned char (*outs)[64], ElemA a_at, ElemB b_at) {
+// D = A B + C of a 16 x 8 tile: the operands decoded once from the lanes' registers (a_at / b_at give the lane,
+// register and half of each element), products exact, summed in double and rounded once (the tensor core's
+// internal rounding is finer than a chain of fp32 FMAs; the two agree whenever the sums are exact in fp32).
+template <int K, typename Decode, typename AAt, typename BAt>
+void mma_tile(const unsigned char (*ins)[64], unsigned char (*outs)[64], Decode decode, AAt a_at, BAt b_at) {
   MmaIn in[32];
   for (int l = 0; l < 32; ++l) std::memcpy(&in[l], ins[l], sizeof(MmaIn));
+  double A[16][K], B[K][8];
+  for (int row = 0; row < 16; ++row) {
+    for (int k = 0; k < K; ++k) {
+      int lane, reg, half;
+      a_at(row, k, &lane, &reg, &half);
+      A[row][k] = decode(in[lane].reg[reg], half);
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    for (int col = 0; col < 8; ++col) {
+      int lane, reg, half;
+      b_at(k, col, &lane, &reg, &half);
+      B[k][col] = decode(in[lane].reg[reg], half);
+    }
+  }
   for (int l = 0; l < 32; ++l) {
     const int g = l >> 2, tig = l & 3;
     float d[4];
     for (int i = 0; i < 4; ++i) {
       const int row = g + (i >= 2 ? 8 : 0), col = 2 * tig + (i & 1);
       double acc = in[l].c[i];
-      for (int k = 0; k < K; ++k) acc += static_cast<double>(a_at(in, row, k)) * static_cast<double>(b_at(in, k, col));
+      for (int k = 0; k < K; ++k) acc += A[row][k] * B[k][col];
       d[i] = static_cast<float>(acc);
     }
     std::memcpy(outs[l], d, sizeof(d));
@@ -761,25 +787,37 @@ void mma_tile(const unsigned char (*ins)[64], unsigned char (*outs)[64], ElemA a
 // C/D: c0, c1 = (g, 2t..2t+1), c2, c3 = (g+8, 2t..2t+1).
 template <MmaType kType>
 void mma16_combine(const unsigned char (*ins)[64], unsigned char (*outs)[64], int lanes, const void*) {
-  if (lanes != 32) return;  // a partial warp cannot issue mma.sync.aligned (cta() fails before)
-  auto a_at = [](const MmaIn* in, int row, int k) {
-    const int lane = (row & 7) * 4 + (k & 7) / 2, reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
-    return half_bits_to_float(static_cast<uint16_t>(in[lane].reg[reg] >> (16 * (k & 1))), kType);
+  if (lanes != 32) return;  // a partial warp cannot issue mma.sync.aligned (mma() fails before)
+  auto decode = [](uint32_t reg, int half) {
+    return static_cast<double>(half_bits_to_float(static_cast<uint16_t>(reg >> (16 * half)), kType));
   };
-  auto b_at = [](const MmaIn* in, int k, int col) {
-    const int lane = col * 4 + (k & 7) / 2, reg = 4 + (k >= 8 ? 1 : 0);
-    return half_bits_to_float(static_cast<uint16_t>(in[lane].reg[reg] >> (16 * (k & 1))), kType);
+  auto a_at = [](int row, int k, int* lane, int* reg, int* half) {
+    *lane = (row & 7) * 4 + (k & 7) / 2;
+    *reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+    *half = k & 1;
   };
-  mma_tile<16>(ins, outs, a_at, b_at);
+  auto b_at = [](int k, int col, int* lane, int* reg, int* half) {
+    *lane = col * 4 + (k & 7) / 2;
+    *reg = 4 + (k >= 8 ? 1 : 0);
+    *half = k & 1;
+  };
+  mma_tile<16>(ins, outs, decode, a_at, b_at);
 }
 // m16n8k8, tf32: a0 = (g, t), a1 = (g+8, t), a2 = (g, t+4), a3 = (g+8, t+4); b0 = (k t, n g), b1 = (k t+4, n g).
 void mma8_tf32_combine(const unsigned char (*ins)[64], unsigned char (*outs)[64], int lanes, const void*) {
   if (lanes != 32) return;
-  auto a_at = [](const MmaIn* in, int row, int k) {
-    return tf32_bits_to_float(in[(row & 7) * 4 + (k & 3)].reg[(row >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)]);
+  auto decode = [](uint32_t reg, int) { return static_cast<double>(tf32_bits_to_float(reg)); };
+  auto a_at = [](int row, int k, int* lane, int* reg, int* half) {
+    *lane = (row & 7) * 4 + (k & 3);
+    *reg = (row >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0);
+    *half = 0;
   };
-  auto b_at = [](const MmaIn* in, int k, int col) { return tf32_bits_to_float(in[col * 4 + (k & 3)].reg[4 + (k >= 4 ? 1 : 0)]); };
-  mma_tile<8>(ins, outs, a_at, b_at);
+  auto b_at = [](int k, int col, int* lane, int* reg, int* half) {
+    *lane = col * 4 + (k & 3);
+    *reg = 4 + (k >= 4 ? 1 : 0);
+    *half = 0;
+  };
+  mma_tile<8>(ins, outs, decode, a_at, b_at);
 }
 EMU_FN void mma(WarpCombine combine, float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                 uint32_t b1) {

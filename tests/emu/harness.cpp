@@ -262,7 +262,8 @@ int main(int argc, char** argv) {
   if (mode == "hang") {
     unsigned flag = 0;
     const auto start = std::chrono::steady_clock::now();
-    const cudaError_t err = launch_cooperative(never_released_kernel, dim3(2), dim3(64), 0, nullptr, &flag);
+    unsigned* flag_ptr = &flag;
+    const cudaError_t err = launch_cooperative(never_released_kernel, dim3(2), dim3(64), 0, nullptr, flag_ptr);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::printf("spin nobody releases: %s (after %.1f s)\n", cudaGetErrorString(err), s);
     return err != cudaSuccess && std::strstr(cudaGetErrorString(err), "watchdog") != nullptr ? 0 : 1;
