@@ -1,6 +1,8 @@
-"""The "cuda" backend against the spec.
+"""The "cuda" backend against the spec, on a GPU and on the CUDA emulator.
 
-GPU tests (@pytest.mark.gpu, skipped without CUDA): every cell x dtype x feature (reverse, lengths with a zero
+Every kernel test runs twice, parametrized over `target`: "cuda" (CUDA tensors, @pytest.mark.gpu, skipped without
+a GPU) and "cuda-emu" (the same kernels and op code built as host C++ and run on CPU tensors by csrc/emu, with the
+limits of an H100: same planner, same paths, same tolerances). Each: every cell x dtype x feature (reverse, lengths with a zero
 length, no bias, LSTM projection on the alternating path) on each path -- alternating, persistent, cluster
 (forced with FUSEDRNN_CUDA_PATH) -- forward and all gradients against the fp64 reference, odd sizes, batches that
 need several chunks or clusters, the workspace contract with other backends, the modules and cells against
@@ -11,6 +13,11 @@ selection and its environment variable.
 Tolerance (tests/helpers.py): fp16/bf16 within 2x the error of the reference run natively at that dtype plus a
 few ulp; fp32 fixed on the alternating path, and on the persistent paths (TF32 tensor cores, fp16's 10-bit
 mantissa) the fp16 rule.
+
+Emulated sizes: the planner takes multi-CTA grids (H=7: 2 CTAs forward; H=129: 33 forward, 9 backward) and
+multi-CTA clusters (H=129: 2-4 CTAs; B=40/70: 2-3 clusters), asserted by test_emulated_shapes_take_multi_cta_plans.
+The largest cases (test_realistic_sizes, H up to 768: minutes each) are `slow` on the emulator and run only when
+asked for (-m slow, or FUSEDRNN_RUN_SLOW=1; tests/conftest.py).
 """
 from __future__ import annotations
 

@@ -119,7 +119,7 @@ def values_caught(lib: Path, tests: str) -> tuple[bool, str]:
 
 
 def tsan_caught(src: Path, work: Path) -> tuple[bool, str]:
-    env = dict(os.environ, FUSEDRNN_SANITIZER_DIR=str(work / "tsan"))
+    env = dict(os.environ, FUSEDRNN_SANITIZER_DIR=str(ROOT / "build" / "emu-sanitizers"))  # objects reused
     script = ROOT / "tests" / "emu" / "run_sanitizers.sh"
     # the script builds from the tree it lives in: run a copy of it inside the mutated tree
     tree = src.parent

@@ -31,10 +31,16 @@ build() {  # name, flags...
   local name=$1
   shift
   local start=$SECONDS objs=()
+  # objects keyed by the content of their source and every header (tests/emu/mutate.py reuses the unchanged ones)
+  local headers
+  headers=$(cat csrc/emu/*.h csrc/emu/include/*.h csrc/cuda/*.h csrc/cuda/*.cuh csrc/fusedrnn/*.h | sha1sum | cut -c1-12)
   for src in "${sources[@]}"; do
-    local obj="$out/$name-$(basename "${src%.*}").o"
-    g++ "${common[@]}" "$@" "${extra[@]}" -c "$src" -o "$obj" &
+    local key
+    key=$( (cat "$src"; [ "${src##*_emu.cpp}" = "" ] && cat "csrc/cuda/$(basename "${src%_emu.cpp}").cu"; echo "$headers ${extra[*]} $*") | sha1sum | cut -c1-12)
+    local obj="$out/$name-$(basename "${src%.*}")-$key.o"
     objs+=("$obj")
+    [ -f "$obj" ] && continue
+    g++ "${common[@]}" "$@" "${extra[@]}" -c "$src" -o "$obj.tmp" && mv "$obj.tmp" "$obj" &
     if [ "$(jobs -r | wc -l)" -ge "${MAX_JOBS:-2}" ]; then wait -n; fi
   done
   wait
