@@ -35,6 +35,8 @@ namespace bctx = boost::context::detail;
 
 #if defined(__SANITIZE_THREAD__)
 #include <sanitizer/tsan_interface.h>
+extern "C" void __tsan_ignore_thread_begin(void);  // libtsan's; not declared by GCC 12's header
+extern "C" void __tsan_ignore_thread_end(void);
 #define EMU_TSAN 1
 #define EMU_FN __attribute__((no_sanitize_thread))
 #else
@@ -435,6 +437,12 @@ EMU_FN void run_cta(Grid& g, Cta& c) {
     }
   }
 #if EMU_TSAN
+  for (Fiber& f : c.fibers) {  // a cancelled launch abandons fibers midway: what they did precedes the end too
+    if (f.done) continue;
+    __tsan_switch_to_fiber(f.tsan, __tsan_switch_to_fiber_no_sync);
+    __tsan_release(&c.end_sync);
+    __tsan_switch_to_fiber(c.sched_tsan, __tsan_switch_to_fiber_no_sync);
+  }
   __tsan_acquire(&c.end_sync);
 #endif
   c.exited = true;
@@ -585,9 +593,15 @@ EMU_FN cudaError_t run_grid(KernelBody body, void* closure, const char* name, di
       last = now;
     } else if (std::chrono::duration<double>(now - last).count() > limit_s && !g.cancel.load()) {
       std::string waits;
+#if EMU_TSAN
+      __tsan_ignore_thread_begin();  // a snapshot of running CTAs for the report: racy by nature, read only
+#endif
       for (auto& c : g.ctas) {
         if (!c->exited && !c->fibers.empty()) waits += "\n  " + describe_waits(*c);
       }
+#if EMU_TSAN
+      __tsan_ignore_thread_end();
+#endif
       {
         std::lock_guard<std::mutex> lock(g.mu);
         if (g.error.empty()) {
