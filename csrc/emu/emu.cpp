@@ -548,6 +548,9 @@ EMU_FN cudaError_t run_grid(KernelBody body, void* closure, const char* name, di
     g.ctas.push_back(std::move(c));
   }
   g.cluster_bars.reset(new ClusterBarrier[static_cast<size_t>(nctas / g.cluster)]);
+#if EMU_ASAN
+  for (auto& c : g.ctas) __asan_poison_memory_region(c->smem + smem, smem_stride - smem);  // past each CTA's smem
+#endif
 
   // Co-resident launches get a thread per CTA; plain ones a few workers taking CTAs in turn (a plain launch
   // promises no co-residency: a kernel that needs it hangs, and the watchdog says so).
@@ -613,6 +616,9 @@ EMU_FN cudaError_t run_grid(KernelBody body, void* closure, const char* name, di
     }
   }
   for (std::thread& t : pool) t.join();
+#if EMU_ASAN
+  __asan_unpoison_memory_region(g.smem_store.data(), g.smem_store.size());
+#endif
   if (!g.error.empty()) {
     std::fprintf(stderr, "fusedrnn cuda-emu: %s: %s\n", what.c_str(), g.error.c_str());
     return set_error(cudaErrorLaunchFailure, what + ": " + g.error);
@@ -1011,8 +1017,8 @@ EMU_FN cudaError_t cudaOccupancyMaxActiveClusters(int* numClusters, const void* 
 
 // Memory: the "device" is host memory (tests/emu and bench/emu_conformance.cu allocate through these).
 EMU_FN cudaError_t cudaMalloc(void** ptr, size_t size) {
-  *ptr = std::aligned_alloc(256, (size + 255) / 256 * 256 + 256);
-  return *ptr != nullptr ? cudaSuccess : cudaErrorMemoryAllocation;
+  // exactly `size` bytes (256-aligned like cudaMalloc's), so that AddressSanitizer sees the first byte past the end
+  return posix_memalign(ptr, 256, size > 0 ? size : 1) == 0 ? cudaSuccess : cudaErrorMemoryAllocation;
 }
 EMU_FN cudaError_t cudaFree(void* ptr) {
   std::free(ptr);

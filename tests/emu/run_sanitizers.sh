@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # CI job: representative emulated kernels (tests/emu/harness.cpp) under ThreadSanitizer and under
 # AddressSanitizer + UndefinedBehaviorSanitizer; fails on any report. Also checks that the detectors bite: a
-# planted shared-memory race must be reported by TSan, a divergent __syncthreads must fail at once, and a hang
-# must be cancelled by the watchdog within seconds. Needs g++, the CUDA headers, libboost-context-dev (else
-# ucontext fibers). About 2-3 minutes on 2 cores.
+# planted shared-memory race must be reported by TSan, writes past shared or global memory by ASan, a divergent
+# __syncthreads must fail at once, and a hang must be cancelled by the watchdog within seconds. Needs g++, the CUDA headers, libboost-context-dev (else
+# ucontext fibers). About 3-4 minutes on 2 cores (objects are cached in $FUSEDRNN_SANITIZER_DIR when set).
 #   tests/emu/run_sanitizers.sh [tsan|asan|all] [extra compiler flags...]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -52,16 +52,17 @@ expect() {  # description, expected rc (0 / nonzero), pattern in the output or "
   local what=$1 want=$2 pattern=$3
   shift 3
   local start=$SECONDS rc=0
-  "$@" > "$out/log" 2>&1 || rc=$?
+  local log="$out/log.$$"
+  "$@" > "$log" 2>&1 || rc=$?
   local ok=1
   if [ "$want" = 0 ] && [ "$rc" != 0 ]; then ok=0; fi
   if [ "$want" != 0 ] && [ "$rc" = 0 ]; then ok=0; fi
-  if [ -n "$pattern" ] && ! grep -q "$pattern" "$out/log"; then ok=0; fi
+  if [ -n "$pattern" ] && ! grep -q "$pattern" "$log"; then ok=0; fi
   if [ "$ok" = 1 ]; then
     echo "ok   $what ($((SECONDS - start)) s)"
   else
     echo "FAIL $what (rc $rc, $((SECONDS - start)) s):"
-    tail -60 "$out/log"
+    tail -60 "$log"
     status=1
   fi
 }
@@ -82,5 +83,7 @@ if [ "$mode" = asan ] || [ "$mode" = all ]; then
   export ASAN_OPTIONS="detect_leaks=0 halt_on_error=1 detect_stack_use_after_return=0"
   export UBSAN_OPTIONS="halt_on_error=1 print_stacktrace=1"
   expect "ASan+UBSan: kernels, no report" 0 "all OK" "$out/harness-asan" kernels
+  expect "ASan: a write past dynamic shared memory is reported" 1 "AddressSanitizer" "$out/harness-asan" oob-smem
+  expect "ASan: a write past a cudaMalloc buffer is reported" 1 "AddressSanitizer" "$out/harness-asan" oob-global
 fi
 exit $status
