@@ -97,7 +97,8 @@ def build_library(src: Path, tus: list[str], out: Path) -> None:
         if p.returncode != 0:
             raise RuntimeError(f"compile {tu}: {p.stderr[-2000:]}")
         objs[tu] = str(obj)
-    lib = os.path.join(os.path.dirname(ce.__file__), "..", "..", "lib")
+    import torch
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     p = run(["g++", "-shared", "-o", str(out), *objs.values(), f"-L{lib}", "-lc10", "-ltorch_cpu", "-ltorch",
              "-Wl,-Bsymbolic", "-lboost_context", "-pthread", f"-Wl,-rpath,{lib}"])
     if p.returncode != 0:

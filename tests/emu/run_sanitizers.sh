@@ -79,7 +79,7 @@ if [ "$mode" = tsan ] || [ "$mode" = all ]; then
   unset TSAN_OPTIONS
 fi
 if [ "$mode" = asan ] || [ "$mode" = all ]; then
-  build asan -fsanitize=address,undefined -fno-sanitize-recover=undefined
+  build asan -O0 -fsanitize=address,undefined -fno-sanitize-recover=undefined  # -O0: builds ~2x faster, runs in seconds
   export ASAN_OPTIONS="detect_leaks=0 halt_on_error=1 detect_stack_use_after_return=0"
   export UBSAN_OPTIONS="halt_on_error=1 print_stacktrace=1"
   expect "ASan+UBSan: kernels, no report" 0 "all OK" "$out/harness-asan" kernels
