@@ -8,6 +8,9 @@ when torch is a CUDA build and a CUDA toolkit is found. Environment:
     FUSEDRNN_CUDA_ARCHS="80;90a" GPU archs to build (SASS for each, PTX for the last); default "80;90a"
     FUSEDRNN_SKIP_EXTENSION=1   pure-Python install (reference backend, and Triton if present)
     FUSEDRNN_PTXAS_VERBOSE=1    print registers / spills / shared memory of every CUDA kernel
+    FUSEDRNN_BUILD_EMU=1|0      the emulated CUDA backend fusedrnn._C_emu ("cuda-emu": the CUDA kernels built
+                                as host C++, run on CPU tensors; csrc/emu/); default: on Linux with g++ and
+                                the CUDA headers (toolkit or pip's nvidia wheels)
     MAX_JOBS                    parallel compile jobs (default: number of cores)
 """
 import glob
@@ -42,7 +45,7 @@ def extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
-    cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    cpp_sources = sorted(p for p in glob.glob("csrc/**/*.cpp", recursive=True) if not p.startswith("csrc/emu/"))
     cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
     want_cuda = _flag("FUSEDRNN_BUILD_CUDA")
     can_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
@@ -73,7 +76,54 @@ def extensions():
                             extra_link_args=link)
         # No -lcublas: pip's CUDA wheels ship only libcublas.so.13, which libtorch_cuda (linked above)
         # already depends on, so cuBLAS symbols resolve at load time through it.
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    exts = [ext]
+    emu = _emu_extension(CppExtension, CUDA_HOME)
+    if emu is not None:
+        exts.append(emu)
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+def _cuda_headers(cuda_home):
+    """A directory with cuda_runtime.h, cuda_fp16.h, cuda_bf16.h: the toolkit's, else pip's nvidia wheel's."""
+    candidates = [os.path.join(cuda_home, "include")] if cuda_home else []
+    try:
+        import nvidia
+        candidates += [os.path.join(p, sub, "include") for p in nvidia.__path__ for sub in ("cu13", "cu12", "cuda_runtime")]
+    except ImportError:
+        pass
+    for d in candidates:
+        if all(os.path.exists(os.path.join(d, h)) for h in ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h")):
+            return d
+    return None
+
+
+def _emu_extension(CppExtension, cuda_home):
+    """fusedrnn._C_emu: csrc/cuda's kernels and op layer compiled as host C++ with csrc/emu (backend cuda-emu)."""
+    want = _flag("FUSEDRNN_BUILD_EMU")
+    headers = _cuda_headers(cuda_home)
+    can = sys.platform.startswith("linux") and headers is not None
+    if want and not can:
+        sys.exit("FUSEDRNN_BUILD_EMU=1 needs Linux and the CUDA headers (a CUDA toolkit, or pip's nvidia-cuda-runtime)")
+    if not (can if want is None else want):
+        return None
+    cxx = ["-O2", "-std=c++20", "-fvisibility=hidden", "-Wno-psabi", "-Wno-unknown-pragmas", "-DFUSEDRNN_EMU"]
+    # -Bsymbolic: the CUDA runtime calls of the kernels' host code must bind to csrc/emu/emu.cpp's, not to the
+    # libcudart that torch has loaded (else every launch fails with error 35).
+    link = ["-Wl,-Bsymbolic", "-pthread"]
+    # Fibers on Boost.Context (Debian libboost-context-dev) when present; ucontext (~9x slower switches) else.
+    import ctypes.util
+    boost = os.path.exists("/usr/include/boost/context/detail/fcontext.hpp") and ctypes.util.find_library("boost_context")
+    if boost:
+        link.append("-lboost_context")
+    else:
+        cxx.append("-DFUSEDRNN_EMU_UCONTEXT")
+        print("fusedrnn: building the emulated CUDA backend with ucontext fibers (apt-get install libboost-context-dev "
+              "for ~9x faster ones)", file=sys.stderr)
+    sources = sorted(glob.glob("csrc/emu/*.cpp"))
+    # csrc/emu/include first: its cooperative_groups.h replaces the toolkit's.
+    include_dirs = [os.path.join(ROOT, "csrc", "emu", "include"), os.path.join(ROOT, "csrc"), headers]
+    return CppExtension("fusedrnn._C_emu", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+                        extra_link_args=link)
 
 
 ext_modules, cmdclass = extensions()

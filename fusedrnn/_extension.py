@@ -18,6 +18,33 @@ except ImportError as e:  # not built, or built against another torch
     _error = (f"the fusedrnn C++/CUDA extension is not available ({e}); build it with: {BUILD_COMMAND}")
 
 
+# The emulated CUDA backend (csrc/emu: the CUDA kernels built as host C++), a module of its own so that a build
+# without it loses nothing else. FUSEDRNN_EMU_LIBRARY=path loads another build of it instead (tests/emu/mutate.py).
+_C_emu = None
+_emu_error: Optional[str] = None
+try:
+    import os as _os
+    _emu_library = _os.environ.get("FUSEDRNN_EMU_LIBRARY")
+    if _emu_library:
+        import torch as _torch
+        _torch.ops.load_library(_emu_library)
+        _C_emu = _emu_library
+    else:
+        _C_emu = importlib.import_module("fusedrnn._C_emu")
+except (ImportError, OSError) as e:
+    _emu_error = (f"the emulated CUDA extension fusedrnn._C_emu is not available ({e}); it builds on Linux with the "
+                  f"CUDA headers (FUSEDRNN_BUILD_EMU=1): {BUILD_COMMAND}")
+
+
+def has_emulated_cuda() -> bool:
+    return _C_emu is not None
+
+
+def emulated_cuda_error() -> Optional[str]:
+    """None when fusedrnn._C_emu loaded, else why not."""
+    return _emu_error
+
+
 def has_extension() -> bool:
     return _C is not None
 

@@ -195,7 +195,7 @@ def beam_topk_refusal(backend: str, logits: Tensor, k: int) -> Optional[str]:
         if dev != "cpu":
             return f"runs on CPU tensors only, got {dev}"
         return _compiled_op_missing("cpu_beam_topk")
-    if backend in ("cuda", "triton"):
+    if backend in ("cuda", "triton", "cuda-emu"):
         if logits.dtype not in _KERNEL_DTYPES:
             return f"supports float16/bfloat16/float32 logits, got {logits.dtype}"
         if k > _rd.MAX_KERNEL_K:
@@ -204,6 +204,11 @@ def beam_topk_refusal(backend: str, logits: Tensor, k: int) -> Optional[str]:
             if dev != "cuda":
                 return f"runs on CUDA tensors only, got {dev}"
             return _compiled_op_missing("cuda_beam_topk")
+        if backend == "cuda-emu":  # the CUDA kernels, emulated on CPU tensors (csrc/emu)
+            if dev != "cpu":
+                return f"runs on CPU tensors only (the CUDA kernels, emulated), got {dev}"
+            from ._extension import emulated_cuda_error, has_emulated_cuda
+            return None if has_emulated_cuda() else emulated_cuda_error()
         try:
             from .triton import beam_topk as _triton_beam_topk
         except ImportError as e:
@@ -240,6 +245,8 @@ def _run_beam_topk(backend: str, logits: Tensor, beam_scores: Tensor, k: int, K:
         return torch.ops.fusedrnn.cpu_beam_topk(logits, beam_scores, k, K)
     if backend == "cuda":
         return torch.ops.fusedrnn.cuda_beam_topk(logits, beam_scores, k, K)
+    if backend == "cuda-emu":
+        return torch.ops.fusedrnn.cuda_emu_beam_topk(logits, beam_scores, k, K)
     from .triton.beam_topk import beam_topk_triton
     return beam_topk_triton(logits, beam_scores, k, K)
 

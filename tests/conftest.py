@@ -19,6 +19,16 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    # The CUDA emulator's largest cases (slow AND cuda-emu, minutes each on 2 cores) run only when asked for:
+    # -m 'slow' (or any marker expression naming it) or FUSEDRNN_RUN_SLOW=1. Every path x cell x dtype of the
+    # emulated backend still runs in the default suite (tests/test_cuda.py).
+    asked = "slow" in (config.getoption("markexpr") or "") or os.environ.get("FUSEDRNN_RUN_SLOW") == "1"
+    if not asked:
+        skip_slow_emu = pytest.mark.skip(reason="slow on the CUDA emulator: -m slow or FUSEDRNN_RUN_SLOW=1 runs it")
+        for item in items:
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            if "slow" in item.keywords and "cuda-emu" in params.values():
+                item.add_marker(skip_slow_emu)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -17,6 +17,7 @@ import fusedrnn
 from fusedrnn import ops
 from fusedrnn.reference_decoding import beam_topk_reference
 
+from fusedrnn._extension import emulated_cuda_error
 from helpers import FULL_PRECISION_TOL, interpreting_triton
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -36,6 +37,10 @@ def run_impl(name, x, b, k, K, **kw):
         return beam_topk_triton(x, b, k, K, **kw)
     if name == "cuda":
         return torch.ops.fusedrnn.cuda_beam_topk(x, b, k, K)
+    if name == "cuda-emu":  # the CUDA kernels on CPU tensors (csrc/emu)
+        if not hasattr(torch.ops.fusedrnn, "cuda_emu_beam_topk"):
+            pytest.skip(f"emulated CUDA backend not built: {emulated_cuda_error()}")
+        return torch.ops.fusedrnn.cuda_emu_beam_topk(x, b, k, K)
     raise ValueError(name)
 
 
@@ -85,7 +90,7 @@ def case_id(c):
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
-@pytest.mark.parametrize("impl", ["reference", "cpu"])
+@pytest.mark.parametrize("impl", ["reference", "cpu", "cuda-emu"])
 def test_matches_reference(impl, dtype, case):
     B, K, V, k = case
     x, b = make_case(B, K, V, DTYPES[dtype], seed=hash(case) % 1000)
@@ -126,7 +131,7 @@ def test_cpu_large_vocab(impl):
     assert_matches(impl, run_impl(impl, x, b, k, K), x, b, k, K)
 
 
-IMPLS = ["reference", "cpu", "triton"]
+IMPLS = ["reference", "cpu", "triton", "cuda-emu"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -273,6 +278,35 @@ def test_opcheck_and_compile():
     torch.library.opcheck(ops.beam_topk, (x, b.view(2, 3), 5))
     compiled = torch.compile(lambda x, b: ops.beam_topk(x, b, 5, 3), fullgraph=True, backend="eager")
     assert all(torch.equal(a, c) for a, c in zip(compiled(x, b), ops.beam_topk(x, b, 5, 3)))
+
+
+# --- The CUDA kernels on the emulator: several vocab slices per row (the split heuristic with 132 SMs) -----
+EMU_SPLIT_CASES = [(1, 4, 32000, 8), (2, 2, 9000, 128), (3, 2, 5000, 64)]  # 16, 5 and 3 slices per row
+
+
+@pytest.mark.parametrize("case", EMU_SPLIT_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_emulated_cuda_vocab_splits(dtype, case):
+    B, K, V, k = case
+    x, b = make_case(B, K, V, DTYPES[dtype], seed=hash(case) % 1000)
+    assert_matches("cuda-emu", run_impl("cuda-emu", x, b, k, K), x, b, k, K)
+
+
+def test_emulated_cuda_op_dispatch():
+    x = torch.randn(4, 50)
+    b = torch.zeros(4)
+    run_impl("cuda-emu", x, b, 1, 2)  # skips when not built
+    with fusedrnn.use_backend("auto"):
+        assert ops.beam_topk_backend(x, 8) != "cuda-emu"  # never automatic
+    with fusedrnn.use_backend("cuda-emu"):
+        assert ops.beam_topk_backend(x, 8) == "cuda-emu"
+        assert_matches("cuda-emu via op", ops.beam_topk(x, b, 8, 2), x, b, 8, 2)
+        with pytest.raises(fusedrnn.BackendUnsupportedError, match="k <= 128"):
+            ops.beam_topk(torch.randn(4, 200), b, 129, 2)
+    with pytest.raises(RuntimeError, match="logits must be float16/bfloat16/float32"):
+        torch.ops.fusedrnn.cuda_emu_beam_topk(x.double(), b, 8, 2)
+    with pytest.raises(RuntimeError, match=r"k=129 must be in \[1, min\(128"):
+        torch.ops.fusedrnn.cuda_emu_beam_topk(torch.randn(4, 200), b, 129, 2)
 
 
 # --- GPU (unverified here: no GPU on the development machine) -----------------------------------------

@@ -168,15 +168,20 @@ def test_persistent_kernels_use_tensor_cores(kernels):
 
 
 def _plan_op():
+    """The planner of csrc/cuda/rnn_persistent.cu: from the CUDA build, else from its emulated build (the same
+    source compiled as host C++, fusedrnn._C_emu), so that the plans are checked wherever the suite runs."""
     try:
-        import fusedrnn  # noqa: F401  (loads the extension and its op registrations)
-        return torch.ops.fusedrnn.cuda_rnn_persistent_plan
-    except (ImportError, AttributeError, RuntimeError):
+        import fusedrnn  # noqa: F401  (loads the extensions and their op registrations)
+    except ImportError:
         return None
+    for name in ("cuda_rnn_persistent_plan", "cuda_emu_rnn_persistent_plan"):
+        if hasattr(torch.ops.fusedrnn, name):
+            return getattr(torch.ops.fusedrnn, name)
+    return None
 
 
 PLAN = _plan_op()
-needs_plan = pytest.mark.skipif(PLAN is None, reason="fusedrnn extension built without its CUDA kernels")
+needs_plan = pytest.mark.skipif(PLAN is None, reason="fusedrnn extension built without its CUDA kernels or their emulated build")
 
 
 def _plans(device):

@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "cuda/beam_topk.h"
+#include "cuda/ptx.cuh"
 
 namespace fusedrnn::cuda::beam {
 namespace {
@@ -279,12 +280,12 @@ beam_topk_merge(const uint64_t* __restrict__ part_keys, const float* __restrict_
 template <typename T, int E>
 cudaError_t launch_typed(const BeamTopkArgs& a, cudaStream_t stream) {
   const dim3 grid1(static_cast<unsigned>(a.R), static_cast<unsigned>(a.num_splits));
-  beam_topk_partial<T, E><<<grid1, kPartialThreads, 0, stream>>>(
+  FUSEDRNN_LAUNCH(grid1, kPartialThreads, 0, stream, beam_topk_partial<T, E>)(
       static_cast<const T*>(a.logits), a.row_stride, a.V, a.chunk, a.k, a.part_keys, a.part_m, a.part_s,
       a.part_bad);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  beam_topk_merge<E><<<static_cast<unsigned>(a.R / a.K), 32, 0, stream>>>(
+  FUSEDRNN_LAUNCH(static_cast<unsigned>(a.R / a.K), 32, 0, stream, beam_topk_merge<E>)(
       a.part_keys, a.part_m, a.part_s, a.part_bad, a.beam_scores, a.V, a.K, a.num_splits, a.k, a.row_tokens,
       a.scores, a.tokens, a.parents);
   return cudaGetLastError();

@@ -5,13 +5,21 @@
 //
 // Validates, allocates the workspace and outputs, picks the vocab split count and launches on the current
 // stream. Compiled only with the CUDA kernels (FUSEDRNN_WITH_CUDA, see setup.py).
-#ifdef FUSEDRNN_WITH_CUDA
+// Built twice, like rnn_layer_cuda.cpp: FUSEDRNN_WITH_CUDA (CUDA tensors) and FUSEDRNN_EMU (cuda-emu, CPU tensors).
+#if defined(FUSEDRNN_WITH_CUDA) || defined(FUSEDRNN_EMU)
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
+#ifdef FUSEDRNN_EMU
+#include "emu/torch_shim.h"
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#define FUSEDRNN_CUDA_OP(name) "cuda_" name
+#define FUSEDRNN_CUDA_KEY CUDA
+#define FUSEDRNN_CUDA_TENSORS "CUDA tensors"
+#endif
 
 #include <cuda_runtime_api.h>
 
@@ -40,7 +48,11 @@ int num_sms(int device) {
 
 std::tuple<Tensor, Tensor, Tensor> cuda_beam_topk(const Tensor& logits_in, const Tensor& beam_scores_in, int64_t k,
                                                   int64_t num_beams) {
+#ifdef FUSEDRNN_EMU
+  TORCH_CHECK(logits_in.is_cpu(), "fusedrnn cuda_beam_topk: logits must be " FUSEDRNN_CUDA_TENSORS);
+#else
   TORCH_CHECK(logits_in.is_cuda(), "fusedrnn cuda_beam_topk: logits must be a CUDA tensor");
+#endif
   TORCH_CHECK(logits_in.dim() == 2, "fusedrnn cuda_beam_topk: logits must be 2-D [batch*beams, vocab]");
   const int64_t R = logits_in.size(0), V = logits_in.size(1);
   TORCH_CHECK(num_beams > 0 && R > 0 && V > 0 && R % num_beams == 0, "fusedrnn cuda_beam_topk: logits rows (",
@@ -99,13 +111,13 @@ std::tuple<Tensor, Tensor, Tensor> cuda_beam_topk(const Tensor& logits_in, const
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
-  m.def("cuda_beam_topk(Tensor logits, Tensor beam_scores, int k, int num_beams) -> (Tensor, Tensor, Tensor)");
+  m.def(FUSEDRNN_CUDA_OP("beam_topk(Tensor logits, Tensor beam_scores, int k, int num_beams) -> (Tensor, Tensor, Tensor)"));
 }
 
-TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) {
-  m.impl("cuda_beam_topk", &cuda_beam_topk);
+TORCH_LIBRARY_IMPL(fusedrnn, FUSEDRNN_CUDA_KEY, m) {
+  m.impl(FUSEDRNN_CUDA_OP("beam_topk"), &cuda_beam_topk);
 }
 
 }  // namespace fusedrnn::cuda::beam
 
-#endif  // FUSEDRNN_WITH_CUDA
+#endif  // FUSEDRNN_WITH_CUDA || FUSEDRNN_EMU

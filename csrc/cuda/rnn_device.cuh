@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "cuda/ptx.cuh"
 #include "cuda/rnn_kernels.h"
 #include "fusedrnn/cell_math.h"
 

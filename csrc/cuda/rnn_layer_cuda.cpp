@@ -11,26 +11,45 @@
 // backward produces only gate gradients in its loop, and dx, dW_ih, dW_hh, dW_hr, the biases are one GEMM or
 // reduction each afterwards. Workspace layout: fusedrnn/backends/base.py. Kernels: rnn_pointwise.cu,
 // rnn_persistent.cu (no torch headers there; this file is their only door).
-#ifdef FUSEDRNN_WITH_CUDA
+// Built twice: for CUDA tensors (FUSEDRNN_WITH_CUDA), and as the cuda-emu backend on CPU tensors (FUSEDRNN_EMU,
+// csrc/emu/: ops cuda_emu_*, the kernels emulated, cuBLAS on at::mm through csrc/emu/torch_shim.h).
+#if defined(FUSEDRNN_WITH_CUDA) || defined(FUSEDRNN_EMU)
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <torch/library.h>
+#ifdef FUSEDRNN_EMU
+#include "emu/torch_shim.h"
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#endif
 
 #include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
+#ifndef FUSEDRNN_EMU
 #include "cuda/rnn_cublas.h"
+#endif
 #include "cuda/rnn_kernels.h"
 #include "fusedrnn/cell_math.h"
 #include "fusedrnn/layer_args.h"
 
+#ifndef FUSEDRNN_EMU
+#define FUSEDRNN_CUDA_OP(name) "cuda_" name
+#define FUSEDRNN_CUDA_KEY CUDA
+#define FUSEDRNN_CUDA_TENSORS "CUDA tensors"
+#endif
+
 namespace fusedrnn::cuda {
+#ifndef FUSEDRNN_EMU
+inline bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+inline bool is_kernel_device(const c10::Device& d) { return d.is_cuda(); }
+#endif
+
 namespace {
 
 using at::Tensor;
@@ -79,8 +98,8 @@ void check_args(const Dims& d, const Tensor& x, const Tensor& h0, const OptTenso
                 const OptTensor& lengths) {
   check_layer_shapes("cuda", d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
   for (const OptTensor& t : {OptTensor(x), OptTensor(h0), c0, OptTensor(w_ih), OptTensor(w_hh), b_ih, b_hh, w_hr}) {
-    TORCH_CHECK(!t || (t->is_cuda() && t->device() == x.device() && t->scalar_type() == x.scalar_type()),
-                "fusedrnn cuda: all tensors must be CUDA tensors of x's dtype on x's device");
+    TORCH_CHECK(!t || (on_kernel_device(*t) && t->device() == x.device() && t->scalar_type() == x.scalar_type()),
+                "fusedrnn cuda: all tensors must be " FUSEDRNN_CUDA_TENSORS " of x's dtype on x's device");
   }
   if (lengths) {
     TORCH_CHECK(lengths->device() == x.device() && lengths->scalar_type() == at::kLong && lengths->numel() == d.B,
@@ -478,7 +497,7 @@ std::string cuda_rnn_path_reason(const std::string& path, const std::string& dir
                                  at::Device device) {
   TORCH_CHECK(direction == "forward" || direction == "backward",
               "fusedrnn cuda: direction must be forward or backward, got '", direction, "'");
-  TORCH_CHECK(device.is_cuda(), "fusedrnn cuda: device must be a CUDA device, got ", device);
+  TORCH_CHECK(is_kernel_device(device), "fusedrnn cuda: device must hold " FUSEDRNN_CUDA_TENSORS ", got ", device);
   const int index = device.has_index() ? device.index() : c10::cuda::current_device();
   return path_reason(parse_path(path), direction == "backward", parse_cell(cell, "cuda"), dtype, batch, hidden, proj,
                      allow_tf32, index);
@@ -509,26 +528,26 @@ std::tuple<std::string, std::vector<int64_t>> cuda_rnn_persistent_plan(const std
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
-  m.def("cuda_rnn_layer(str cell, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+  m.def(FUSEDRNN_CUDA_OP("rnn_layer(str cell, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
         "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool need_workspace, str path) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("cuda_rnn_layer_backward(str cell, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
+        "-> (Tensor, Tensor, Tensor, Tensor)"));
+  m.def(FUSEDRNN_CUDA_OP("rnn_layer_backward(str cell, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
         "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, Tensor y, Tensor workspace, "
         "Tensor grad_y, Tensor grad_h_n, Tensor? grad_c_n, str path) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("cuda_rnn_path_reason(str path, str direction, str cell, ScalarType dtype, int batch, int hidden, "
-        "bool proj, bool allow_tf32, Device device) -> str",
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"));
+  m.def(FUSEDRNN_CUDA_OP("rnn_path_reason(str path, str direction, str cell, ScalarType dtype, int batch, int hidden, "
+        "bool proj, bool allow_tf32, Device device) -> str"),
         &cuda_rnn_path_reason);
-  m.def("cuda_rnn_persistent_plan(str path, str direction, str cell, ScalarType dtype, int batch, int hidden, "
-        "int[] limits) -> (str, int[])",
+  m.def(FUSEDRNN_CUDA_OP("rnn_persistent_plan(str path, str direction, str cell, ScalarType dtype, int batch, int hidden, "
+        "int[] limits) -> (str, int[])"),
         &cuda_rnn_persistent_plan);
 }
 
-TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) {
-  m.impl("cuda_rnn_layer", &cuda_rnn_layer);
-  m.impl("cuda_rnn_layer_backward", &cuda_rnn_layer_backward);
+TORCH_LIBRARY_IMPL(fusedrnn, FUSEDRNN_CUDA_KEY, m) {
+  m.impl(FUSEDRNN_CUDA_OP("rnn_layer"), &cuda_rnn_layer);
+  m.impl(FUSEDRNN_CUDA_OP("rnn_layer_backward"), &cuda_rnn_layer_backward);
 }
 
 }  // namespace fusedrnn::cuda
 
-#endif  // FUSEDRNN_WITH_CUDA
+#endif  // FUSEDRNN_WITH_CUDA || FUSEDRNN_EMU

@@ -69,28 +69,19 @@ __device__ __forceinline__ void mma_k(float (&c)[4], uint32_t a0, uint32_t a1, u
 template <>
 __device__ __forceinline__ void mma_k<__half>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                               uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  ptx::mma_m16n8k16_f16(c, a0, a1, a2, a3, b0, b1);
 }
 
 template <>
 __device__ __forceinline__ void mma_k<__nv_bfloat16>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                      uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  ptx::mma_m16n8k16_bf16(c, a0, a1, a2, a3, b0, b1);
 }
 
 template <>
 __device__ __forceinline__ void mma_k<float>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                              uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  ptx::mma_m16n8k8_tf32(c, a0, a1, a2, a3, b0, b1);
 }
 
 // c += A(rows g, g+8; 8 K elements) B(8 K elements; column g). Each pair of 32-bit words is one K slot pair:
@@ -112,9 +103,7 @@ __device__ __forceinline__ T mma_operand(float v) {
 }
 template <>
 __device__ __forceinline__ float mma_operand<float>(float v) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
-  return __uint_as_float(r);
+  return __uint_as_float(ptx::cvt_rna_tf32(v));
 }
 
 using Acc = float[kMtPerWarp][kNt][4];
@@ -161,23 +150,12 @@ __device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned target)
     atomicAdd(counter, 1u);
     unsigned seen;
     do {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
+      seen = ptx::ld_acquire_gpu(counter);
     } while (seen < target);
     __threadfence();
   }
   __syncthreads();
 }
-
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
-}
-
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 
 // Copies rows [0, rows) of a [*, row_elems] global buffer into shared memory rows of b_stride bytes (through L2
 // only: other CTAs wrote it since the last step).
@@ -186,9 +164,9 @@ __device__ __forceinline__ void stage_rows(unsigned char* dst, int b_stride, con
   const int vecs = row_elems * static_cast<int>(sizeof(T)) / 16;
   for (int i = threadIdx.x; i < rows * vecs; i += kThreads) {
     const int r = i / vecs, v = i % vecs;
-    cp_async16(dst + r * b_stride + v * 16, reinterpret_cast<const unsigned char*>(src + static_cast<int64_t>(r) * row_elems) + v * 16);
+    ptx::cp_async_cg_16(dst + r * b_stride + v * 16, reinterpret_cast<const unsigned char*>(src + static_cast<int64_t>(r) * row_elems) + v * 16);
   }
-  cp_async_wait_all();
+  ptx::cp_async_wait_all();
   __syncthreads();
 }
 
@@ -335,7 +313,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if constexpr (kCluster && kNoClusters) {
     __trap();
   } else {
-    extern __shared__ __align__(128) unsigned char smem[];
+    FUSEDRNN_DYNAMIC_SMEM(unsigned char, smem);
     const Cell cell = static_cast<Cell>(p.cell);
     const int G = num_gates(cell), H = p.H, B = p.B, GH = G * H, units = plan.units;
     const int64_t W = workspace_width(cell, H, false);
@@ -384,7 +362,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             for (int g = 0; g < 4; ++g) {
               if (g < G) {
                 xg[i][g] = to_f(row[g * H]);
-                if (!last) prefetch_l2(row + static_cast<int64_t>(t_next - t) * B * GH + g * H);
+                if (!last) ptx::prefetch_global_l2(row + static_cast<int64_t>(t_next - t) * B * GH + g * H);
               }
             }
           }
@@ -485,7 +463,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if constexpr (kCluster && kNoClusters) {
     __trap();
   } else {
-    extern __shared__ __align__(128) unsigned char smem[];
+    FUSEDRNN_DYNAMIC_SMEM(unsigned char, smem);
     const Cell cell = static_cast<Cell>(p.cell);
     const int G = num_gates(cell), H = p.H, B = p.B, GH = G * H, units = plan.units, HP = plan.hidden_padded;
     const int64_t W = workspace_width(cell, H, false);
@@ -553,9 +531,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           if (!last) {  // the next step's rows, from HBM into L2 while this step's exchange and MMA run
             const int64_t next = static_cast<int64_t>(t_next) * B + b;
-            prefetch_l2(static_cast<const T*>(p.grad_y) + next * H + j);
+            ptx::prefetch_global_l2(static_cast<const T*>(p.grad_y) + next * H + j);
             if (W > 0) {
-              for (int g = 0; g < (cell == Cell::LSTM ? 5 : 4); ++g) prefetch_l2(static_cast<const T*>(p.ws) + next * W + g * H + j);
+              for (int g = 0; g < (cell == Cell::LSTM ? 5 : 4); ++g) ptx::prefetch_global_l2(static_cast<const T*>(p.ws) + next * W + g * H + j);
             }
           }
         }
@@ -789,13 +767,11 @@ cudaError_t launch_persistent_forward(Exchange ex, DType dt, const PersistentPla
   cudaError_t err = prepare(reinterpret_cast<const void*>(kernel), plan, ex);
   if (err != cudaSuccess) return err;
   if (ex == Exchange::Grid) {
-    void* args[] = {const_cast<PersistentForward*>(&p), const_cast<PersistentPlan*>(&plan)};
-    return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(plan.ctas), dim3(kThreads), args,
-                                       plan.smem_bytes, stream);
+    return launch_cooperative(kernel, dim3(plan.ctas), dim3(kThreads), plan.smem_bytes, stream, p, plan);
   }
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = cluster_config(plan, stream, &attr);
-  return cudaLaunchKernelEx(&cfg, kernel, p, plan);
+  return launch_cluster(cfg, kernel, p, plan);
 }
 
 cudaError_t launch_persistent_backward(Exchange ex, DType dt, const PersistentPlan& plan,
@@ -804,13 +780,11 @@ cudaError_t launch_persistent_backward(Exchange ex, DType dt, const PersistentPl
   cudaError_t err = prepare(reinterpret_cast<const void*>(kernel), plan, ex);
   if (err != cudaSuccess) return err;
   if (ex == Exchange::Grid) {
-    void* args[] = {const_cast<PersistentBackward*>(&p), const_cast<PersistentPlan*>(&plan)};
-    return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(plan.ctas), dim3(kThreads), args,
-                                       plan.smem_bytes, stream);
+    return launch_cooperative(kernel, dim3(plan.ctas), dim3(kThreads), plan.smem_bytes, stream, p, plan);
   }
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = cluster_config(plan, stream, &attr);
-  return cudaLaunchKernelEx(&cfg, kernel, p, plan);
+  return launch_cluster(cfg, kernel, p, plan);
 }
 
 }  // namespace fusedrnn::cuda

@@ -137,25 +137,25 @@ cudaError_t dispatch(DType dt, const P& p, cudaStream_t stream) {
 template <typename T>
 struct ForwardLaunch {
   static void run(const AltForwardStep& p, cudaStream_t s) {
-    rnn_alt_forward_kernel<T><<<blocks_for(static_cast<int64_t>(p.B) * p.H), kThreads, 0, s>>>(p);
+    FUSEDRNN_LAUNCH(blocks_for(static_cast<int64_t>(p.B) * p.H), kThreads, 0, s, rnn_alt_forward_kernel<T>)(p);
   }
 };
 template <typename T>
 struct ProjForwardLaunch {
   static void run(const AltProjForwardStep& p, cudaStream_t s) {
-    rnn_alt_proj_forward_kernel<T><<<blocks_for(static_cast<int64_t>(p.B) * p.H_out), kThreads, 0, s>>>(p);
+    FUSEDRNN_LAUNCH(blocks_for(static_cast<int64_t>(p.B) * p.H_out), kThreads, 0, s, rnn_alt_proj_forward_kernel<T>)(p);
   }
 };
 template <typename T>
 struct BackwardLaunch {
   static void run(const AltBackwardStep& p, cudaStream_t s) {
-    rnn_alt_backward_kernel<T><<<blocks_for(static_cast<int64_t>(p.B) * p.H), kThreads, 0, s>>>(p);
+    FUSEDRNN_LAUNCH(blocks_for(static_cast<int64_t>(p.B) * p.H), kThreads, 0, s, rnn_alt_backward_kernel<T>)(p);
   }
 };
 template <typename T>
 struct ProjBackwardLaunch {
   static void run(const AltProjBackwardStep& p, cudaStream_t s) {
-    rnn_alt_proj_backward_kernel<T><<<blocks_for(static_cast<int64_t>(p.B) * p.H_out), kThreads, 0, s>>>(p);
+    FUSEDRNN_LAUNCH(blocks_for(static_cast<int64_t>(p.B) * p.H_out), kThreads, 0, s, rnn_alt_proj_backward_kernel<T>)(p);
   }
 };
 

@@ -20,17 +20,19 @@ import torch
 from .base import Backend, LayerCall, scoped_environ, workspace_width  # noqa: F401  (re-exported)
 from .cpu import CpuBackend
 from .cuda import CudaBackend
+from .cuda_emu import CudaEmuBackend
 from .reference import ReferenceBackend
 from .triton import TritonBackend
 
 logger = logging.getLogger("fusedrnn")
 
 BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (CudaBackend(), TritonBackend(), CpuBackend(), ReferenceBackend())
+    b.name: b for b in (CudaBackend(), TritonBackend(), CpuBackend(), ReferenceBackend(), CudaEmuBackend())
 }
 BACKEND_NAMES = tuple(BACKENDS)
 
-# "auto" tries these in order. Triton on the CPU means the interpreter: correct but slow, so never auto.
+# "auto" tries these in order. Triton on the CPU means the interpreter, cuda-emu the CUDA emulator: correct but
+# slow, so never auto (only when named).
 PREFERENCE = {
     "cuda": ("cuda", "triton", "reference"),
     "cpu": ("cpu", "reference"),

@@ -64,34 +64,38 @@ def forced_path() -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _path_reason(path: str, direction: str, cell: str, dtype: torch.dtype, batch: int, hidden: int, proj: bool,
-                 allow_tf32: bool, device: torch.device) -> str:
+def _path_reason(ops: str, path: str, direction: str, cell: str, dtype: torch.dtype, batch: int, hidden: int,
+                 proj: bool, allow_tf32: bool, device: torch.device) -> str:
     # Occupancy depends only on the compiled kernels and the device, so the answer is fixed per key.
-    return torch.ops.fusedrnn.cuda_rnn_path_reason(path, direction, cell, dtype, batch, hidden, proj, allow_tf32,
-                                                   device)
+    return getattr(torch.ops.fusedrnn, f"{ops}rnn_path_reason")(path, direction, cell, dtype, batch, hidden, proj,
+                                                                allow_tf32, device)
 
 
-def path_reason(call: LayerCall, path: str, direction: str) -> Optional[str]:
-    """None when `path` can run the `direction` ("forward" | "backward") of `call`, else why not."""
-    device = call.device if call.device.index is not None else torch.device("cuda", torch.cuda.current_device())
-    why = _path_reason(path, direction, call.cell, call.dtype, call.batch_size, call.hidden_size,
+def path_reason(call: LayerCall, path: str, direction: str, ops: str = "cuda_") -> Optional[str]:
+    """None when `path` can run the `direction` ("forward" | "backward") of `call`, else why not. `ops`: the op
+    prefix, "cuda_" (CUDA tensors) or "cuda_emu_" (backend cuda-emu: the same planner and limits of an H100)."""
+    device = call.device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    why = _path_reason(ops, path, direction, call.cell, call.dtype, call.batch_size, call.hidden_size,
                        call.w_hr is not None, bool(torch.backends.cuda.matmul.allow_tf32), device)
     return why or None
 
 
-def choose_path(call: LayerCall, direction: str) -> str:
+def choose_path(call: LayerCall, direction: str, ops: str = "cuda_") -> str:
     """The path that runs the `direction` of `call`: the forced one, else the heuristic's first that can."""
     path = forced_path()
     if path is not None:
         return path
     for path in candidate_paths(call):
-        if path_reason(call, path, direction) is None:
+        if path_reason(call, path, direction, ops) is None:
             return path
     return "alternating"
 
 
 class CudaBackend(Backend):
     name = "cuda"
+    ops = "cuda_"  # prefix of its torch ops: fusedrnn::cuda_rnn_layer, ...
 
     def unavailable_reason(self, device):
         if device.type != "cuda":
@@ -111,20 +115,23 @@ class CudaBackend(Backend):
         if path is None:
             return None
         for direction in ("forward", "backward"):
-            why = path_reason(call, path, direction)
+            why = path_reason(call, path, direction, self.ops)
             if why is not None:
                 return f"{PATH_ENV}={path}: {why}"
         return None
 
+    def choose_path(self, call: LayerCall, direction: str) -> str:
+        return choose_path(call, direction, self.ops)
+
     def forward(self, call: LayerCall, need_workspace: bool):
-        return torch.ops.fusedrnn.cuda_rnn_layer(
+        return getattr(torch.ops.fusedrnn, f"{self.ops}rnn_layer")(
             call.cell, call.x, call.h0, call.c0, call.w_ih, call.w_hh, call.b_ih, call.b_hh, call.w_hr,
-            call.lengths, call.reverse, need_workspace, choose_path(call, "forward"))
+            call.lengths, call.reverse, need_workspace, self.choose_path(call, "forward"))
 
     def backward(self, call: LayerCall, y, workspace, grad_y, grad_h_n, grad_c_n):
-        return torch.ops.fusedrnn.cuda_rnn_layer_backward(
+        return getattr(torch.ops.fusedrnn, f"{self.ops}rnn_layer_backward")(
             call.cell, call.x, call.h0, call.c0, call.w_ih, call.w_hh, call.b_ih, call.b_hh, call.w_hr,
-            call.lengths, call.reverse, y, workspace, grad_y, grad_h_n, grad_c_n, choose_path(call, "backward"))
+            call.lengths, call.reverse, y, workspace, grad_y, grad_h_n, grad_c_n, self.choose_path(call, "backward"))
 
 
 # ---------------------------------------------------------------------------------------------------------
