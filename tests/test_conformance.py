@@ -30,12 +30,12 @@ import warnings
 
 import pytest
 import torch
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence
 from torch.testing._internal.common_modules import ModuleErrorEnum, module_db
 
 import fusedrnn
 from fusedrnn import functional
-from helpers import FULL_PRECISION_TOL, in_fresh_thread, make_layer_args
+from helpers import compare_calls, detach_clone, flatten, in_fresh_thread, make_layer_args
 
 CLASSES = ("LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell")
 INFOS = {m.module_cls.__name__: m for m in module_db if m.module_cls.__name__ in CLASSES}
@@ -96,36 +96,6 @@ PACKED_CASES = [c for c in SAMPLE_CASES if c.values[0] in ("LSTM", "GRU", "RNN")
 # ---------------------------------------------------------------------------------------------------------
 # Comparison helpers
 # ---------------------------------------------------------------------------------------------------------
-def _flatten(out):
-    if isinstance(out, PackedSequence):
-        return [out.data]
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [t for o in out for t in _flatten(o)]
-
-
-def _detach_clone(obj):
-    if isinstance(obj, PackedSequence):
-        return obj._replace(data=_detach_clone(obj.data))
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone().requires_grad_(obj.requires_grad)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_detach_clone(o) for o in obj)
-    return obj
-
-
-def _assert_close(name, got, want):
-    assert isinstance(got, torch.Tensor), f"{name}: fusedrnn gives {type(got).__name__}"
-    assert got.shape == want.shape, f"{name}: shape {list(got.shape)} != torch.nn's {list(want.shape)}"
-    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != torch.nn's {want.dtype}"
-    if want.numel() == 0:
-        return
-    scale = max(1.0, want.detach().abs().max().item())
-    tol = FULL_PRECISION_TOL[want.dtype] * scale
-    err = (got.detach().double() - want.detach().double()).abs().max().item()
-    assert err <= tol, f"{name}: max |fusedrnn - torch.nn| = {err:.3g} > {tol:.3g} ({want.dtype})"
-
-
 def _pair(name, dtype, constructor):
     """(torch.nn module, fusedrnn module) built from the same constructor input, with the same weights."""
     with warnings.catch_warnings():
@@ -137,48 +107,7 @@ def _pair(name, dtype, constructor):
 
 
 def _compare_module_call(ref, ours, args, second_order: bool):
-    """Runs both modules on copies of `args`; compares outputs, first gradients and (second_order) second
-    derivatives of every input tensor and parameter. Returns the number of tensors compared."""
-    ref_args, our_args = _detach_clone(args), _detach_clone(args)
-    ref_out, our_out = _flatten(ref(*ref_args)), _flatten(ours(*our_args))
-    assert len(ref_out) == len(our_out), f"{len(our_out)} outputs, torch.nn gives {len(ref_out)}"
-    for i, (o, r) in enumerate(zip(our_out, ref_out)):
-        _assert_close(f"output {i}", o, r)
-
-    def leaves(a, module):
-        return [t for t in _flatten(a) if t.requires_grad] + list(module.parameters())
-
-    ref_leaves, our_leaves = leaves(ref_args, ref), leaves(our_args, ours)
-    g = torch.Generator().manual_seed(1)
-    cot = [torch.randn(r.shape, generator=g, dtype=torch.float64).to(r.dtype) for r in ref_out]
-    ref_g = torch.autograd.grad(ref_out, ref_leaves, cot, create_graph=second_order, allow_unused=True)
-    our_g = torch.autograd.grad(our_out, our_leaves, cot, create_graph=second_order, allow_unused=True)
-    compared = len(ref_out)
-    for i, (o, r) in enumerate(zip(our_g, ref_g)):
-        if r is None:  # torch.nn's output does not depend on it: fusedrnn's gradient must be None or 0
-            assert o is None or not o.any(), f"gradient {i}: torch.nn has none, fusedrnn {o}"
-            continue
-        assert o is not None, f"gradient {i}: fusedrnn gives None, torch.nn a gradient"
-        _assert_close(f"gradient {i}", o, r)
-        compared += 1
-    if not second_order:
-        return compared
-    # A random linear function of all first gradients, differentiated again w.r.t. everything.
-    pairs = [(o, r) for o, r in zip(our_g, ref_g) if r is not None and r.requires_grad]
-    assert pairs, "torch.nn's first gradients carry no graph"
-    weights = [torch.randn(r.shape, generator=g, dtype=torch.float64).to(r.dtype) for _, r in pairs]
-    ref_s = sum((r * w).sum() for (_, r), w in zip(pairs, weights))
-    our_s = sum((o * w).sum() for (o, _), w in zip(pairs, weights))
-    ref_gg = torch.autograd.grad(ref_s, ref_leaves, allow_unused=True)
-    our_gg = torch.autograd.grad(our_s, our_leaves, allow_unused=True)
-    for i, (o, r) in enumerate(zip(our_gg, ref_gg)):
-        if r is None or not r.any():
-            assert o is None or not o.any(), f"second derivative {i}: torch.nn's is zero, fusedrnn's is not"
-            continue
-        assert o is not None, f"second derivative {i}: fusedrnn gives None, torch.nn {r}"
-        _assert_close(f"second derivative {i}", o, r)
-        compared += 1
-    return compared
+    return compare_calls(ref, ours, args, list(ref.parameters()), list(ours.parameters()), second_order)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -282,8 +211,8 @@ def _check_module_protocol(name, index):
     torch.save(ours, buf)
     buf.seek(0)
     for clone in (copy.deepcopy(ours), torch.load(buf, weights_only=False)):
-        args = _detach_clone(sample.forward_input.args)
-        for a, b in zip(_flatten(clone(*args)), _flatten(ours(*args))):
+        args = detach_clone(sample.forward_input.args)
+        for a, b in zip(flatten(clone(*args)), flatten(ours(*args))):
             assert torch.equal(a, b)
     ours.float()
     assert all(p.dtype == torch.float32 for p in ours.parameters())
@@ -328,7 +257,7 @@ def test_module_gradgradcheck(name, args, kw, backend):
 
     def f(x, *ps):
         out = torch.func.functional_call(m, dict(zip([n for n, _ in m.named_parameters()], ps)), (x,))
-        return _flatten(out)
+        return flatten(out)
 
     def run():
         with fusedrnn.use_backend(backend):
