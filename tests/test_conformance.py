@@ -14,8 +14,8 @@ gradgradcheck of the op and of the modules, and the cases the issue found (empty
 zero-length sequences, the dtype switch).
 
 Case counts (collected): module_db has 87 samples (LSTM 32, GRU 16, RNN 32, LSTMCell 2, GRUCell 2, RNNCell 3)
-x 2 dtypes x 2 modes x {reference, cpu} = 696 sample cases + 160 packed ones (40 batched layer samples),
-plus 116 error inputs (58 x 2 dtypes).
+x 2 dtypes x 2 modes x {reference, cpu} = 696 sample cases, 320 packed ones (80 layer samples x 2 dtypes
+x 2 backends), 13 on triton (float32, every 8th sample), plus 116 error inputs (58 x 2 dtypes).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ CLASSES = ("LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell")
 INFOS = {m.module_cls.__name__: m for m in module_db if m.module_cls.__name__ in CLASSES}
 DTYPES = (torch.float32, torch.float64)
 BACKENDS = [b for b in ("reference", "cpu") if b in fusedrnn.available_backends("cpu")]
+TRITON = "triton" in fusedrnn.available_backends("cpu")  # under TRITON_INTERPRET=1 (tests/conftest.py)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -130,6 +131,19 @@ def _compare_on(backend, ref, ours, args, second_order):
         with fusedrnn.use_backend(backend):
             return _compare_module_call(ref, ours, args, second_order)
     return in_fresh_thread(run)
+
+
+TRITON_CASES = [c for c in SAMPLE_CASES if c.values[1] % 8 == 0]  # every 8th sample of each class: 13
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not importable here")
+@pytest.mark.parametrize("name,index", TRITON_CASES)
+def test_module_db_sample_triton(name, index):
+    """The Triton kernels (on the CPU: in Triton's interpreter, ~1 s a case) on a subset of the samples, in
+    float32 (the Triton kernels take no float64), second derivatives included."""
+    sample = _samples(name, torch.float32, True)[index]
+    ref, ours = _pair(name, torch.float32, sample.constructor_input)
+    _compare_on("triton", ref, ours, sample.forward_input.args, second_order=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -290,7 +304,7 @@ EMPTY = [("LSTM", (3, 4), {}), ("LSTM", (3, 4), dict(bidirectional=True, num_lay
          ("RNN", (3, 4), {}), ("RNN", (3, 4), dict(bidirectional=True, nonlinearity="relu"))]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"] * TRITON)
 @pytest.mark.parametrize("name,args,kw", EMPTY, ids=[f"{c[0]}-{'-'.join(c[2]) or 'plain'}" for c in EMPTY])
 def test_empty_batch_like_torch(name, args, kw, backend):
     ref, ours = _pair(name, torch.float32, type("C", (), {"args": args, "kwargs": kw})())
