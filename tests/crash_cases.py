@@ -1,8 +1,8 @@
 """Risky inputs, each a function run(backend) that checks fusedrnn against torch.nn (or a clean exception).
 
-Run by tests/test_crash_isolation.py in a child process (`python tests/crash_cases.py BACKEND NAME...`), so a
-segfault or SIGFPE in a kernel is a named failing test instead of a dead test run. The child prints
-`START name`, then `OK name` or `FAIL name: <error>` for each case, flushing after every line.
+Run by tests/test_crash_isolation.py in a child process (`python tests/crash_cases.py BACKEND:NAME ...`), so
+a segfault or SIGFPE in a kernel is a named failing test instead of a dead test run. The child prints
+`START backend:name`, then `OK backend:name` or `FAIL backend:name: <error>` for each, flushing every line.
 """
 from __future__ import annotations
 
@@ -225,18 +225,20 @@ def concurrent_threads_mixed_dtypes(backend):
         raise errors[0]
 
 
-def main(backend: str, names: list[str]) -> None:
-    for name in names:
-        print(f"START {name}", flush=True)
+def main(jobs: list[str]) -> None:
+    """jobs: "backend:name" each."""
+    for job in jobs:
+        backend, name = job.split(":")
+        print(f"START {job}", flush=True)
         try:
             with fusedrnn.use_backend(backend):
                 CASES[name](backend)
         except Exception as e:  # noqa: BLE001
             last = traceback.format_exception(e)[-3:]
-            print(f"FAIL {name}: {type(e).__name__}: {e} | {''.join(last)!r}", flush=True)
+            print(f"FAIL {job}: {type(e).__name__}: {e} | {''.join(last)!r}", flush=True)
         else:
-            print(f"OK {name}", flush=True)
+            print(f"OK {job}", flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    main(sys.argv[1:])
