@@ -205,6 +205,65 @@ def test_module_db_error_input(name, index, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# More errors (the list): the exception type and the exact message of torch.nn
+# ---------------------------------------------------------------------------------------------------------
+X3, H1 = torch.zeros(2, 2, 3), torch.zeros(1, 2, 4)
+SAME_ERROR = [
+    ("GRUCell-hx-4D", lambda nn: nn.GRUCell(10, 20)(torch.randn(3, 10), torch.randn(3, 1, 1, 20))),
+    ("GRUCell-hx-4D-input-f64", lambda nn: nn.GRUCell(10, 20)(torch.randn(3, 10, dtype=torch.float64),
+                                                              torch.randn(3, 1, 1, 20))),
+    ("RNNCell-hx-3D", lambda nn: nn.RNNCell(10, 20)(torch.randn(3, 10), torch.randn(1, 3, 20))),
+    ("LSTMCell-cx-4D", lambda nn: nn.LSTMCell(10, 20)(torch.randn(3, 10), (torch.randn(3, 20),
+                                                                           torch.randn(3, 1, 1, 20)))),
+    ("LSTMCell-cx-batch", lambda nn: nn.LSTMCell(10, 20)(torch.randn(3, 10), (torch.randn(3, 20),
+                                                                              torch.randn(5, 20)))),
+    ("LSTMCell-cx-size", lambda nn: nn.LSTMCell(10, 20)(torch.randn(3, 10), (torch.randn(3, 20),
+                                                                             torch.randn(3, 21)))),
+    ("GRUCell-hx-2D-unbatched", lambda nn: nn.GRUCell(10, 20)(torch.randn(10), torch.randn(1, 20))),
+    ("GRUCell-hx-1D-batched", lambda nn: nn.GRUCell(10, 20)(torch.randn(3, 10), torch.randn(20))),
+    ("GRU-proj_size", lambda nn: nn.GRU(30, 20, 2, proj_size=10)),
+    ("RNN-proj_size", lambda nn: nn.RNN(30, 20, proj_size=10)),
+    ("LSTM-bias-str", lambda nn: nn.LSTM(3, 4, bias="True")),
+    ("GRU-batch_first-int", lambda nn: nn.GRU(3, 4, batch_first=1)),
+    ("LSTM-proj-negative", lambda nn: nn.LSTM(3, 4, proj_size=-1)),
+    ("LSTM-proj-hidden", lambda nn: nn.LSTM(3, 4, proj_size=4)),
+    ("LSTM-dropout-2", lambda nn: nn.LSTM(3, 4, dropout=2)),
+    ("LSTMCell-hidden-float", lambda nn: nn.LSTMCell(3, 4.0)),
+    ("RNN-input-4D", lambda nn: nn.RNN(3, 4)(torch.zeros(2, 2, 2, 3))),
+    ("GRU-input-1D", lambda nn: nn.GRU(3, 4)(torch.zeros(3))),
+    ("LSTM-T0", lambda nn: nn.LSTM(3, 4)(torch.zeros(0, 2, 3))),
+    ("GRU-T0-unbatched", lambda nn: nn.GRU(3, 4)(torch.zeros(0, 3))),
+    ("LSTM-input-size", lambda nn: nn.LSTM(3, 4)(torch.zeros(2, 2, 5))),
+    ("LSTM-input-f64", lambda nn: nn.LSTM(3, 4)(X3.double())),
+    ("GRU-packed-input-f64", lambda nn: nn.GRU(3, 4)(pack_padded_sequence(X3.double(), [2, 1]))),
+    ("LSTM-proj-h0-size", lambda nn: nn.LSTM(3, 4, proj_size=2)(X3, (H1, H1))),
+    ("LSTM-c0-rank", lambda nn: nn.LSTM(3, 4)(X3, (H1, torch.zeros(2, 4)))),
+    ("LSTM-unbatched-h0-rank", lambda nn: nn.LSTM(3, 4)(X3[0], (H1, H1))),
+    ("LSTM-hx-3-states", lambda nn: nn.LSTM(3, 4)(X3, (H1, H1, H1))),
+    ("GRU-h0-batch", lambda nn: nn.GRU(3, 4)(X3, torch.zeros(1, 3, 4))),
+    ("GRU-unbatched-h0-size", lambda nn: nn.GRU(3, 4)(X3[0], torch.zeros(1, 5))),
+    ("RNN-h0-rank", lambda nn: nn.RNN(3, 4)(X3, torch.zeros(2, 4))),
+    ("RNN-unbatched-h0-rank", lambda nn: nn.RNN(3, 4)(X3[0], H1)),
+]
+
+
+@pytest.mark.parametrize("fn", [c[1] for c in SAME_ERROR], ids=[c[0] for c in SAME_ERROR])
+def test_error_like_torch(fn):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn(torch.nn)
+    except Exception as e:  # noqa: BLE001
+        want = e
+    else:
+        pytest.fail("torch.nn accepts this")
+    with warnings.catch_warnings(), pytest.raises(type(want)) as got:
+        warnings.simplefilter("ignore")
+        fn(fusedrnn)
+    assert type(got.value) is type(want) and str(got.value) == str(want)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Generic module protocol
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,index", SAMPLE_CASES)
