@@ -138,7 +138,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],
     extras_require={
-        "test": ["pytest", "numpy", "scipy", "matplotlib"],
+        "test": ["pytest", "numpy", "scipy", "matplotlib", "hypothesis", "expecttest"],
         "bench": ["matplotlib", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["fusedrnn-bench=fusedrnn.bench.cli:main"]},

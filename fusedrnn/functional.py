@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import ops
+from . import ops, reference
 from .reference import CELLS, GATES
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -38,8 +38,9 @@ def check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths) -> 
     if T == 0:
         raise ValueError("x: expected sequence length T > 0, got 0")
     G = GATES[cell]
-    if w_hh.dim() != 2 or w_hh.shape[0] % G != 0 or w_hh.shape[0] == 0:
-        raise ValueError(f"w_hh: expected [{G}*H, H_out] for {cell}, got {_shape(w_hh)}")
+    if not isinstance(w_hh, Tensor) or w_hh.dim() != 2 or w_hh.shape[0] % G != 0:
+        raise ValueError(f"w_hh: expected [{G}*H, H_out] for {cell}, got "
+                         f"{_shape(w_hh) if isinstance(w_hh, Tensor) else type(w_hh).__name__}")
     H = w_hh.shape[0] // G
     if cell != "lstm" and (c0 is not None or w_hr is not None):
         raise ValueError(f"{cell} has no cell state and no projection: c0 and w_hr must be None")
@@ -105,6 +106,12 @@ def rnn_layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tens
     check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
     if lengths is not None:
         lengths = lengths.to(torch.int64)
+    if x.numel() == 0 or h0.numel() == 0 or w_hh.numel() == 0:
+        # An empty problem (B=0, I=0, H=0 or H_out=0): the spec's loop in PyTorch ops gives the right shapes
+        # and gradients (zeros where there is nothing to differentiate); no kernel is launched with a zero
+        # size (the CPU kernel divides work by the batch size).
+        y, h_n, c_n = reference.rnn_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths)
+        return y, h_n, c_n
     differentiable = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     need_workspace = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
     y, h_n, c_n, _ = ops.run_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,

@@ -27,10 +27,16 @@ LengthsLike = Union[Tensor, Sequence[int], None]
 
 
 def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """torch.nn.RNNBase's check of input_size / hidden_size (its wording; bool passes, as it is an int)."""
+    if not isinstance(value, int):
         raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
     if value <= 0:
-        raise ValueError(f"{name} must be greater than zero, got {value}")
+        raise ValueError(f"{name} must be greater than zero")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
 
 
 MERGE_MODES = ("concat", "sum", "mul", "ave")
@@ -54,6 +60,13 @@ def _check_dtype_device(name: str, t: Tensor, like: Tensor, like_name: str, dtyp
         raise RuntimeError(f"{name} must be on device {like.device} (the device of {like_name}), got {t.device}")
 
 
+def _reject_extra_kwargs(name: str, kwargs: dict) -> None:
+    if "proj_size" in kwargs:  # torch.nn's GRU / RNN take **kwargs and raise this for proj_size
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+    if kwargs:
+        raise TypeError(f"{name}.__init__() got an unexpected keyword argument {next(iter(kwargs))!r}")
+
+
 class _RecurrentLayers(nn.Module):
     """Shared body of LSTM, GRU and RNN (torch.nn.RNNBase's surface, not its class)."""
 
@@ -63,31 +76,41 @@ class _RecurrentLayers(nn.Module):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, merge_mode: str = "concat") -> None:
         super().__init__()
-        if merge_mode not in MERGE_MODES:
-            raise ValueError(f"merge_mode must be one of {', '.join(map(repr, MERGE_MODES))}, got {merge_mode!r}")
-        _check_positive_int("input_size", input_size)
-        _check_positive_int("hidden_size", hidden_size)
-        _check_positive_int("num_layers", num_layers)
+        # torch.nn.RNNBase's checks, in its order and with its wording (its tests match the messages)
         if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1):
             raise ValueError("dropout should be a number in range [0, 1] representing the probability of an "
-                             f"element being zeroed, got {dropout!r}")
+                             "element being zeroed")
         if dropout > 0 and num_layers == 1:
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
-                          f"expects num_layers greater than 1, but got dropout={dropout} and num_layers=1")
-        if isinstance(proj_size, bool) or not isinstance(proj_size, int) or proj_size < 0:
-            raise ValueError(f"proj_size should be a positive integer or zero to disable projections, "
-                             f"got {proj_size!r}")
+                          f"expects num_layers greater than 1, but got dropout={dropout} and num_layers=1",
+                          stacklevel=3)
+        _check_bool("bias", bias)
+        _check_bool("batch_first", batch_first)
+        _check_positive_int("input_size", input_size)
+        _check_positive_int("hidden_size", hidden_size)
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int):
+            # torch.nn fails later on range(num_layers) with a TypeError
+            raise TypeError(f"num_layers should be of type int, got: {type(num_layers).__name__}")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if isinstance(proj_size, bool) or not isinstance(proj_size, int):
+            # torch.nn fails later in torch.empty with a TypeError
+            raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
         if proj_size >= hidden_size:
-            raise ValueError(f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} and "
-                             f"hidden_size={hidden_size}")
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        if merge_mode not in MERGE_MODES:
+            raise ValueError(f"merge_mode must be one of {', '.join(map(repr, MERGE_MODES))}, got {merge_mode!r}")
+        self.mode = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN_TANH", "rnn_relu": "RNN_RELU"}[cell]
         self.cell = cell
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
-        self.bias = bool(bias)
-        self.batch_first = bool(batch_first)
+        self.bias = bias
+        self.batch_first = batch_first
         self.dropout = float(dropout)
-        self.bidirectional = bool(bidirectional)
+        self.bidirectional = bidirectional
         self.proj_size = proj_size
         self.merge_mode = merge_mode
         num_directions = 2 if bidirectional else 1
@@ -155,29 +178,8 @@ class _RecurrentLayers(nn.Module):
         get = lambda stem: getattr(self, f"{stem}_l{layer}{suffix}", None)  # noqa: E731
         return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("weight_hr")
 
-    def _normalise_input(self, input, lengths: LengthsLike):
-        """-> (x [T,B,I], lengths on x.device or None, is_batched, packed input or None)."""
-        if isinstance(input, PackedSequence):
-            if lengths is not None:
-                raise ValueError("lengths: must be None for a PackedSequence input, which carries its own lengths")
-            x, seq_lengths = pad_packed_sequence(input)  # batch in the caller's order
-            return x, seq_lengths.to(x.device), True, input
-        if not isinstance(input, Tensor):
-            raise TypeError(f"input: expected a Tensor or PackedSequence, got {type(input).__name__}")
-        if input.dim() not in (2, 3):
-            raise ValueError(f"{self._mode_name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
-        is_batched = input.dim() == 3
-        if not is_batched:
-            if lengths is not None:
-                raise ValueError("lengths: not supported for unbatched (2-D) input; add a batch dimension")
-            x = input.unsqueeze(1)
-        else:
-            x = input.transpose(0, 1) if self.batch_first else input
-        if x.shape[0] == 0:
-            raise RuntimeError(f"{self._mode_name}: Expected sequence length to be larger than 0, got 0")
-        if lengths is not None:
-            lengths = self._normalise_lengths(lengths, x)
-        return x, lengths, is_batched, None
+    def _normalise_lengths_arg(self, lengths: LengthsLike, x: Tensor) -> Optional[Tensor]:
+        return None if lengths is None else self._normalise_lengths(lengths, x)
 
     @staticmethod
     def _normalise_lengths(lengths: LengthsLike, x: Tensor) -> Tensor:
@@ -196,31 +198,58 @@ class _RecurrentLayers(nn.Module):
         check_lengths(lengths, x.shape[0], x.shape[1], x.device)
         return lengths
 
-    def _check_input(self, x: Tensor) -> None:
+    def _check_input(self, x: Tensor, expected_dim: int) -> None:
+        """torch.nn.RNNBase.check_input: dtype (ValueError), then rank and input_size (RuntimeError)."""
+        weight = self.weight_ih_l0
+        if x.dtype != weight.dtype and not torch._C._is_any_autocast_enabled():
+            raise ValueError(f"RNN input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
+                             f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})")
+        if x.dim() != expected_dim:
+            raise RuntimeError(f"input must have {expected_dim} dimensions, got {x.dim()}")
         if x.shape[-1] != self.input_size:
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                                f"got {x.shape[-1]}")
-        _check_dtype_device("input", x, self.weight_ih_l0, "the module's parameters", ValueError)
+        if x.device != weight.device:
+            raise RuntimeError(f"input must be on device {weight.device} (the device of the module's parameters), "
+                               f"got {x.device}")
 
-    def _initial_state(self, hx, x: Tensor, is_batched: bool, name: str, size: int) -> Tensor:
-        """Validates one of h0/c0 ([L*D, B, size], 2-D when unbatched) and returns it 3-D."""
+    def _initial_state(self, hx: Optional[Tensor], x: Tensor, name: str, size: int) -> Tensor:
+        """h0 or c0 as [L*D, B, size] (hx already 3-D: unbatched input's is unsqueezed), checked as torch.nn
+        checks it (the message names the size torch.nn names: "hidden", "hidden[0]", "hidden[1]")."""
         expected = (self.num_layers * (2 if self.bidirectional else 1), x.shape[1], size)
         if hx is None:
             return x.new_zeros(expected)
-        if not isinstance(hx, Tensor):
-            raise TypeError(f"{name}: expected a Tensor, got {type(hx).__name__}")
-        want_dim = 3 if is_batched else 2
-        if hx.dim() != want_dim:
-            kind = "batched 3-D" if is_batched else "unbatched 2-D"
-            raise RuntimeError(f"For {kind} input, {name} should also be {want_dim}-D but got {hx.dim()}-D tensor")
-        if not is_batched:
-            hx = hx.unsqueeze(1)
         if tuple(hx.shape) != expected:
-            shown = expected if is_batched else (expected[0], expected[2])
-            got = list(hx.shape) if is_batched else [hx.shape[0], hx.shape[2]]
-            raise RuntimeError(f"Expected {name} size {shown}, got {got}")
+            raise RuntimeError(f"Expected {name} size {expected}, got {list(hx.shape)}")
         _check_dtype_device(name, hx, x, "input")
         return hx
+
+    def _split_hx(self, hx):
+        """-> (h0, c0) as given (None when hx is None), each a Tensor; c0 None for GRU / RNN."""
+        if hx is None:
+            return None, None
+        if self.cell == "lstm":
+            if not isinstance(hx, (tuple, list)):
+                raise TypeError(f"hx: an LSTM expects a tuple (h_0, c_0) or None, got {type(hx).__name__}")
+            if len(hx) != 2:
+                raise RuntimeError("lstm expects two hidden states")
+            h0, c0 = hx
+            for i, t in enumerate((h0, c0)):
+                if not isinstance(t, Tensor):
+                    raise TypeError(f"hx[{i}]: expected a Tensor, got {type(t).__name__}")
+            return h0, c0
+        if not isinstance(hx, Tensor):
+            raise TypeError(f"hx: expected a Tensor or None, got {type(hx).__name__}")
+        return hx, None
+
+    def _check_hx_rank(self, h0, c0, want: int) -> None:
+        kind = "batched 3-D" if want == 3 else "unbatched 2-D"
+        if self.cell == "lstm":
+            if h0.dim() != want or c0.dim() != want:
+                raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got "
+                                   f"({h0.dim()}-D, {c0.dim()}-D) tensors")
+        elif h0.dim() != want:
+            raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {h0.dim()}-D tensor")
 
     def _run(self, x: Tensor, h0: Tensor, c0: Optional[Tensor], lengths: Optional[Tensor]):
         num_directions = 2 if self.bidirectional else 1
@@ -250,18 +279,47 @@ class _RecurrentLayers(nn.Module):
         return layer_input, stack(h_n), (stack(c_n) if c0 is not None else None)
 
     def _forward(self, input, hx, lengths: LengthsLike):
-        x, lengths, is_batched, packed = self._normalise_input(input, lengths)
-        self._check_input(x)
+        # torch.nn's checks in torch.nn's order: input rank, hx rank, input dtype and size, hx sizes, then
+        # the sequence length (checked by torch's kernel, so after everything else)
+        h0, c0 = self._split_hx(hx)
+        packed = None
+        if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError("lengths: must be None for a PackedSequence input, which carries its own lengths")
+            packed = input
+            self._check_input(input.data, 2)
+            x, seq_lengths = pad_packed_sequence(input)  # batch in the caller's order, as hx
+            lengths = seq_lengths.to(x.device)
+            is_batched = True
+        else:
+            if not isinstance(input, Tensor):
+                raise TypeError(f"input: expected a Tensor or PackedSequence, got {type(input).__name__}")
+            if input.dim() not in (2, 3):
+                tensor = " tensor" if self.cell.startswith("rnn") else ""
+                raise ValueError(f"{self._mode_name}: Expected input to be 2D or 3D, got {input.dim()}D{tensor} "
+                                 "instead")
+            is_batched = input.dim() == 3
+            if not is_batched and lengths is not None:
+                raise ValueError("lengths: not supported for unbatched (2-D) input; add a batch dimension")
+            if h0 is not None:
+                self._check_hx_rank(h0, c0, 3 if is_batched else 2)
+            if not is_batched:
+                x = input.unsqueeze(1)
+                h0 = None if h0 is None else h0.unsqueeze(1)
+                c0 = None if c0 is None else c0.unsqueeze(1)
+            else:
+                x = input.transpose(0, 1) if self.batch_first else input
+            self._check_input(x, 3)
         h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
         if self.cell == "lstm":
-            if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
-                raise TypeError("hx: an LSTM expects a tuple (h_0, c_0) or None, got "
-                                f"{type(hx).__name__}")
-            h0 = self._initial_state(None if hx is None else hx[0], x, is_batched, "hidden[0]", h_out)
-            c0 = self._initial_state(None if hx is None else hx[1], x, is_batched, "hidden[1]", self.hidden_size)
+            h0 = self._initial_state(h0, x, "hidden[0]", h_out)
+            c0 = self._initial_state(c0, x, "hidden[1]", self.hidden_size)
         else:
-            h0 = self._initial_state(hx, x, is_batched, "hidden", h_out)
-            c0 = None
+            h0 = self._initial_state(h0, x, "hidden", h_out)
+        if x.shape[0] == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        if packed is None:
+            lengths = self._normalise_lengths_arg(lengths, x)
         y, h_n, c_n = self._run(x, h0, c0, lengths)
 
         if packed is not None:
@@ -312,7 +370,8 @@ class GRU(_RecurrentLayers):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, merge_mode: str = "concat") -> None:
+                 device=None, dtype=None, merge_mode: str = "concat", **kwargs) -> None:
+        _reject_extra_kwargs("GRU", kwargs)
         super().__init__("gru", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          0, device, dtype, merge_mode)
 
@@ -334,7 +393,8 @@ class RNN(_RecurrentLayers):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, merge_mode: str = "concat") -> None:
+                 device=None, dtype=None, merge_mode: str = "concat", **kwargs) -> None:
+        _reject_extra_kwargs("RNN", kwargs)
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
         self.nonlinearity = nonlinearity
@@ -353,17 +413,17 @@ class _Cell(nn.Module):
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, bias: bool = True, device=None,
                  dtype=None) -> None:
+        # Like torch.nn.RNNCellBase: no checks of the sizes (0 is valid: an empty input or state; a negative
+        # or non-int size fails in torch.empty exactly as in torch.nn), bias kept as given.
         super().__init__()
-        _check_positive_int("input_size", input_size)
-        _check_positive_int("hidden_size", hidden_size)
         self.cell = cell
         self.input_size = input_size
         self.hidden_size = hidden_size
-        self.bias = bool(bias)
+        self.bias = bias
         factory = {"device": device, "dtype": dtype}
         gate_size = GATES[cell] * hidden_size
-        self.weight_ih = nn.Parameter(torch.empty(gate_size, input_size, **factory))
-        self.weight_hh = nn.Parameter(torch.empty(gate_size, hidden_size, **factory))
+        self.weight_ih = nn.Parameter(torch.empty((gate_size, input_size), **factory))
+        self.weight_hh = nn.Parameter(torch.empty((gate_size, hidden_size), **factory))
         if bias:
             self.bias_ih = nn.Parameter(torch.empty(gate_size, **factory))
             self.bias_hh = nn.Parameter(torch.empty(gate_size, **factory))
@@ -386,32 +446,41 @@ class _Cell(nn.Module):
         return s.format(**self.__dict__)
 
     def _step(self, input: Tensor, states: list):
+        """One step; `states` = [h] or [h, c] as given (None: zeros). torch.nn's checks in torch.nn's order:
+        ranks (ValueError), then input_size and each state's batch size and hidden_size (RuntimeError, the
+        wording of ATen's check_rnn_cell_forward_*), then dtypes and devices (RuntimeError)."""
         if not isinstance(input, Tensor):
             raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
             raise ValueError(f"{self._mode_name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        is_batched = input.dim() == 2
-        x = input if is_batched else input.unsqueeze(0)
-        if x.shape[1] != self.input_size:
-            raise RuntimeError(f"input has inconsistent input_size: got {x.shape[1]} expected {self.input_size}")
-        _check_dtype_device("input", x, self.weight_ih, "the module's parameters")
-        full = []
         for i, state in enumerate(states):
-            name = f"hx[{i}]" if len(states) > 1 else "hx"
             if state is None:
-                full.append(x.new_zeros(x.shape[0], self.hidden_size))
                 continue
             if not isinstance(state, Tensor):
-                raise TypeError(f"{name}: expected a Tensor, got {type(state).__name__}")
-            if state.dim() != input.dim():
-                raise RuntimeError(f"{self._mode_name}: Expected {name} to be {input.dim()}D, got {state.dim()}D "
-                                   f"(it must match the input's rank)")
-            if list(state.shape) != [x.shape[0], self.hidden_size][-input.dim():]:
-                raise RuntimeError(f"{name} has inconsistent shape: expected "
-                                   f"{[x.shape[0], self.hidden_size][-input.dim():]}, got {list(state.shape)}")
-            state = state if is_batched else state.unsqueeze(0)
-            _check_dtype_device(name, state, x, "input")
-            full.append(state)
+                raise TypeError(f"hx{f'[{i}]' if len(states) > 1 else ''}: expected a Tensor, "
+                                f"got {type(state).__name__}")
+            if state.dim() not in (1, 2):
+                label = f"hx[{i}]" if len(states) > 1 else "hidden"
+                raise ValueError(f"{self._mode_name}: Expected {label} to be 1D or 2D, got {state.dim()}D instead")
+        is_batched = input.dim() == 2
+        x = input if is_batched else input.unsqueeze(0)
+        full = [x.new_zeros(x.shape[0], self.hidden_size) if state is None
+                else (state if is_batched else state.unsqueeze(0)) for state in states]
+        if x.shape[1] != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {x.shape[1]} expected {self.input_size}")
+        for i, state in enumerate(full):
+            if state.shape[0] != x.shape[0]:
+                raise RuntimeError(f"Input batch size {x.shape[0]} doesn't match hidden{i} batch size "
+                                   f"{state.shape[0]}")
+            if state.dim() >= 2 and state.shape[1] != self.hidden_size:
+                raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {state.shape[1]}, "
+                                   f"expected {self.hidden_size}")
+            if state.dim() != 2:  # a 1-D state for batched input, or a 2-D one for unbatched input
+                raise RuntimeError(f"hidden{i}: expected the rank of the input ({input.dim()}-D), got shape "
+                                   f"{list(states[i].shape)}")
+        _check_dtype_device("input", x, self.weight_ih, "the module's parameters")
+        for i, state in enumerate(full):
+            _check_dtype_device(f"hidden{i}", state, x, "input")
         c0 = full[1] if self.cell == "lstm" else None
         _, h, c = rnn_layer(self.cell, x.unsqueeze(0), full[0], c0, self.weight_ih, self.weight_hh,
                             self.bias_ih, self.bias_hh)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .backends import LayerCall, current_backend, select_backend, use_backend, workspace_width
+from .backends.reference import ReferenceBackend
 from .reference import GATES
 
 
@@ -100,14 +101,37 @@ def _rnn_layer_autograd(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
         grad_c_n = torch.zeros_like(c0)
     args = (ctx.cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ctx.reverse, y, workspace, grad_y,
             grad_h_n, grad_c_n if ctx.cell == "lstm" else None)
-    with use_backend(ctx.backend_setting):
-        grads = (_backward if plain_eager(args) else rnn_layer_backward)(*args)
+    if torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
+        # create_graph=True (double backward) or a functorch transform (vmap over the backward:
+        # is_grads_batched): the fast kernels' gradients are not differentiable, so these come from the
+        # differentiable spec path (one recomputation of the forward).
+        grads = differentiable_backward(*args[:11], *args[13:])
+    else:
+        with use_backend(ctx.backend_setting):
+            grads = (_backward if plain_eager(args) else rnn_layer_backward)(*args)
     present = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     gx, gh0, gc0, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = (g if t is not None else None for g, t in zip(grads, present))
     return None, gx, gh0, gc0, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr, None, None, None
 
 
 rnn_layer.register_autograd(_rnn_layer_autograd, setup_context=_setup_context)
+
+
+_SPEC = ReferenceBackend()
+
+
+def differentiable_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, grad_y, grad_h_n,
+                            grad_c_n):
+    """The layer's gradients of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) as a differentiable function of
+    the inputs AND of the incoming gradients, so that a backward with create_graph=True gives exact second
+    (and higher) derivatives on every backend. The forward is recomputed with the reference backend's
+    out-of-place loop (its workspace then carries the graph back to the inputs) and fed to its explicit
+    BPTT backward; both are plain PyTorch ops, so this also runs under vmap (is_grads_batched).
+    Cost: one more forward than the first-order path, in PyTorch ops."""
+    call = _call(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+    with torch.enable_grad():
+        y, _, _, workspace = _SPEC.forward(call, True)
+        return _SPEC.backward(call, y, workspace, grad_y, grad_h_n, grad_c_n)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -76,14 +76,30 @@ def test_bad_constructor_args_raise_like_torch(fn, expected):
 
 @pytest.mark.parametrize("fn,match", [
     (lambda: fusedrnn.RNNCell(3, 4, nonlinearity="sigmoid"), r"Unknown nonlinearity: sigmoid"),
-    (lambda: fusedrnn.LSTMCell(3, 0), r"hidden_size must be greater than zero, got 0"),
-    (lambda: fusedrnn.GRUCell(3, -2), r"hidden_size must be greater than zero, got -2"),
-    (lambda: fusedrnn.RNNCell(1.0, 4), r"input_size should be of type int, got: float"),
-], ids=["RNNCell-sigmoid", "LSTMCell-hidden0", "GRUCell-hidden-2", "RNNCell-input-float"])
+], ids=["RNNCell-sigmoid"])
 def test_bad_cell_constructor_args(fn, match):
     """torch.nn accepts these at construction (and fails later or never); fusedrnn refuses them up front."""
     with pytest.raises((ValueError, TypeError), match=match):
         fn()
+
+
+BAD_CELL_SIZES = [  # torch.nn.RNNCellBase checks no size: torch.empty fails, the same way in fusedrnn
+    ("GRUCell-hidden-2", lambda nn: nn.GRUCell(3, -2)),
+    ("RNNCell-input-float", lambda nn: nn.RNNCell(1.0, 4)),
+    ("LSTMCell-hidden-float", lambda nn: nn.LSTMCell(3, 4.0)),
+]
+
+
+@pytest.mark.parametrize("fn", [c[1] for c in BAD_CELL_SIZES], ids=[c[0] for c in BAD_CELL_SIZES])
+def test_bad_cell_sizes_raise_like_torch(fn):
+    try:
+        fn(torch.nn)
+    except Exception as e:  # noqa: BLE001
+        torch_error = e
+    else:
+        pytest.fail("torch.nn accepts this")
+    with pytest.raises(type(torch_error), match="^" + re.escape(str(torch_error)) + "$"):
+        fn(fusedrnn)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -118,25 +134,27 @@ BAD_FORWARDS = [
     ("c0-1x2x5", lambda nn: lstm(nn)(X, (H, torch.zeros(1, 2, 5))),
      r"Expected hidden\[1\] size \(1, 2, 4\), got \[1, 2, 5\]"),
     ("h0-unbatched-1x5", lambda nn: lstm(nn)(X2, (torch.zeros(1, 5), H_UNB)),
-     r"Expected hidden\[0\] size \(1, 4\), got \[1, 5\]"),
+     r"Expected hidden\[0\] size \(1, 1, 4\), got \[1, 1, 5\]"),
     ("c0-unbatched-2x4", lambda nn: lstm(nn)(X2, (H_UNB, torch.zeros(2, 4))),
-     r"Expected hidden\[1\] size \(1, 4\), got \[2, 4\]"),
+     r"Expected hidden\[1\] size \(1, 1, 4\), got \[2, 1, 4\]"),
     ("gru-h0-1x2x4-for-2-layers", lambda nn: gru(nn)(X, H), r"Expected hidden size \(2, 2, 4\), got \[1, 2, 4\]"),
     ("gru-h0-unbatched-3x4", lambda nn: gru(nn)(X2, torch.zeros(3, 4)),
-     r"Expected hidden size \(2, 4\), got \[3, 4\]"),
+     r"Expected hidden size \(2, 1, 4\), got \[3, 1, 4\]"),
     # hx rank vs input rank
     ("h0-2D-for-3D-input", lambda nn: lstm(nn)(X, (torch.zeros(2, 4), H)),
-     r"For batched 3-D input, hidden\[0\] should also be 3-D but got 2-D tensor"),
+     r"For batched 3-D input, hx and cx should also be 3-D but got \(2-D, 3-D\) tensors"),
     ("c0-2D-for-3D-input", lambda nn: lstm(nn)(X, (H, torch.zeros(2, 4))),
-     r"For batched 3-D input, hidden\[1\] should also be 3-D but got 2-D tensor"),
+     r"For batched 3-D input, hx and cx should also be 3-D but got \(3-D, 2-D\) tensors"),
     ("h0-3D-for-2D-input", lambda nn: lstm(nn)(X2, (torch.zeros(1, 1, 4), H_UNB)),
-     r"For unbatched 2-D input, hidden\[0\] should also be 2-D but got 3-D tensor"),
+     r"For unbatched 2-D input, hx and cx should also be 2-D but got \(3-D, 2-D\) tensors"),
     ("gru-h0-3D-for-2D-input", lambda nn: gru(nn)(X2, torch.zeros(2, 1, 4)),
-     r"For unbatched 2-D input, hidden should also be 2-D but got 3-D tensor"),
+     r"For unbatched 2-D input, hx should also be 2-D but got 3-D tensor"),
     # dtypes
     ("input-fp64-params-fp32", lambda nn: lstm(nn)(X.double()),
-     r"input must have the type torch.float32 \(the dtype of the module's parameters\), got type torch.float64"),
-    ("input-int64", lambda nn: gru(nn)(X.long()), r"input must have the type torch.float32.*got type torch.int64"),
+     r"RNN input dtype \(torch.float64\) does not match weight dtype \(torch.float32\). Convert input: "
+     r"input.to\(torch.float32\), or convert model: model.to\(torch.float64\)"),
+    ("input-int64", lambda nn: gru(nn)(X.long()),
+     r"RNN input dtype \(torch.int64\) does not match weight dtype \(torch.float32\)"),
     ("h0-fp64-input-fp32", lambda nn: lstm(nn)(X, (H.double(), H)),
      r"hidden\[0\] must have the type torch.float32 \(the dtype of input\), got type torch.float64"),
     ("gru-h0-fp64-input-fp32", lambda nn: gru(nn)(X, torch.zeros(2, 2, 4, dtype=torch.float64)),
@@ -235,25 +253,25 @@ BAD_CELL_INPUTS = [
     ("features-unbatched-5", lambda nn: gru_cell(nn)(torch.randn(5)),
      r"input has inconsistent input_size: got 5 expected 3"),
     ("h0-3x4", lambda nn: lstm_cell(nn)(XC, (torch.zeros(3, 4), HC)),
-     r"hx\[0\] has inconsistent shape: expected \[2, 4\], got \[3, 4\]"),
+     r"Input batch size 2 doesn't match hidden0 batch size 3"),
     ("c0-2x5", lambda nn: lstm_cell(nn)(XC, (HC, torch.zeros(2, 5))),
-     r"hx\[1\] has inconsistent shape: expected \[2, 4\], got \[2, 5\]"),
+     r"hidden1 has inconsistent hidden_size: got 5, expected 4"),
     ("h0-unbatched-5", lambda nn: lstm_cell(nn)(torch.randn(3), (torch.zeros(5), torch.zeros(4))),
-     r"hx\[0\] has inconsistent shape: expected \[4\], got \[5\]"),
+     r"hidden0 has inconsistent hidden_size: got 5, expected 4"),
     ("c0-unbatched-5", lambda nn: lstm_cell(nn)(torch.randn(3), (torch.zeros(4), torch.zeros(5))),
-     r"hx\[1\] has inconsistent shape: expected \[4\], got \[5\]"),
+     r"hidden1 has inconsistent hidden_size: got 5, expected 4"),
     ("gru-hx-3x4", lambda nn: gru_cell(nn)(XC, torch.zeros(3, 4)),
-     r"hx has inconsistent shape: expected \[2, 4\], got \[3, 4\]"),
+     r"Input batch size 2 doesn't match hidden0 batch size 3"),
     ("hx-1D-for-2D-input", lambda nn: lstm_cell(nn)(XC, (torch.zeros(4), torch.zeros(4))),
-     r"LSTMCell: Expected hx\[0\] to be 2D, got 1D \(it must match the input's rank\)"),
+     r"Input batch size 2 doesn't match hidden0 batch size 4"),
     ("gru-hx-2D-for-1D-input", lambda nn: gru_cell(nn)(torch.randn(3), torch.zeros(2, 4)),
-     r"GRUCell: Expected hx to be 1D, got 2D"),
+     r"hidden0 has inconsistent hidden_size: got 2, expected 4"),
     ("input-fp64-params-fp32", lambda nn: lstm_cell(nn)(XC.double()),
      r"input must have the type torch.float32 \(the dtype of the module's parameters\), got type torch.float64"),
     ("gru-hx-fp64", lambda nn: gru_cell(nn)(XC, HC.double()),
-     r"hx must have the type torch.float32 \(the dtype of input\), got type torch.float64"),
+     r"hidden0 must have the type torch.float32 \(the dtype of input\), got type torch.float64"),
     ("input-meta", lambda nn: gru_cell(nn)(XC.to("meta")), r"input must be on device cpu .*got meta"),
-    ("h0-meta", lambda nn: lstm_cell(nn)(XC, (HC.to("meta"), HC)), r"hx\[0\] must be on device cpu .*got meta"),
+    ("h0-meta", lambda nn: lstm_cell(nn)(XC, (HC.to("meta"), HC)), r"hidden0 must be on device cpu .*got meta"),
 ]
 
 
@@ -264,7 +282,7 @@ def test_bad_cell_input_raises_like_torch(fn, match):
 
 
 def test_bad_cell_hx_not_in_torch():
-    with pytest.raises(RuntimeError, match=r"hx\[1\] must have the type torch.float32.*got type torch.float64"):
+    with pytest.raises(RuntimeError, match=r"hidden1 must have the type torch.float32.*got type torch.float64"):
         fusedrnn.LSTMCell(3, 4)(XC, (HC, HC.double()))  # torch.nn silently promotes
     with pytest.raises(TypeError, match=r"hx: an LSTMCell expects a tuple \(h_0, c_0\) or None, got Tensor"):
         fusedrnn.LSTMCell(3, 4)(XC, HC)

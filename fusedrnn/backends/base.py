@@ -111,6 +111,16 @@ class Backend:
         raise NotImplementedError
 
 
+def empty_problem_reason(call: LayerCall) -> Optional[str]:
+    """Why a kernel backend does not take `call`: an empty problem (T, B or H of 0) has nothing to compute, and
+    the kernels divide work by these sizes (the CPU kernel's B=0 was a SIGFPE). The reference backend runs it
+    (and fusedrnn.functional never dispatches one: it runs the spec directly)."""
+    if call.seq_len == 0 or call.batch_size == 0 or call.hidden_size == 0:
+        return (f"empty problem (T={call.seq_len}, B={call.batch_size}, H={call.hidden_size}): nothing to compute; "
+                "the reference backend runs it")
+    return None
+
+
 def previous_states(y: Tensor, h0: Tensor, reverse: bool, lengths: Optional[Tensor]) -> Tensor:
     """[T, B, H] tensor of the state each valid step started from, read back from y (see module doc)."""
     init = h0.unsqueeze(0)

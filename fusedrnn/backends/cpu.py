@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._extension import extension_error, has_extension
-from .base import Backend, LayerCall
+from .base import Backend, LayerCall, empty_problem_reason
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 _WIDENED = (torch.float16, torch.bfloat16)  # computed in fp32
@@ -32,7 +32,7 @@ class CpuBackend(Backend):
     def unsupported_reason(self, call: LayerCall):
         if call.dtype not in _KERNEL_DTYPES + _WIDENED:
             return f"dtype {call.dtype} not supported (float16, bfloat16, float32, float64)"
-        return None
+        return empty_problem_reason(call)
 
     def _layer_args(self, call: LayerCall):
         args = (call.x, call.h0, call.c0, call.w_ih, call.w_hh, call.b_ih, call.b_hh, call.w_hr)

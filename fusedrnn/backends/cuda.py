@@ -28,7 +28,7 @@ import torch
 
 from .._extension import extension_error, has_cuda_kernels, has_extension
 from ..reference import GATES
-from .base import Backend, LayerCall, scoped_environ
+from .base import Backend, LayerCall, empty_problem_reason, scoped_environ
 
 PATHS = ("alternating", "persistent", "cluster")
 PATH_ENV = "FUSEDRNN_CUDA_PATH"
@@ -111,6 +111,9 @@ class CudaBackend(Backend):
     def unsupported_reason(self, call: LayerCall):
         if call.dtype not in _DTYPES:
             return f"dtype {call.dtype} not supported (float32, float16, bfloat16 only)"
+        empty = empty_problem_reason(call)
+        if empty is not None:
+            return empty
         path = forced_path()
         if path is None:
             return None

@@ -3,7 +3,7 @@
 Structure shared by every fast backend: the input projection x @ W_ih^T for all steps is one GEMM before
 the loop; each step does one GEMM h @ W_hh^T and the pointwise cell math; backward runs the loop in reverse
 for the gate gradients only, then dx, dW_ih, dW_hh and the biases are one GEMM / reduction each.
-Half inputs are computed in fp32. Runs on any device PyTorch runs on.
+Half inputs are computed in fp32. Runs on any device PyTorch runs on, and on empty problems (B=0, H=0).
 """
 from __future__ import annotations
 
@@ -72,6 +72,10 @@ def _addmm_bias(x2d: Tensor, w: Tensor, b: Optional[Tensor]):
 
 
 class ReferenceBackend(Backend):
+    """Every step is out of place (lists of per-step tensors, stacked once): the forward and the backward are
+    plain differentiable PyTorch, so they also run under vmap (is_grads_batched) and, composed, give exact
+    second derivatives (see fusedrnn.ops.differentiable_backward)."""
+
     name = "reference"
 
     def unavailable_reason(self, device):
@@ -86,10 +90,9 @@ class ReferenceBackend(Backend):
             up, (call.x, call.h0, call.c0, call.w_ih, call.w_hh, call.b_ih, call.b_hh, call.w_hr))
         mask = valid_mask(T, call.lengths, x.device)
 
-        x_gates = _addmm_bias(x.reshape(T * B, -1), w_ih, b_ih).view(T, B, -1)  # one GEMM for all steps
-        y = x.new_empty(T, B, h.shape[-1])
-        width = workspace_width(cell, H, w_hr is not None)
-        workspace = x.new_empty(T, B, width) if need_workspace else None
+        # one GEMM for all steps; explicit sizes, not -1: a reshape cannot infer a size from 0 elements (B=0)
+        x_gates = _addmm_bias(x.reshape(T * B, x.shape[-1]), w_ih, b_ih).reshape(T, B, w_ih.shape[0])
+        ys, saved_steps = [None] * T, [None] * T
 
         for t in (range(T - 1, -1, -1) if call.reverse else range(T)):
             h_gates = _addmm_bias(h, w_hh, b_hh)
@@ -104,19 +107,27 @@ class ReferenceBackend(Backend):
                 pre = x_gates[t] + h_gates
                 h_new = torch.tanh(pre) if cell == "rnn_tanh" else torch.relu(pre)
                 saved = []
-            if workspace is not None and saved:
-                workspace[t] = torch.cat(saved, -1)
+            if need_workspace and saved:
+                saved_steps[t] = torch.cat(saved, -1)
             if mask is not None:  # an invalid step keeps the state and writes zeros
                 valid = mask[t]
-                y[t] = torch.where(valid, h_new, torch.zeros_like(h_new))
+                ys[t] = torch.where(valid, h_new, torch.zeros_like(h_new))
                 h = torch.where(valid, h_new, h)
                 if cell == "lstm":
                     c = torch.where(valid, c_new, c)
             else:
-                y[t] = h = h_new
+                ys[t] = h = h_new
                 if cell == "lstm":
                     c = c_new
 
+        y = torch.stack(ys) if T > 0 else x.new_zeros(0, B, h.shape[-1])
+        width = workspace_width(cell, H, w_hr is not None)
+        if need_workspace and width > 0 and T > 0:
+            workspace = torch.stack(saved_steps)
+        elif need_workspace:
+            workspace = x.new_zeros(T, B, width)
+        else:
+            workspace = None
         c_n = c.to(out_dtype) if cell == "lstm" else call.x.new_empty(0)
         ws = workspace.to(out_dtype) if workspace is not None else call.x.new_empty(0)
         return y.to(out_dtype), h.to(out_dtype), c_n, ws
@@ -136,8 +147,7 @@ class ReferenceBackend(Backend):
         if grad_c is None and cell == "lstm":
             grad_c = torch.zeros_like(c0)
 
-        grad_x_gates = x.new_zeros(T, B, w_ih.shape[0])
-        grad_h_gates = grad_x_gates if cell != "gru" else x.new_zeros(T, B, w_hh.shape[0])
+        grad_x_steps, grad_h_steps = [None] * T, [None] * T
         grad_w_hr = torch.zeros_like(w_hr) if w_hr is not None else None
 
         for t in (range(T) if call.reverse else range(T - 1, -1, -1)):
@@ -154,16 +164,14 @@ class ReferenceBackend(Backend):
                 if w_hr is not None:
                     r_t = workspace[t, :, 5 * H:]
                     grad_r = grad_out @ w_hr
-                    grad_w_hr += grad_out.t() @ r_t
+                    grad_w_hr = grad_w_hr + grad_out.t() @ r_t
                 grad_pre, grad_c_prev = lstm_pointwise_backward(gates, c_t, c_prev_all[t], grad_r, grad_c_in)
                 grad_xg = grad_hg = grad_pre
             elif cell == "gru":
                 grad_xg, grad_hg, grad_h_direct = gru_pointwise_backward(workspace[t], h_prev_all[t], grad_out)
             else:
                 grad_xg = grad_hg = rnn_pointwise_backward(cell, y[t], grad_out)
-            grad_x_gates[t] = grad_xg
-            if cell == "gru":
-                grad_h_gates[t] = grad_hg
+            grad_x_steps[t], grad_h_steps[t] = grad_xg, grad_hg
             grad_h_prev = grad_hg @ w_hh
             if cell == "gru":
                 grad_h_prev = grad_h_prev + grad_h_direct
@@ -177,11 +185,12 @@ class ReferenceBackend(Backend):
                     grad_c = grad_c_prev
 
         # Everything that does not feed the recurrence: one GEMM or reduction each over all steps.
-        gx2 = grad_x_gates.reshape(T * B, -1)
-        gh2 = grad_h_gates.reshape(T * B, -1)
-        grad_x = (gx2 @ w_ih).view(T, B, -1)
-        grad_w_ih = gx2.t() @ x.reshape(T * B, -1)
-        grad_w_hh = gh2.t() @ h_prev_all.reshape(T * B, -1)
+        G_H = w_ih.shape[0]
+        gx2 = torch.stack(grad_x_steps).reshape(T * B, G_H) if T > 0 else x.new_zeros(0, G_H)
+        gh2 = torch.stack(grad_h_steps).reshape(T * B, G_H) if T > 0 else x.new_zeros(0, G_H)
+        grad_x = (gx2 @ w_ih).reshape(T, B, w_ih.shape[1])
+        grad_w_ih = gx2.t() @ x.reshape(T * B, x.shape[-1])
+        grad_w_hh = gh2.t() @ h_prev_all.reshape(T * B, h_prev_all.shape[-1])
         has_bias = call.b_ih is not None
         grad_b_ih = gx2.sum(0) if has_bias else None
         grad_b_hh = gh2.sum(0) if has_bias else None

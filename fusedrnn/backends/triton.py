@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 import torch
 
 from ..triton import concurrent_interpreter
-from .base import Backend, LayerCall, previous_states
+from .base import Backend, LayerCall, empty_problem_reason, previous_states
 
 logger = logging.getLogger("fusedrnn")
 
@@ -146,6 +146,9 @@ class TritonBackend(Backend):
     def unsupported_reason(self, call: LayerCall):
         if call.dtype not in _SUPPORTED_DTYPES:
             return f"the Triton kernels take fp32, fp16 and bf16, got {str(call.dtype).replace('torch.', '')}"
+        empty = empty_problem_reason(call)
+        if empty is not None:
+            return empty
         if call.device.type == "cuda" and call.dtype == torch.bfloat16 and \
                 torch.cuda.get_device_capability(call.device) < (8, 0):
             return "bf16 tl.dot needs compute capability 8.0 or newer"
