@@ -134,16 +134,19 @@ def _compare_on(backend, ref, ours, args, second_order):
 
 
 TRITON_CASES = [c for c in SAMPLE_CASES if c.values[1] % 8 == 0]  # every 8th sample of each class: 13
+# The GPU kernels on the CPU: Triton's interpreter and the CUDA emulator (backend cuda-emu, csrc/emu).
+KERNEL_BACKENDS = [b for b in ("triton", "cuda-emu") if b in fusedrnn.available_backends("cpu")]
 
 
-@pytest.mark.skipif(not TRITON, reason="triton is not importable here")
+@pytest.mark.skipif(not KERNEL_BACKENDS, reason="neither triton nor the CUDA emulator is available here")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("name,index", TRITON_CASES)
-def test_module_db_sample_triton(name, index):
-    """The Triton kernels (on the CPU: in Triton's interpreter, ~1 s a case) on a subset of the samples, in
-    float32 (the Triton kernels take no float64), second derivatives included."""
+def test_module_db_sample_gpu_kernels(name, index, backend):
+    """The GPU kernels run on the CPU (Triton's interpreter, the CUDA emulator; ~1 s a case) on a subset of the
+    samples, in float32 (neither takes float64), second derivatives included."""
     sample = _samples(name, torch.float32, True)[index]
     ref, ours = _pair(name, torch.float32, sample.constructor_input)
-    _compare_on("triton", ref, ours, sample.forward_input.args, second_order=True)
+    _compare_on(backend, ref, ours, sample.forward_input.args, second_order=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
