@@ -74,10 +74,16 @@ def utterances(n: int, symbols: torch.Tensor, args, gen: torch.Generator):
 
 
 class Recogniser(nn.Module):
-    def __init__(self, cell: str, n_feat: int, hidden: int, layers: int, bidirectional: bool, n_labels: int):
+    def __init__(self, cell: str, n_feat: int, hidden: int, layers: int, bidirectional: bool, n_labels: int,
+                 forget_bias: float = 0.0):
         super().__init__()
         if cell == "lstm":
             self.rnn = fusedrnn.LSTM(n_feat, hidden, layers, batch_first=True, bidirectional=bidirectional)
+            # gates i, f, g, o: the forget gate starts open (Gers et al., 2000; Jozefowicz et al., 2015)
+            with torch.no_grad():
+                for name, p in self.rnn.named_parameters():
+                    if name.startswith("bias_ih"):
+                        p[hidden:2 * hidden].fill_(forget_bias)
         else:
             self.rnn = fusedrnn.RNN(n_feat, hidden, layers, batch_first=True, bidirectional=bidirectional,
                                     nonlinearity="tanh")
@@ -202,9 +208,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--noise", type=float, default=0.8)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--forget-bias", type=float, default=1.0, help="initial LSTM forget-gate bias (b_ih)")
     ap.add_argument("--models", nargs="+", default=["rnn", "birnn", "lstm", "bilstm"],
                     choices=["rnn", "birnn", "lstm", "bilstm"])
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--beam", type=int, default=8)
@@ -227,7 +234,7 @@ def main(argv=None) -> dict:
     for key in args.models:
         name, cell, bi = specs[key]
         torch.manual_seed(args.seed)
-        model = Recogniser(cell, args.features, args.hidden, args.layers, bi, args.symbols).to(dev)
+        model = Recogniser(cell, args.features, args.hidden, args.layers, bi, args.symbols, args.forget_bias).to(dev)
         results.append(train_eval(name, model, lambda g: utterances(args.batch, symbols, args, g), test, args, dev))
         r = results[-1]
         print(f"{name:<11} label error rate: greedy {r['greedy_ler']:.3f}, beam {args.beam} {r['beam_ler']:.3f} "
