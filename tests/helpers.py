@@ -150,10 +150,10 @@ def check_inputs_not_modified(cell: str, args: dict, context) -> None:
 def in_fresh_thread(fn, *args, **kwargs):
     """fn(*args, **kwargs) on a new thread (returns its result, re-raises its exception).
 
-    While csrc/cpu keeps per-thread scratch buffers that an fp64 call cannot reuse after an fp32 call (the
-    lead's C++ fix; test_conformance.py::test_float64_call_after_float32_call[cpu] is its strict xfail),
-    tests that compare many dtypes in one process run each case here, on a thread whose scratch is new, so
-    that they check the numbers they are about and not the order they ran in. That bug itself stays tested.
+    Tests that compare many dtypes in one process run each case here, on a thread whose per-thread kernel
+    state (csrc/cpu's scratch buffers) is new, so that each checks the numbers it is about and not the order
+    the cases ran in. Reuse across dtypes is tested on its own:
+    test_conformance.py::test_float64_call_after_float32_call (an fp64 call after an fp32 one failed before).
     Context variables (fusedrnn.use_backend) do not cross threads: enter them inside fn."""
     import threading
 
