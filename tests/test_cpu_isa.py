@@ -130,14 +130,15 @@ def _innermost_loops(ins):
     return [[t for a, t in ins if lo <= a <= hi] for lo, hi in inner]
 
 
+needs_x86_binutils = pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and os.uname().machine == "x86_64" and shutil.which("objdump")
+         and shutil.which("nm")), reason="reads x86-64 machine code with binutils")
 MULTIPLY_ADD = {"avx512": r"^vfmadd\w+p[sd]\s.*%zmm", "avx2": r"^vfmadd\w+p[sd]\s.*%ymm",
                 "baseline": r"^mulp[sd]\s"}
 WIDER = {"avx512": None, "avx2": r"%zmm", "baseline": r"%[yz]mm"}
 
 
-@pytest.mark.skipif(not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"
-                         and shutil.which("objdump") and shutil.which("nm")),
-                    reason="reads x86-64 machine code with binutils")
+@needs_x86_binutils
 @pytest.mark.parametrize("dtype", ["float", "double"])
 @pytest.mark.parametrize("level", LEVELS)
 def test_gemm_inner_loop_keeps_accumulators_in_registers(level, dtype):
@@ -160,9 +161,7 @@ def test_gemm_inner_loop_keeps_accumulators_in_registers(level, dtype):
             assert not wide, f"{name}: registers wider than {level}'s: {wide[:4]}"
 
 
-@pytest.mark.skipif(not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"
-                         and shutil.which("objdump") and shutil.which("nm")),
-                    reason="reads x86-64 machine code with binutils")
+@needs_x86_binutils
 @pytest.mark.parametrize("level", ["avx2", "baseline"])
 def test_no_wider_registers_than_the_level(level):
     """Every function of a level (GEMM, packing, pointwise rows, beam top-k scans) stays in its registers: an
