@@ -11,7 +11,7 @@ from . import functional, ops, reference  # noqa: F401  (ops registers the torch
 from ._extension import extension_error, has_extension  # noqa: F401
 from .backends import (BACKEND_NAMES, BackendUnsupportedError, available_backends, current_backend,  # noqa: F401
                        explain, use_backend)
-from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell  # noqa: F401
+from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, is_recurrent, symbolic_trace  # noqa: F401
 from .decoding import beam_search, greedy_search, sample  # noqa: F401
 
 __version__ = "0.1.0"
@@ -20,5 +20,5 @@ __all__ = [
     "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell",
     "available_backends", "use_backend", "current_backend", "explain", "BackendUnsupportedError",
     "BACKEND_NAMES", "has_extension", "functional", "ops", "reference",
-    "beam_search", "greedy_search", "sample",
+    "beam_search", "greedy_search", "sample", "is_recurrent", "symbolic_trace",
 ]

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
+from torch.autograd import forward_ad
 
 from . import ops, reference
 from .reference import CELLS, GATES
@@ -81,10 +83,18 @@ def check_lengths(lengths: Tensor, seq_len: int, batch_size: int, device: torch.
         torch._assert_async(((lengths >= 0) & (lengths <= seq_len)).all(),
                             "lengths: every length must lie in [0, T]")
         return
-    lo, hi = int(lengths.min()), int(lengths.max())
+    values = _functorch_unwrapped(lengths)  # under vmap .min() is batched and int() cannot read it
+    lo, hi = int(values.min()), int(values.max())
     if lo < 0 or hi > seq_len:
         raise ValueError(f"lengths: expected every length in [0, {seq_len}] (the sequence length), "
                          f"got min {lo}, max {hi}")
+
+
+def _functorch_unwrapped(t: Tensor) -> Tensor:
+    """The plain tensor under any vmap / torch.func wrappers (all mapped values, for a value check)."""
+    while torch._C._functorch.is_batchedtensor(t) or torch._C._functorch.is_gradtrackingtensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 def _autocast(tensors):
@@ -96,6 +106,33 @@ def _autocast(tensors):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors]
+
+
+def spec_only_reason(*tensors) -> Optional[str]:
+    """Why this call must run the PyTorch spec (fusedrnn.reference) instead of a kernel, or None.
+
+    Forward-mode AD (torch.func.jvp / jacfwd / hessian, torch.autograd.forward_ad) and torch.func's
+    reverse-mode transforms (grad, vjp, jacrev) cannot go through a fused kernel: a torch.library op has no
+    forward-mode rule, and torch's generated autograd for it has no setup_context, which functorch
+    requires (torch.func.jvp then silently returned a zero tangent). The spec is plain differentiable
+    PyTorch, so every transform and every order of derivative is exact there. vmap alone keeps the
+    kernels (the op is batched)."""
+    if torch._C._functorch.peek_interpreter_stack() is not None and not torch.compiler.is_compiling():
+        kinds = {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
+        if kinds - {TransformType.Vmap}:
+            names = sorted(k.name for k in kinds)
+            return f"inside a torch.func transform ({', '.join(names)}): the spec differentiates exactly"
+    if forward_ad._current_level >= 0:
+        # Every call inside a dual level, dual inputs or not: the op itself refuses to run there, since
+        # inside it the tangents are already stripped and cannot be checked (see ops._forward).
+        return "forward-mode AD (inside forward_ad.dual_level): the spec carries the tangents"
+    return None
+
+
+def record_spec_decision(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, why: str) -> None:
+    from .backends import LayerCall, record_decision
+    record_decision("forward", lambda: LayerCall(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                                                 reverse).describe(), "reference", [("kernels", why)])
 
 
 def rnn_layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
@@ -112,8 +149,15 @@ def rnn_layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tens
         # size (the CPU kernel divides work by the batch size).
         y, h_n, c_n = reference.rnn_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths)
         return y, h_n, c_n
+    why_spec = spec_only_reason(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    if why_spec is not None:
+        record_spec_decision(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, why_spec)
+        return reference.rnn_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths)
     differentiable = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    need_workspace = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
+    need_workspace = any(t is not None and t.requires_grad for t in differentiable)
+    # Under torch.jit.trace the flag is baked into the graph: it follows requires_grad alone, so the trace and
+    # the tracer's check run (under no_grad) record the same graph, and the traced module stays trainable.
+    need_workspace = need_workspace and (torch.is_grad_enabled() or torch._C._get_tracing_state() is not None)
     y, h_n, c_n, _ = ops.run_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
                                    need_workspace)
     return y, h_n, (c_n if cell == "lstm" else None)

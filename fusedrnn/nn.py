@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+import weakref
 from typing import Optional, Sequence, Union
 
 import torch
@@ -67,8 +68,27 @@ def _reject_extra_kwargs(name: str, kwargs: dict) -> None:
         raise TypeError(f"{name}.__init__() got an unexpected keyword argument {next(iter(kwargs))!r}")
 
 
+def _refuse_script(self):
+    # torch.jit.script calls __prepare_scriptable__ on every submodule before compiling: the one place to
+    # say, before TorchScript fails deep inside fusedrnn's Python, what to use instead.
+    raise RuntimeError(
+        f"torch.jit.script cannot compile {type(self).__module__}.{type(self).__qualname__}: fusedrnn's modules "
+        "dispatch to kernels from Python. Use torch.jit.trace (records the fusedrnn::rnn_layer op; jit.save/"
+        "jit.load work after `import fusedrnn`), torch.compile or torch.export -- or fusedrnn.to_torch(model) "
+        "to get torch.nn modules that TorchScript can script")
+
+
+def _refuse_proxy(value) -> None:
+    if isinstance(value, torch.fx.Proxy):
+        raise TypeError("torch.fx.symbolic_trace cannot trace into fusedrnn modules (their forward checks "
+                        "shapes in Python); trace with fusedrnn.symbolic_trace(model), which keeps them as "
+                        "leaf modules, as torch.fx does for torch.nn's RNNs")
+
+
 class _RecurrentLayers(nn.Module):
     """Shared body of LSTM, GRU and RNN (torch.nn.RNNBase's surface, not its class)."""
+
+    __prepare_scriptable__ = _refuse_script
 
     _mode_name = ""
 
@@ -138,6 +158,64 @@ class _RecurrentLayers(nn.Module):
         self.reset_parameters()
 
     # -- torch.nn.RNNBase surface -------------------------------------------------------------------
+    # Every public and private name torch.nn.LSTM / GRU / RNN define beyond nn.Module, with torch.nn's
+    # behaviour, so code written against torch.nn's RNNs (init functions, wrappers that call
+    # check_forward_args or permute_hidden, pickles) runs unchanged. tests/test_torch_interop.py lists them.
+    __constants__ = ["mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
+                     "bidirectional", "proj_size"]
+    __jit_unused_properties__ = ["all_weights"]
+
+    def check_input(self, input: Tensor, batch_sizes: Optional[Tensor]) -> None:
+        """torch.nn.RNNBase.check_input: dtype (ValueError), rank and input_size (RuntimeError)."""
+        self._check_input(input, 2 if batch_sizes is not None else 3)
+
+    def get_expected_hidden_size(self, input: Tensor, batch_sizes: Optional[Tensor]) -> tuple[int, int, int]:
+        if batch_sizes is not None:
+            mini_batch = int(batch_sizes[0])
+        else:
+            mini_batch = input.size(0) if self.batch_first else input.size(1)
+        h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
+        return (self.num_layers * (2 if self.bidirectional else 1), mini_batch, h_out)
+
+    def check_hidden_size(self, hx: Tensor, expected_hidden_size: tuple[int, int, int],
+                          msg: str = "Expected hidden size {}, got {}") -> None:
+        if hx.size() != expected_hidden_size:
+            raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
+
+    def check_forward_args(self, input: Tensor, hidden, batch_sizes: Optional[Tensor]) -> None:
+        self.check_input(input, batch_sizes)
+        if self.cell == "lstm":
+            self.check_hidden_size(hidden[0], self.get_expected_hidden_size(input, batch_sizes),
+                                   "Expected hidden[0] size {}, got {}")
+            self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
+                                   "Expected hidden[1] size {}, got {}")
+        else:
+            self.check_hidden_size(hidden, self.get_expected_hidden_size(input, batch_sizes))
+
+    def permute_hidden(self, hx, permutation: Optional[Tensor]):
+        """Reorders the batch dimension (dim 1) of hx -- a tensor, or (h, c) for an LSTM -- by permutation."""
+        if permutation is None:
+            return hx
+        if self.cell == "lstm":
+            return hx[0].index_select(1, permutation), hx[1].index_select(1, permutation)
+        return hx.index_select(1, permutation)
+
+    # torch.nn keeps weak references to its weights to rebuild cuDNN's flat buffer when they change;
+    # fusedrnn reads the parameters at every call, so there is nothing to rebuild.
+    @property
+    def _flat_weight_refs(self) -> list:
+        return [weakref.ref(w) for w in self._flat_weights]
+
+    def _init_flat_weights(self) -> None:
+        """No-op (torch.nn rebuilds its flat weight list here; fusedrnn reads the parameters each call)."""
+
+    def _update_flat_weights(self) -> None:
+        """No-op, as _init_flat_weights."""
+
+    def _weights_have_changed(self) -> bool:
+        """Always False: nothing is cached from the weights, so nothing can be stale."""
+        return False
+
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for weight in self.parameters():
@@ -293,6 +371,7 @@ class _RecurrentLayers(nn.Module):
             is_batched = True
         else:
             if not isinstance(input, Tensor):
+                _refuse_proxy(input)
                 raise TypeError(f"input: expected a Tensor or PackedSequence, got {type(input).__name__}")
             if input.dim() not in (2, 3):
                 tensor = " tensor" if self.cell.startswith("rnn") else ""
@@ -353,6 +432,13 @@ class LSTM(_RecurrentLayers):
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          proj_size, device, dtype, merge_mode)
 
+    def get_expected_cell_size(self, input: Tensor, batch_sizes: Optional[Tensor]) -> tuple[int, int, int]:
+        if batch_sizes is not None:
+            mini_batch = int(batch_sizes[0])
+        else:
+            mini_batch = input.size(0) if self.batch_first else input.size(1)
+        return (self.num_layers * (2 if self.bidirectional else 1), mini_batch, self.hidden_size)
+
     def forward(self, input, hx=None, lengths: LengthsLike = None):
         return self._forward(input, hx, lengths)
 
@@ -410,6 +496,8 @@ class RNN(_RecurrentLayers):
 # -------------------------------------------------------------------------------------------------------
 class _Cell(nn.Module):
     _mode_name = ""
+    __constants__ = ["input_size", "hidden_size", "bias"]
+    __prepare_scriptable__ = _refuse_script
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, bias: bool = True, device=None,
                  dtype=None) -> None:
@@ -450,6 +538,7 @@ class _Cell(nn.Module):
         ranks (ValueError), then input_size and each state's batch size and hidden_size (RuntimeError, the
         wording of ATen's check_rnn_cell_forward_*), then dtypes and devices (RuntimeError)."""
         if not isinstance(input, Tensor):
+            _refuse_proxy(input)
             raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
             raise ValueError(f"{self._mode_name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -520,6 +609,7 @@ class RNNCell(_Cell):
     """torch.nn.RNNCell. forward(input, hx=None) -> h_1."""
 
     _mode_name = "RNNCell"
+    __constants__ = ["input_size", "hidden_size", "bias", "nonlinearity"]
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
                  device=None, dtype=None) -> None:
@@ -530,6 +620,36 @@ class RNNCell(_Cell):
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         return self._step(input, [hx])[0]
+
+
+# -------------------------------------------------------------------------------------------------------
+# torch.fx: fusedrnn's modules as leaves, as torch.fx's default Tracer keeps torch.nn's own modules.
+# -------------------------------------------------------------------------------------------------------
+RECURRENT_MODULES = (LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell)
+
+
+def is_recurrent(module) -> bool:
+    """True for torch.nn's and fusedrnn's recurrent modules (LSTM, GRU, RNN and the three cells).
+
+    fusedrnn's classes are not subclasses of torch.nn.LSTM & co. (Dynamo graph-breaks on any instance of
+    torch.nn.RNNBase, so subclassing would cost torch.compile its full graph): code that asks
+    `isinstance(m, nn.LSTM)` to find RNNs (init functions, model.apply, freezing) should ask this instead,
+    or test both class families."""
+    return isinstance(module, RECURRENT_MODULES + (nn.RNNBase, nn.RNNCellBase))
+
+
+class Tracer(torch.fx.Tracer):
+    """A torch.fx Tracer that keeps fusedrnn's recurrent modules as leaf modules (call_module nodes)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, RECURRENT_MODULES) or super().is_leaf_module(m, module_qualified_name)
+
+
+def symbolic_trace(root: nn.Module, concrete_args=None) -> torch.fx.GraphModule:
+    """torch.fx.symbolic_trace with fusedrnn's modules as leaves (the GraphModule calls them)."""
+    graph = Tracer().trace(root, concrete_args)
+    name = root.__class__.__name__ if isinstance(root, nn.Module) else root.__name__
+    return torch.fx.GraphModule(root, graph, name)
 
 
 # -------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from .backends import LayerCall, current_backend, select_backend, use_backend, workspace_width
 from .backends.reference import ReferenceBackend
@@ -33,6 +34,13 @@ def rnn_layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tens
 
 
 def _forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, need_workspace):
+    if forward_ad._current_level >= 0 and not torch.compiler.is_compiling():
+        # torch.func.jvp / forward_ad strip the tangents before a torch.library op runs and then report a
+        # zero tangent: refuse instead of answering wrongly (fusedrnn.functional routes these to the spec).
+        raise RuntimeError(
+            "fusedrnn::rnn_layer has no forward-mode AD rule, and inside torch.func.jvp / jacfwd / "
+            "forward_ad.dual_level its tangent would silently be zero. Call fusedrnn.functional.rnn_layer or "
+            "the fusedrnn modules instead: they run the differentiable spec (fusedrnn.reference) there")
     call = _call(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
     return select_backend(call, "forward").forward(call, need_workspace)
 
@@ -117,6 +125,40 @@ def _rnn_layer_autograd(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
 rnn_layer.register_autograd(_rnn_layer_autograd, setup_context=_setup_context)
 
 
+def _rnn_layer_vmap(info, in_dims, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+                    need_workspace):
+    """vmap of the layer op. Mapped over the data only (x, states, lengths: the usual vmap over examples or
+    sequences), the mapped dimension is folded into the batch -- one kernel call on N*B rows; mapped
+    weights (model ensembling) run one call per member. (Without this rule functorch's fallback ran one
+    call per member in every case, with a performance warning.)"""
+    x_d, h0_d, c0_d, w_ih_d, w_hh_d, b_ih_d, b_hh_d, w_hr_d, len_d = in_dims[1:10]
+    n = info.batch_size
+    tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+    dims = (x_d, h0_d, c0_d, w_ih_d, w_hh_d, b_ih_d, b_hh_d, w_hr_d, len_d)
+    if any(d is not None for d in (w_ih_d, w_hh_d, b_ih_d, b_hh_d, w_hr_d)):
+        member = lambda t, d, i: t if d is None else t.select(d, i)  # noqa: E731
+        outs = [rnn_layer(cell, *(member(t, d, i) for t, d in zip(tensors, dims)), reverse, need_workspace)
+                for i in range(n)]
+        return tuple(torch.stack(o) for o in zip(*outs)), (0, 0, 0, 0)
+    # mapped dim first: x -> [N, T, B, I] -> [T, N*B, I]; states -> [N*B, H]; lengths -> [N*B]
+    front = lambda t, d: t.movedim(d, 0) if d is not None else t.expand(n, *t.shape)  # noqa: E731
+    xs = front(x, x_d)
+    T, B = xs.shape[1], xs.shape[2]
+    x_fold = xs.transpose(0, 1).reshape(T, n * B, xs.shape[3])
+    fold_state = lambda t, d: None if t is None else front(t, d).reshape(n * B, t.shape[-1])  # noqa: E731
+    lengths_fold = None if lengths is None else front(lengths, len_d).reshape(n * B)
+    y, h_n, c_n, workspace = rnn_layer(cell, x_fold, fold_state(h0, h0_d), fold_state(c0, c0_d), w_ih, w_hh,
+                                       b_ih, b_hh, w_hr, lengths_fold, reverse, need_workspace)
+    y = y.reshape(T, n, B, y.shape[-1])
+    h_n = h_n.reshape(n, B, h_n.shape[-1])
+    c_n = c_n.reshape(n, B, c_n.shape[-1]) if c_n.numel() else c_n.expand(n, 0)
+    workspace = workspace.reshape(T, n, B, workspace.shape[-1]) if workspace.numel() else workspace.expand(n, 0)
+    return (y, h_n, c_n, workspace), (1, 0, 0, 1 if workspace.dim() == 4 else 0)
+
+
+rnn_layer.register_vmap(_rnn_layer_vmap)
+
+
 _SPEC = ReferenceBackend()
 
 
@@ -146,8 +188,10 @@ _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 def plain_eager(args) -> bool:
     """True when `args` can skip the custom op: see the section comment."""
+    # torch.jit.trace must see the registered op (a Python autograd.Function cannot be saved by jit.save).
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or \
-            torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
+            torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None \
+            or torch._C._get_tracing_state() is not None:
         return False
     for a in args:
         if isinstance(a, Tensor) and (type(a) not in _PLAIN_TYPES or a.is_meta):

@@ -126,14 +126,19 @@ def select_backend(call: LayerCall, direction: str = "forward") -> Backend:
         else:  # the reference runs on every device, so this is a bug in a preference list
             raise BackendUnsupportedError(f"no fusedrnn backend can run {call.describe()}: {refused}")
 
-    # The Decision (and its description of the call) only when someone reads it: it cost ~7 us a call.
+    record_decision(direction, call.describe, backend.name, refused)
+    return backend
+
+
+def record_decision(direction: str, describe, chosen: str, refused: list) -> None:
+    """Logs / records one dispatch decision. `describe` is a callable giving the call's description:
+    the Decision is built only when someone reads it (it cost ~7 us a call)."""
     record = _recorder.get()
     if record is not None or logger.isEnabledFor(logging.DEBUG):
-        decision = Decision(direction, call.describe(), backend.name, refused)
+        decision = Decision(direction, describe(), chosen, refused)
         logger.debug("%s", decision)
         if record is not None:
             record.append(decision)
-    return backend
 
 
 class Explanation(list):
