@@ -42,7 +42,7 @@ def _forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, ne
             "forward_ad.dual_level its tangent would silently be zero. Call fusedrnn.functional.rnn_layer or "
             "the fusedrnn modules instead: they run the differentiable spec (fusedrnn.reference) there")
     call = _call(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
-    return select_backend(call, "forward").forward(call, need_workspace)
+    return select_backend(call, "forward", need_workspace).forward(call, need_workspace)
 
 
 @rnn_layer.register_fake
@@ -201,31 +201,38 @@ def plain_eager(args) -> bool:
 
 class _RnnLayerFunction(torch.autograd.Function):
     # Old-style (forward takes ctx): Function.apply with a separate setup_context goes through functorch's
-    # wrapper, which cost more than the custom op it replaces here.
+    # wrapper, which cost more than the custom op it replaces here. `backend`: chosen by run_layer.
     @staticmethod
-    def forward(ctx, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, need_workspace):
+    def forward(ctx, backend, call, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, need_workspace):
         inputs = (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, need_workspace)
-        output = _forward(*inputs)
+        output = backend.forward(call, need_workspace)
         _setup_context(ctx, inputs, output)
         return output
 
     @staticmethod
     def backward(ctx, grad_y, grad_h_n, grad_c_n, grad_workspace):
-        return _rnn_layer_autograd(ctx, grad_y, grad_h_n, grad_c_n, grad_workspace)
+        return None, None, *_rnn_layer_autograd(ctx, grad_y, grad_h_n, grad_c_n, grad_workspace)
 
 
 def run_layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
               b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor],
-              reverse: bool, need_workspace: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """fusedrnn::rnn_layer, through the eager fast path when it applies (fusedrnn.functional calls this)."""
+              reverse: bool, need_workspace: bool) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """fusedrnn::rnn_layer, through the eager fast path when it applies (fusedrnn.functional calls this).
+    Eager calls may run on backend "aten" (torch's kernels and autograd): c_n is then None for GRU / RNN and
+    no workspace is returned (None)."""
     args = (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, need_workspace)
     if not plain_eager(args):
         return rnn_layer(*args)
+    call = LayerCall(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+    backend = select_backend(call, "forward", need_workspace, eager=True)
+    if backend.name == "aten":
+        y, h_n, c_n = backend.run(call, need_workspace)
+        return y, h_n, c_n, None
     if need_workspace:
-        return _RnnLayerFunction.apply(*args)
+        return _RnnLayerFunction.apply(backend, call, *args)
     if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
         return rnn_layer(*args)  # its outputs must say they cannot be differentiated
-    return _forward(*args)  # nothing to differentiate: no graph at all
+    return backend.forward(call, need_workspace)  # nothing to differentiate: no graph at all
 
 
 # =====================================================================================================

@@ -1,10 +1,15 @@
 """Backend registry and dispatch.
 
 A backend is chosen per layer call: the setting (`use_backend(...)` > env FUSEDRNN_BACKEND > "auto") names
-one backend, or "auto" walks the preference list of the device type and takes the first backend that is
-available on the device and supports the call. Every refusal has a reason, logged on the "fusedrnn" logger
-at DEBUG and collected by `explain(...)`. Naming a backend that cannot run the call raises
-`BackendUnsupportedError` with its reason.
+one backend, or "auto" collects the backends of the device's preference list that can run the call and
+picks among them by measurement (backends/table.py: the dispatch table of this device class; where nothing
+was measured, torch's own kernels, backend "aten"). Every refusal has a reason, logged on the "fusedrnn"
+logger at DEBUG and collected by `explain(...)`, with the reason for the choice. Naming a backend that cannot
+run the call raises `BackendUnsupportedError` with its reason.
+
+Where the call runs decides who may take it: eager calls (fusedrnn.functional) can run "aten" with torch's
+autograd; inside the fusedrnn::rnn_layer op (torch.compile, export, jit.trace) "aten" takes only calls
+without gradients, and the op's explicit backward never runs on it.
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from typing import Iterator, Optional, Union
 
 import torch
 
+from . import table as dispatch_table
+from .aten import AtenBackend
 from .base import Backend, LayerCall, scoped_environ, workspace_width  # noqa: F401  (re-exported)
 from .cpu import CpuBackend
 from .cuda import CudaBackend
@@ -27,15 +34,17 @@ from .triton import TritonBackend
 logger = logging.getLogger("fusedrnn")
 
 BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (CudaBackend(), TritonBackend(), CpuBackend(), ReferenceBackend(), CudaEmuBackend())
+    b.name: b for b in (CudaBackend(), TritonBackend(), CpuBackend(), AtenBackend(), ReferenceBackend(),
+                        CudaEmuBackend())
 }
 BACKEND_NAMES = tuple(BACKENDS)
 
-# "auto" tries these in order. Triton on the CPU means the interpreter, cuda-emu the CUDA emulator: correct but
-# slow, so never auto (only when named).
+# The backends "auto" chooses among, in order of preference where measurements tie or are missing (after
+# "aten", see backends/table.py). Triton on the CPU means the interpreter, cuda-emu the CUDA emulator:
+# correct but slow, so never auto (only when named).
 PREFERENCE = {
-    "cuda": ("cuda", "triton", "reference"),
-    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "aten", "reference"),
+    "cpu": ("cpu", "aten", "reference"),
 }
 DEFAULT_PREFERENCE = ("reference",)
 
@@ -96,46 +105,91 @@ class Decision:
     call: str
     chosen: str
     refused: list[tuple[str, str]] = field(default_factory=list)
+    why: str = ""   # why `chosen` among those that could run it ("" for a named backend)
 
     def __str__(self) -> str:
-        lines = [f"{self.direction} {self.call}: {self.chosen}"]
+        lines = [f"{self.direction} {self.call}: {self.chosen}" + (f" -- {self.why}" if self.why else "")]
         lines += [f"    skipped {name}: {why}" for name, why in self.refused]
         return "\n".join(lines)
 
 
-def select_backend(call: LayerCall, direction: str = "forward") -> Backend:
-    """The backend that runs `call` under the current setting (see module doc)."""
+_ATEN_NEEDS_EAGER = ("gradients are needed inside the fusedrnn op (torch.compile / export / jit.trace), where "
+                     "fusedrnn's explicit backward runs: torch's kernels keep no fusedrnn workspace")
+
+
+def _context_refusal(name: str, direction: str, need_workspace: bool, eager: bool) -> Optional[str]:
+    if name == "aten" and (direction == "backward" or (need_workspace and not eager)):
+        return _ATEN_NEEDS_EAGER
+    return None
+
+
+# Decisions of "auto" on plain CPU calls, by everything they depend on: the dispatch (~10 us of Python: the
+# refusals, the table lookup) runs once per shape, not once per call -- a decoding loop calls a cell per
+# token. Calls with `lengths` are not cached (aten refuses zero lengths by value).
+_auto_cache: dict = {}
+
+
+def select_backend(call: LayerCall, direction: str = "forward", need_workspace: bool = False,
+                   eager: bool = False) -> Backend:
+    """The backend that runs `call` under the current setting (see module doc).
+
+    direction: "forward" or "backward" (the op's explicit backward); need_workspace: the forward keeps
+    what a backward needs (the call will be differentiated); eager: the caller runs "aten" itself with
+    torch's autograd (fusedrnn.functional's plain eager path) rather than inside the op."""
     setting = current_backend()
     if setting != "auto":
         backend = BACKENDS[setting]
-        why = refusal(backend, call)
+        why = refusal(backend, call) or _context_refusal(setting, direction, need_workspace, eager)
         if why is not None:
             raise BackendUnsupportedError(
                 f"fusedrnn backend {setting!r} cannot run {call.describe()} ({direction}): {why}. "
                 f"Use fusedrnn.use_backend('auto') to fall back automatically; available on "
                 f"{call.device.type}: {available_backends(call.device)}")
-        refused = []
-    else:
-        refused = []  # (name, why) of each backend skipped before the chosen one
-        for name in PREFERENCE.get(call.device.type, DEFAULT_PREFERENCE):
-            why = refusal(BACKENDS[name], call)
-            if why is None:
-                backend = BACKENDS[name]
-                break
+        record_decision(direction, call.describe, backend.name, [])
+        return backend
+    dev = call.device
+    preference = PREFERENCE.get(dev.type, DEFAULT_PREFERENCE)
+    key = None
+    if dev.type == "cpu" and call.lengths is None:
+        w_hr = call.w_hr
+        key = (preference, os.environ.get(dispatch_table.TABLE_ENV), call.cell, call.dtype, call.x.shape,
+               call.w_hh.shape, None if w_hr is None else w_hr.shape, call.b_ih is None, call.reverse,
+               direction, need_workspace, eager)
+        hit = _auto_cache.get(key)
+        if hit is not None:
+            name, refused, why = hit
+            record_decision(direction, call.describe, name, refused, why)
+            return BACKENDS[name]
+    candidates, refused = [], []  # refused: (name, why) of each backend that cannot run the call
+    for name in preference:
+        why = refusal(BACKENDS[name], call) or _context_refusal(name, direction, need_workspace, eager)
+        if why is None:
+            candidates.append(name)
+        else:
             refused.append((name, why))
-        else:  # the reference runs on every device, so this is a bug in a preference list
-            raise BackendUnsupportedError(f"no fusedrnn backend can run {call.describe()}: {refused}")
+    if not candidates:  # the reference runs on every device, so this is a bug in a preference list
+        raise BackendUnsupportedError(f"no fusedrnn backend can run {call.describe()}: {refused}")
+    if direction == "backward" or len(candidates) == 1:
+        # The backward runs where the forward's workspace can be consumed: any fused backend (shared layout).
+        name, why = candidates[0], ("the only one that can run it" if len(candidates) == 1 else
+                                    "the first in the preference list that can run the backward")
+    else:
+        name, why = dispatch_table.choose(call.cell, call.dtype, "fwdbwd" if need_workspace else "fwd",
+                                          call.hidden_size, call.batch_size, call.seq_len, dev, candidates)
+    if key is not None:
+        if len(_auto_cache) > 4096:
+            _auto_cache.clear()
+        _auto_cache[key] = (name, refused, why)
+    record_decision(direction, call.describe, name, refused, why)
+    return BACKENDS[name]
 
-    record_decision(direction, call.describe, backend.name, refused)
-    return backend
 
-
-def record_decision(direction: str, describe, chosen: str, refused: list) -> None:
+def record_decision(direction: str, describe, chosen: str, refused: list, why: str = "") -> None:
     """Logs / records one dispatch decision. `describe` is a callable giving the call's description:
     the Decision is built only when someone reads it (it cost ~7 us a call)."""
     record = _recorder.get()
     if record is not None or logger.isEnabledFor(logging.DEBUG):
-        decision = Decision(direction, describe(), chosen, refused)
+        decision = Decision(direction, describe(), chosen, refused, why)
         logger.debug("%s", decision)
         if record is not None:
             record.append(decision)
