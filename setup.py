@@ -138,7 +138,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],
     extras_require={
-        "test": ["pytest", "numpy", "scipy", "matplotlib", "hypothesis", "expecttest"],
+        "test": ["pytest", "numpy", "scipy", "matplotlib", "hypothesis", "expecttest",
+                 "onnx", "onnxscript", "onnxruntime"],
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],
         "bench": ["matplotlib", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["fusedrnn-bench=fusedrnn.bench.cli:main"]},

@@ -9,6 +9,8 @@ Under autocast the floating inputs are cast to the autocast dtype, as torch.nn.L
 """
 from __future__ import annotations
 
+import sys
+import warnings
 from typing import Optional
 
 import torch
@@ -135,6 +137,27 @@ def record_spec_decision(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
                                                  reverse).describe(), "reference", [("kernels", why)])
 
 
+def _in_onnx_export() -> bool:
+    """True while torch.onnx.export traces the model (then no backward workspace is recorded)."""
+    if torch.compiler.is_dynamo_compiling():
+        # torch.compile, or the exporter's strict=True fallback: Dynamo folds is_in_onnx_export to False
+        return False
+    torch_onnx = sys.modules.get("torch.onnx")  # never imported: not exporting (and no import cost here)
+    if torch_onnx is None or not torch_onnx.is_in_onnx_export():
+        return False
+    if torch.jit.is_tracing():
+        raise RuntimeError("fusedrnn modules cannot be exported by the legacy TorchScript ONNX exporter "
+                           "(dynamo=False): use fusedrnn.onnx.export(model, args, f) (torch.onnx.export with "
+                           "dynamo=True and fusedrnn's translation)")
+    if "fusedrnn.onnx" not in sys.modules:
+        # A warning, not an error: the exporter would swallow an error and retry with strict=True, then fail
+        # later on the untranslated op with a message that does not say where the translation is.
+        warnings.warn("torch.onnx.export needs fusedrnn's ONNX translation of fusedrnn::rnn_layer: use "
+                      "fusedrnn.onnx.export(model, args, f), or `import fusedrnn.onnx` before calling "
+                      "torch.onnx.export(..., dynamo=True)", stacklevel=2)
+    return True
+
+
 def rnn_layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
               b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, w_hr: Optional[Tensor] = None,
               reverse: bool = False, lengths: Optional[Tensor] = None):
@@ -158,6 +181,8 @@ def rnn_layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tens
     # Under torch.jit.trace the flag is baked into the graph: it follows requires_grad alone, so the trace and
     # the tracer's check run (under no_grad) record the same graph, and the traced module stays trainable.
     need_workspace = need_workspace and (torch.is_grad_enabled() or torch._C._get_tracing_state() is not None)
+    if _in_onnx_export():
+        need_workspace = False  # ONNX has no backward: record the layer without its workspace output
     y, h_n, c_n, _ = ops.run_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
                                    need_workspace)
     return y, h_n, (c_n if cell == "lstm" else None)
