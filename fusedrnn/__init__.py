@@ -6,6 +6,7 @@
     with fusedrnn.use_backend("reference"):  # or FUSEDRNN_BACKEND=reference; default "auto"
         y, (h, c) = lstm(x)
     print(fusedrnn.explain(lstm, x))         # which backend each layer used, and why others were skipped
+    model = fusedrnn.convert(model)          # torch.nn RNNs inside a model -> fusedrnn (fusedrnn.to_torch: back)
 """
 from . import functional, ops, reference  # noqa: F401  (ops registers the torch.library ops)
 from ._extension import extension_error, has_extension  # noqa: F401
@@ -13,6 +14,7 @@ from .backends import (BACKEND_NAMES, BackendUnsupportedError, available_backend
                        explain, use_backend)
 from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, is_recurrent, symbolic_trace  # noqa: F401
 from .decoding import beam_search, greedy_search, sample  # noqa: F401
+from .interop import convert, quantize_dynamic, to_torch  # noqa: F401
 
 __version__ = "0.1.0"
 
@@ -20,5 +22,6 @@ __all__ = [
     "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell",
     "available_backends", "use_backend", "current_backend", "explain", "BackendUnsupportedError",
     "BACKEND_NAMES", "has_extension", "functional", "ops", "reference",
-    "beam_search", "greedy_search", "sample", "is_recurrent", "symbolic_trace",
+    "beam_search", "greedy_search", "sample", "is_recurrent", "symbolic_trace", "convert", "to_torch",
+    "quantize_dynamic",
 ]

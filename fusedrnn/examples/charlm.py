@@ -6,6 +6,7 @@ sampling continue the same prompt to the end of its line, with each continuation
 
     python -m fusedrnn.examples.charlm                    # the real run
     python -m fusedrnn.examples.charlm --max-chars 20000 --hidden 64 --epochs 1 --steps-per-epoch 30  # tiny
+    torchrun --nproc-per-node 2 -m fusedrnn.examples.charlm   # DDP: each process takes half of every batch
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from torch import nn
 
 import fusedrnn
 
-from ._common import DEFAULT_OUT, Progress, device, out_dir, pyplot
+from ._common import DEFAULT_OUT, out_dir, pyplot
+from ._distributed import Ranks, setup
 
 # Imported for their docstrings only: quiet, side-effect-free modules (no `this`, `antigravity`, GUI).
 MODULES = """abc argparse ast asyncio base64 bisect bz2 calendar cmath codecs collections configparser contextlib
@@ -160,9 +162,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(DEFAULT_OUT, "charlm"))
     args = ap.parse_args(argv)
+    ranks = setup()
+    try:
+        return _main(args, ranks)
+    finally:
+        ranks.close()
 
+
+def _main(args, ranks: Ranks) -> dict:
     torch.manual_seed(args.seed)
-    dev = device()
+    dev = ranks.device
     out = out_dir(args.out)
     if args.text:
         with open(args.text, encoding="utf-8", errors="replace") as f:
@@ -176,22 +185,25 @@ def main(argv=None) -> dict:
     split = int(0.9 * data.numel())
     train, held = data[:split], data[split:]
     model = CharLM(len(chars), args.emb, args.hidden, args.layers, args.cell, args.dropout).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    trained = ranks.wrap(model)  # generation and evaluation use `model` itself
+    opt = torch.optim.Adam(trained.parameters(), lr=args.lr)
     total = args.epochs * args.steps_per_epoch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"charlm: {len(text)} chars ({'--text' if args.text else 'stdlib docstrings'}), vocab {len(chars)}, "
-          f"{args.layers}-layer {args.cell.upper()} {args.hidden}, {n_params} parameters, device {dev}")
-    print(f"uniform baseline: {math.log2(len(chars)):.3f} bits/char")
-    gen = torch.Generator().manual_seed(args.seed)
+    ranks.print(f"charlm: {len(text)} chars ({'--text' if args.text else 'stdlib docstrings'}), vocab {len(chars)}, "
+                f"{args.layers}-layer {args.cell.upper()} {args.hidden}, {n_params} parameters, device {dev}"
+                + (f", {ranks.world_size} processes (DDP)" if ranks.distributed else ""))
+    ranks.print(f"uniform baseline: {math.log2(len(chars)):.3f} bits/char")
+    gen = torch.Generator().manual_seed(args.seed)  # the same global batches on every rank
     history, t0, step = [], time.perf_counter(), 0
     for epoch in range(1, args.epochs + 1):
-        bar = Progress(args.steps_per_epoch, f"epoch {epoch}")
+        bar = ranks.progress(args.steps_per_epoch, f"epoch {epoch}")
         loss_avg = None
         for i in range(args.steps_per_epoch):
             starts = torch.randint(0, train.numel() - args.seq_len - 1, (args.batch,), generator=gen)
-            window = torch.stack([train[s:s + args.seq_len + 1] for s in starts.tolist()]).to(dev)
-            logits, _ = model(window[:, :-1])
+            window, = ranks.shard(torch.stack([train[s:s + args.seq_len + 1] for s in starts.tolist()]))
+            window = window.to(dev)
+            logits, _ = trained(window[:, :-1])
             loss = F.cross_entropy(logits.reshape(-1, len(chars)), window[:, 1:].reshape(-1))
             opt.zero_grad()
             loss.backward()
@@ -206,15 +218,18 @@ def main(argv=None) -> dict:
         history.append((step, loss_avg / math.log(2), bpc))
         sample = continuations(model, args.prompt, stoi, itos, dev, args.gen_length, args.beam, args.top_k,
                                args.top_p, args.seed + epoch)[3][1]
-        print(f"epoch {epoch}: train {loss_avg / math.log(2):.3f} bits/char, held-out {bpc:.3f} bits/char, "
-              f"{time.perf_counter() - t0:.0f}s")
-        print(f"  sample (top-p {args.top_p}): {args.prompt!r} + {sample!r}")
+        ranks.print(f"epoch {epoch}: train {loss_avg / math.log(2):.3f} bits/char, held-out {bpc:.3f} bits/char, "
+                    f"{time.perf_counter() - t0:.0f}s")
+        ranks.print(f"  sample (top-p {args.top_p}): {args.prompt!r} + {sample!r}")
 
-    print(f"decoding {args.prompt!r} to the end of the line:")
+    ranks.print(f"decoding {args.prompt!r} to the end of the line:")
     rows = continuations(model, args.prompt, stoi, itos, dev, args.gen_length, args.beam, args.top_k, args.top_p,
                          args.seed)
     for name, cont, logp in rows:
-        print(f"  {name:<10} log p = {logp:8.2f}  {args.prompt + cont!r}")
+        ranks.print(f"  {name:<10} log p = {logp:8.2f}  {args.prompt + cont!r}")
+    results = {"bpc": history[-1][2], "uniform_bpc": math.log2(len(chars)), "decodings": rows, "files": []}
+    if not ranks.is_main:
+        return results
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([h[0] for h in history], [h[1] for h in history], "o-", label="train (running)")
@@ -227,7 +242,8 @@ def main(argv=None) -> dict:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     print(f"saved {path}")
-    return {"bpc": history[-1][2], "uniform_bpc": math.log2(len(chars)), "decodings": rows, "files": [path]}
+    results["files"].append(path)
+    return results
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ always answering 1.0 (the mean) gets ~0.078 of them (the chance line in the plot
 
     python -m fusedrnn.examples.memory                                           # the real run
     python -m fusedrnn.examples.memory --lengths 5 10 --steps 60 --hidden 16     # tiny
+    torchrun --nproc-per-node 2 -m fusedrnn.examples.memory   # data-parallel (DDP): each process takes half
+                                                              # of every batch, same steps as one process
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from torch import nn
 
 import fusedrnn
 
-from ._common import DEFAULT_OUT, Progress, device, out_dir, pyplot
+from ._common import DEFAULT_OUT, out_dir, pyplot
+from ._distributed import Ranks, setup
 
 TOL = 0.04
 CHANCE = 2 * TOL - TOL ** 2  # P(|u1 + u2 - 1| < TOL) for u1, u2 ~ U(0, 1)
@@ -58,17 +61,19 @@ class Adder(nn.Module):
         return self.head(self.rnn(x)[0][:, -1]).squeeze(-1)
 
 
-def run(cell: str, length: int, args, dev) -> tuple[float, float]:
+def run(cell: str, length: int, args, ranks: Ranks) -> tuple[float, float]:
     """-> (held-out accuracy, held-out MSE)."""
+    dev = ranks.device
     torch.manual_seed(args.seed)
     model = Adder(cell, args.hidden, args.forget_bias).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    gen = torch.Generator().manual_seed(args.seed + length)
-    bar = Progress(args.steps, f"{cell:<8} T={length:<4}")
+    trained = ranks.wrap(model)
+    opt = torch.optim.Adam(trained.parameters(), lr=args.lr)
+    gen = torch.Generator().manual_seed(args.seed + length)  # the same global batches on every rank
+    bar = ranks.progress(args.steps, f"{cell:<8} T={length:<4}")
     loss_avg = None
     for step in range(1, args.steps + 1):
-        x, y = adding_batch(args.batch, length, gen)
-        loss = F.mse_loss(model(x.to(dev)), y.to(dev))
+        x, y = ranks.shard(*adding_batch(args.batch, length, gen))
+        loss = F.mse_loss(trained(x.to(dev)), y.to(dev))
         opt.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), args.clip)  # keeps RNN-tanh's exploding steps bounded
@@ -98,25 +103,38 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=os.path.join(DEFAULT_OUT, "memory"))
     args = ap.parse_args(argv)
 
-    dev = device()
+    ranks = setup()
+    try:
+        return _main(args, ranks)
+    finally:
+        ranks.close()
+
+
+def _main(args, ranks: Ranks) -> dict:
+    dev = ranks.device
     out = out_dir(args.out)
-    print(f"memory: adding problem, lengths {args.lengths}, hidden {args.hidden}, {args.steps} steps, "
-          f"clip {args.clip}, device {dev}; chance accuracy {CHANCE:.3f}")
+    processes = f", {ranks.world_size} processes (DDP)" if ranks.distributed else ""
+    ranks.print(f"memory: adding problem, lengths {args.lengths}, hidden {args.hidden}, {args.steps} steps, "
+                f"clip {args.clip}, device {dev}{processes}; chance accuracy {CHANCE:.3f}")
     t0 = time.perf_counter()
     acc = {cell: [] for cell in args.cells}
     mse = {cell: [] for cell in args.cells}
     for length in args.lengths:
         for cell in args.cells:
-            a, m = run(cell, length, args, dev)
+            a, m = run(cell, length, args, ranks)
             acc[cell].append(a)
             mse[cell].append(m)
-            print(f"T={length:<4} {cell:<8} accuracy {a:.3f}  MSE {m:.4f} (chance {CHANCE_MSE:.3f})  "
-                  f"({time.perf_counter() - t0:.0f}s)")
-    print("| T | " + " | ".join(args.cells) + " |")
-    print("|---:|" + "---:|" * len(args.cells))
+            ranks.print(f"T={length:<4} {cell:<8} accuracy {a:.3f}  MSE {m:.4f} (chance {CHANCE_MSE:.3f})  "
+                        f"({time.perf_counter() - t0:.0f}s)")
+    ranks.print("| T | " + " | ".join(args.cells) + " |")
+    ranks.print("|---:|" + "---:|" * len(args.cells))
     for i, length in enumerate(args.lengths):
-        print(f"| {length} | " + " | ".join(f"{acc[c][i]:.3f}" for c in args.cells) + " |")
+        ranks.print(f"| {length} | " + " | ".join(f"{acc[c][i]:.3f}" for c in args.cells) + " |")
 
+    results = {"accuracy": acc, "mse": mse, "lengths": args.lengths, "chance": CHANCE, "chance_mse": CHANCE_MSE,
+               "files": []}
+    if not ranks.is_main:
+        return results
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for cell in args.cells:
@@ -132,8 +150,8 @@ def main(argv=None) -> dict:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     print(f"saved {path}")
-    return {"accuracy": acc, "mse": mse, "lengths": args.lengths, "chance": CHANCE, "chance_mse": CHANCE_MSE,
-            "files": [path]}
+    results["files"].append(path)
+    return results
 
 
 if __name__ == "__main__":
