@@ -49,22 +49,24 @@ def check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths) -> 
     if cell != "lstm" and (c0 is not None or w_hr is not None):
         raise ValueError(f"{cell} has no cell state and no projection: c0 and w_hr must be None")
     H_out = w_hr.shape[0] if w_hr is not None else H
-    expected = {"w_ih": (w_ih, [G * H, I]), "w_hh": (w_hh, [G * H, H_out]), "h0": (h0, [B, H_out]),
-                "c0": (c0, [B, H]), "b_ih": (b_ih, [G * H]), "b_hh": (b_hh, [G * H]), "w_hr": (w_hr, [H_out, H])}
     if cell == "lstm" and c0 is None:
         raise ValueError("c0: an LSTM needs an initial cell state [B, H], got None")
     if (b_ih is None) != (b_hh is None):
         raise ValueError("b_ih, b_hh: give both biases or neither")
-    for name, (t, shape) in expected.items():
+    # tuples and one pass: this runs on every layer call (a decoding loop calls a cell per token)
+    dtype, device = x.dtype, x.device
+    for name, t, shape in (("w_ih", w_ih, (G * H, I)), ("w_hh", w_hh, (G * H, H_out)), ("h0", h0, (B, H_out)),
+                           ("c0", c0, (B, H)), ("b_ih", b_ih, (G * H,)), ("b_hh", b_hh, (G * H,)),
+                           ("w_hr", w_hr, (H_out, H))):
         if t is None:
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a Tensor, got {type(t).__name__}")
-        if _shape(t) != shape:
-            raise ValueError(f"{name}: expected shape {shape}, got {_shape(t)}")
-        if t.dtype != x.dtype:
+        if t.shape != shape:
+            raise ValueError(f"{name}: expected shape {list(shape)}, got {_shape(t)}")
+        if t.dtype != dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
-        if t.device != x.device:
+        if t.device != device:
             raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
     if lengths is not None:
         check_lengths(lengths, T, B, x.device)
@@ -162,7 +164,8 @@ def rnn_layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tens
               b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, w_hr: Optional[Tensor] = None,
               reverse: bool = False, lengths: Optional[Tensor] = None):
     """One layer, one direction. Returns (y [T,B,H_out], h_n [B,H_out], c_n [B,H] for LSTM else None)."""
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast([x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr])
+    if torch._C._is_any_autocast_enabled():
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast([x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr])
     check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
     if lengths is not None:
         lengths = lengths.to(torch.int64)
@@ -176,12 +179,13 @@ def rnn_layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tens
     if why_spec is not None:
         record_spec_decision(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, why_spec)
         return reference.rnn_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths)
-    differentiable = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    need_workspace = any(t is not None and t.requires_grad for t in differentiable)
+    tracing = torch._C._get_tracing_state() is not None
     # Under torch.jit.trace the flag is baked into the graph: it follows requires_grad alone, so the trace and
     # the tracer's check run (under no_grad) record the same graph, and the traced module stays trainable.
-    need_workspace = need_workspace and (torch.is_grad_enabled() or torch._C._get_tracing_state() is not None)
-    if _in_onnx_export():
+    need_workspace = (torch.is_grad_enabled() or tracing) and (
+        x.requires_grad or h0.requires_grad or w_ih.requires_grad or w_hh.requires_grad or
+        any(t is not None and t.requires_grad for t in (c0, b_ih, b_hh, w_hr)))
+    if (need_workspace or tracing) and _in_onnx_export():
         need_workspace = False  # ONNX has no backward: record the layer without its workspace output
     y, h_n, c_n, _ = ops.run_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
                                    need_workspace)

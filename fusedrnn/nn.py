@@ -25,6 +25,7 @@ from .functional import check_lengths, rnn_layer
 from .reference import GATES
 
 LengthsLike = Union[Tensor, Sequence[int], None]
+_PLAIN_TENSORS = (Tensor, nn.Parameter)
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -252,9 +253,12 @@ class _RecurrentLayers(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------
     def _layer_weights(self, layer: int, direction: int):
+        # getattr, not a cached list: torch.func.functional_call and parametrizations swap the attributes
         suffix = "_reverse" if direction == 1 else ""
-        get = lambda stem: getattr(self, f"{stem}_l{layer}{suffix}", None)  # noqa: E731
-        return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("weight_hr")
+        params = self._parameters
+        names = [f"{stem}_l{layer}{suffix}" for stem in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")]
+        # _parameters first (one dict lookup, as nn.Module.__getattr__ would do after three misses)
+        return tuple(params[n] if n in params else getattr(self, n, None) for n in names)
 
     def _normalise_lengths_arg(self, lengths: LengthsLike, x: Tensor) -> Optional[Tensor]:
         return None if lengths is None else self._normalise_lengths(lengths, x)
@@ -537,6 +541,29 @@ class _Cell(nn.Module):
         """One step; `states` = [h] or [h, c] as given (None: zeros). torch.nn's checks in torch.nn's order:
         ranks (ValueError), then input_size and each state's batch size and hidden_size (RuntimeError, the
         wording of ATen's check_rnn_cell_forward_*), then dtypes and devices (RuntimeError)."""
+        # Fast path for the common call (a batched input and well-formed states or None): the same checks
+        # as below, passed or not taken, in a few comparisons -- decoding loops call a cell once per token,
+        # and torch.nn's cells make these checks in C++ (bench/bench_overhead.py).
+        params = self._parameters
+        w_ih = params["weight_ih"] if "weight_ih" in params else self.weight_ih
+        if type(input) in _PLAIN_TENSORS and input.dim() == 2 and input.shape[1] == self.input_size and \
+                input.dtype == w_ih.dtype and input.device == w_ih.device:
+            batch, hidden = input.shape[0], self.hidden_size
+            full = []
+            for state in states:
+                if state is None:
+                    state = input.new_zeros(batch, hidden)
+                elif not (type(state) in _PLAIN_TENSORS and state.dim() == 2 and state.shape[0] == batch and
+                          state.shape[1] == hidden and state.dtype == input.dtype and state.device == input.device):
+                    break
+                full.append(state)
+            else:
+                w_hh = params["weight_hh"] if "weight_hh" in params else self.weight_hh
+                b_ih = params["bias_ih"] if "bias_ih" in params else self.bias_ih
+                b_hh = params["bias_hh"] if "bias_hh" in params else self.bias_hh
+                _, h, c = rnn_layer(self.cell, input.unsqueeze(0), full[0], full[1] if len(full) > 1 else None,
+                                    w_ih, w_hh, b_ih, b_hh)
+                return h, c
         if not isinstance(input, Tensor):
             _refuse_proxy(input)
             raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")

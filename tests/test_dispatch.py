@@ -6,6 +6,7 @@ registered for the duration of a test, and the real ones are tested for whatever
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import re
 
@@ -53,16 +54,33 @@ def _no_env(monkeypatch):
     monkeypatch.delenv("FUSEDRNN_BACKEND", raising=False)
 
 
+def write_table(path, entries, device_class=None):
+    """A dispatch table file for this CPU: entries (cell, dtype, mode, H, B, T, {backend: ms})."""
+    data = {"format": 1, "device_class": device_class or backends.dispatch_table.device_class(CPU), "meta": {},
+            "entries": [dict(cell=c, dtype=d, mode=m, H=H, B=B, T=T, ms=ms) for c, d, m, H, B, T, ms in entries]}
+    path.write_text(json.dumps(data))
+    return path
+
+
 @pytest.fixture
-def fakes(monkeypatch):
-    """'fake_off' (unavailable) and 'fake' (refuses lengths), first in the CPU preference list."""
+def fakes(monkeypatch, tmp_path):
+    """'fake_off' (unavailable) and 'fake' (refuses lengths), first in the CPU preference list, and a
+    dispatch table that measured fake fastest, then cpu, then aten (on small_lstm's shapes)."""
     off = FakeBackend("fake_off", unavailable="fake_off is not installed")
     fake = FakeBackend("fake", refuse_lengths=True)
     for b in (off, fake):
         monkeypatch.setitem(BACKENDS, b.name, b)
     monkeypatch.setattr(backends, "BACKEND_NAMES", tuple(BACKENDS))
     monkeypatch.setitem(backends.PREFERENCE, "cpu", ("fake_off", "fake") + backends.PREFERENCE["cpu"])
+    times = {"fake": 1.0, "cpu": 2.0, "aten": 3.0, "reference": 9.0}
+    table = write_table(tmp_path / "table.json", [("lstm", "float64", mode, 4, 2, 5, times)
+                                                  for mode in ("fwd", "fwdbwd")])
+    monkeypatch.setenv("FUSEDRNN_DISPATCH_TABLE", str(table))
     return off, fake
+
+
+# The backend the fakes' table ranks next after fake: cpu where it is built
+NEXT = "cpu" if "cpu" in fusedrnn.available_backends("cpu") else "aten"
 
 
 def small_lstm():
@@ -208,7 +226,7 @@ def test_auto_falls_back_and_explain_reports_why(fakes):
         assert d.direction == "forward"
         assert d.refused == [("fake_off", "fake_off is not installed")]
     with_lengths = fusedrnn.explain(m, X, lengths=[5, 2])
-    assert with_lengths.backends == [fusedrnn.available_backends("cpu")[1]] * 4  # the next available one
+    assert with_lengths.backends == [NEXT] * 4  # the next fastest measured
     for d in with_lengths:
         assert d.refused[:2] == [("fake_off", "fake_off is not installed"), ("fake", "fake refuses lengths")]
     text = str(with_lengths)
@@ -247,8 +265,9 @@ def test_debug_log(fakes, caplog):
         m(X, lengths=[4, 2])
     records = [r for r in caplog.records if r.name == "fusedrnn"]
     assert len(records) == 4 and all(r.levelno == logging.DEBUG for r in records)
-    chosen = fusedrnn.available_backends("cpu")[1]
-    assert records[0].getMessage().startswith(f"forward lstm T=5 B=2 I=3 H=4 float64 cpu lengths bias: {chosen}\n")
+    chosen = NEXT
+    assert records[0].getMessage().startswith(f"forward lstm T=5 B=2 I=3 H=4 float64 cpu lengths bias: {chosen} -- "
+                                              "measured 1.50x aten at lstm float64 fwdbwd H=4 B=2 T=5 on cpu-")
     assert "skipped fake_off: fake_off is not installed" in records[0].getMessage()
     assert "skipped fake: fake refuses lengths" in records[0].getMessage()
 

@@ -196,7 +196,14 @@ def test_compile_aot_eager(make):
 # need_workspace: only when a gradient is needed
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture
-def op_calls(monkeypatch):
+def fused_backend():
+    """The workspace belongs to the fused backends: these tests name one ('auto' may pick torch's kernels)."""
+    with fusedrnn.use_backend("cpu" if "cpu" in fusedrnn.available_backends("cpu") else "reference"):
+        yield
+
+
+@pytest.fixture
+def op_calls(monkeypatch, fused_backend):
     """Records (cell, T, B, H, has projection, need_workspace, workspace shape) of every fusedrnn op call."""
     calls = []
     real = ops.run_layer
@@ -313,7 +320,7 @@ def test_dispatch_mode_sees_the_op():
 
 
 @pytest.mark.parametrize("make", list(MODULES.values()), ids=list(MODULES))
-def test_fast_path_and_op_path_agree(make, monkeypatch):
+def test_fast_path_and_op_path_agree(make, monkeypatch, fused_backend):
     """The same call eagerly (autograd.Function) and through the custom op (forced by a function mode):
     identical outputs and gradients, bit for bit."""
     op_calls = []

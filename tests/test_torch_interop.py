@@ -206,7 +206,8 @@ def test_jit_trace_save_load(name, args, kw, shape):
     loaded = torch.jit.load(buf)
     x2 = torch.randn(shape, dtype=torch.float64)  # other values, same shape
     for got, want in zip(flatten(loaded(x2)), flatten(ours(x2))):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        # the trace runs the op, eager "auto" may run torch's kernels: fp64 rounding apart
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     # the loaded module trains: the op's registered autograd
     flatten(loaded(x2))[0].pow(2).sum().backward()
     flatten(ours(x2))[0].pow(2).sum().backward()

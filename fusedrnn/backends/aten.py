@@ -110,8 +110,9 @@ class AtenBackend(Backend):
                                "chosen it -- please report this")
         with torch.no_grad():
             y, h_n, c_n = self.run(call, needs_grad=False)
-        empty = call.x.new_empty(0)
-        return y.contiguous(), h_n.contiguous(), (c_n if c_n is not None else empty), empty
+        # an op's outputs may not alias each other: h_n can be a view of y (T=1), and two empties must be two
+        empty = call.x.new_empty
+        return y.contiguous(), h_n.clone(), (c_n.clone() if c_n is not None else empty(0)), empty(0)
 
     def backward(self, call, y, workspace, grad_y, grad_h_n, grad_c_n):
         raise RuntimeError("backend 'aten' has no fusedrnn backward: its calls differentiate through torch's "

@@ -22,10 +22,11 @@ import torch
 
 import fusedrnn
 
-from . import isa
+from . import isa, tune
 from . import presets as P
 from . import report, runner, timing
-from .providers import auto_backends, backend_problem, extra_providers, fusedrnn_provider, torch_provider
+from .providers import (auto_backends, backend_problem, extra_providers, fusedrnn_provider, torch_provider,
+                        tune_backends)
 
 DEFAULT_SEQ_LEN, DEFAULT_BATCH, DEFAULT_HIDDEN = 25, 16, 256
 
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--isa", help="CPU instruction-set level(s): avx512, avx2, baseline (comma-separated) or all; "
                                  "each runs in a fresh process with fusedrnn's cpu kernels and torch (ATen, "
                                  "oneDNN, MKL) capped to that level, results in --out/<level>")
+    p.add_argument("--tune", action="store_true",
+                   help="measure the backends 'auto' chooses among (default preset: tune) and write the dispatch "
+                        "table --out/dispatch-<device class>.json; point $FUSEDRNN_DISPATCH_TABLE at it")
     p.add_argument("--seed", type=int, default=0, help="weights and inputs seed (default 0)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -146,7 +150,7 @@ def resolve(args, parser) -> tuple[torch.device, P.Preset, list[P.Case], list, d
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
 
-    preset_name = (args.preset or P.default_preset(device)).lower()
+    preset_name = (args.preset or ("tune" if args.tune else P.default_preset(device))).lower()
     if preset_name not in P.PRESETS:
         parser.error(f"--preset: unknown preset {preset_name!r}; expected one of {', '.join(P.PRESETS)}")
     preset = P.PRESETS[preset_name]
@@ -189,7 +193,7 @@ def resolve(args, parser) -> tuple[torch.device, P.Preset, list[P.Case], list, d
         parser.error(f"no cases: preset {preset.name!r} has no shapes for cells {cells}; give --shape")
 
     # providers
-    names = _csv_list(args.backend) or ["default"]
+    names = _csv_list(args.backend) or (tune_backends(device) if args.tune else ["default"])
     backends: list[str] = []
     for name in names:
         if name == "default":
@@ -339,6 +343,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if stopped:
         print(f"\nStopped early: {stopped}")
     print(f"\nresults: {json_path}\n         {csv_path}")
+    if args.tune:
+        table = tune.build_table(rows, device, env)
+        if table is None:
+            print("dispatch table: nothing to write (no fusedrnn backend was timed)")
+        else:
+            path = tune.write_table(out, table)
+            print(f"dispatch table: {path} ({len(table.entries)} entries, {table.device_class}); use it with "
+                  f"FUSEDRNN_DISPATCH_TABLE={path}")
     if not args.no_plot:
         why = report.plot_speedup(png_path, rows, _title(env))
         print(f"plot: {why}" if why else f"plot:    {png_path}")

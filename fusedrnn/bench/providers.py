@@ -103,21 +103,30 @@ def make_fusedrnn_module(case: Case, like: nn.Module) -> nn.Module:
 
 
 def fusedrnn_provider(backend: str) -> Provider:
-    return Provider(f"fusedrnn:{backend}", f"fusedrnn backend {backend!r}",
+    label = "fusedrnn, automatic choice" if backend == "auto" else f"fusedrnn backend {backend!r}"
+    return Provider(f"fusedrnn:{backend}", label,
                     lambda case, module: make_fusedrnn_module(case, module), backend=backend)
 
 
 def auto_backends(device: torch.device) -> list[str]:
-    """The backends benchmarked by default: those 'auto' may choose on this device and that are available.
+    """The backends benchmarked by default: those 'auto' may choose on this device and that are available,
+    then 'auto' itself (what a user gets).
 
     Backends outside the device's preference list (Triton on a CPU, which is its interpreter) are left out
     unless named: they are not a speed anyone gets by default."""
     preferred = _backends.PREFERENCE.get(device.type, _backends.DEFAULT_PREFERENCE)
-    return [b for b in fusedrnn.available_backends(device) if b in preferred]
+    return [b for b in fusedrnn.available_backends(device) if b in preferred] + ["auto"]
+
+
+def tune_backends(device: torch.device) -> list[str]:
+    """The backends a dispatch table measures: those 'auto' chooses among, but the reference (never fast)."""
+    return [b for b in auto_backends(device) if b not in ("reference", "auto")]
 
 
 def backend_problem(name: str, device: torch.device) -> Optional[str]:
     """None when `name` is a fusedrnn backend that can run on `device`, else a message saying why not."""
+    if name == "auto":
+        return None
     if name not in fusedrnn.BACKEND_NAMES:
         return f"unknown backend {name!r}; known: {', '.join(fusedrnn.BACKEND_NAMES)} (or 'all', 'default')"
     why = _backends.BACKENDS[name].unavailable_reason(device)
