@@ -54,12 +54,13 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=300, help="calls per timed block")
     p.add_argument("--rounds", type=int, default=15, help="interleaved blocks per provider")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--modules", default=",".join(MODULES), help="comma-separated subset of " + ", ".join(MODULES))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     print(f"{'module':9s} {'H':>3s} {'T':>3s} {'grad':>4s} {'torch.nn us':>11s} {'fusedrnn us':>11s} "
           f"{'ratio':>6s}  backend")
-    for name in MODULES:
+    for name in args.modules.split(","):
         for hidden in (8, 64):
             for seq_len in ((1,) if "Cell" in name else (1, 16)):
                 for grad in (False, True):

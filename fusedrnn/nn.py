@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from . import lane
 from .functional import check_lengths, rnn_layer
 from .reference import GATES
 
@@ -231,7 +232,8 @@ class _RecurrentLayers(nn.Module):
 
     @property
     def _flat_weights(self) -> list[Tensor]:
-        return [getattr(self, name) for name in self._flat_weights_names]
+        params = self._parameters  # one dict lookup each; getattr only for swapped-in plain attributes
+        return [params[name] if name in params else getattr(self, name) for name in self._flat_weights_names]
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
@@ -403,7 +405,10 @@ class _RecurrentLayers(nn.Module):
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         if packed is None:
             lengths = self._normalise_lengths_arg(lengths, x)
-        y, h_n, c_n = self._run(x, h0, c0, lengths)
+        laned = None
+        if lengths is None and (self.merge_mode == "concat" or not self.bidirectional):
+            laned = lane.module_call(self, x, h0, c0)  # the whole module in torch's kernel, when auto says so
+        y, h_n, c_n = laned if laned is not None else self._run(x, h0, c0, lengths)
 
         if packed is not None:
             sorted_y = y if packed.sorted_indices is None else y.index_select(1, packed.sorted_indices)
@@ -545,22 +550,28 @@ class _Cell(nn.Module):
         # as below, passed or not taken, in a few comparisons -- decoding loops call a cell once per token,
         # and torch.nn's cells make these checks in C++ (bench/bench_overhead.py).
         params = self._parameters
-        w_ih = params["weight_ih"] if "weight_ih" in params else self.weight_ih
-        if type(input) in _PLAIN_TENSORS and input.dim() == 2 and input.shape[1] == self.input_size and \
+        w_ih = params.get("weight_ih")
+        if w_ih is None:  # replaced by a plain attribute (torch.func.functional_call) or really None
+            w_ih = self.weight_ih
+        if type(input) in _PLAIN_TENSORS and input.dim() == 2 and input.size(1) == self.input_size and \
                 input.dtype == w_ih.dtype and input.device == w_ih.device:
-            batch, hidden = input.shape[0], self.hidden_size
-            full = []
+            batch, hidden = input.size(0), self.hidden_size
+            full, zeros = [], None
             for state in states:
-                if state is None:
-                    state = input.new_zeros(batch, hidden)
+                if state is None:  # one zero tensor for h and c, as torch.nn (the kernels never write inputs)
+                    state = zeros = input.new_zeros(batch, hidden) if zeros is None else zeros
                 elif not (type(state) in _PLAIN_TENSORS and state.dim() == 2 and state.shape[0] == batch and
                           state.shape[1] == hidden and state.dtype == input.dtype and state.device == input.device):
                     break
                 full.append(state)
             else:
-                w_hh = params["weight_hh"] if "weight_hh" in params else self.weight_hh
-                b_ih = params["bias_ih"] if "bias_ih" in params else self.bias_ih
-                b_hh = params["bias_hh"] if "bias_hh" in params else self.bias_hh
+                w_hh, b_ih, b_hh = params.get("weight_hh"), params.get("bias_ih"), params.get("bias_hh")
+                if w_hh is None or b_ih is None:  # see w_ih (bias=False: None either way)
+                    w_hh, b_ih, b_hh = self.weight_hh, self.bias_ih, self.bias_hh
+                stepped = lane.cell_step(self.cell, input, full[0], full[1] if len(full) > 1 else None, w_ih, w_hh,
+                                         b_ih, b_hh)
+                if stepped is not None:
+                    return stepped
                 _, h, c = rnn_layer(self.cell, input.unsqueeze(0), full[0], full[1] if len(full) > 1 else None,
                                     w_ih, w_hh, b_ih, b_hh)
                 return h, c

@@ -193,8 +193,11 @@ def plain_eager(args) -> bool:
             torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None \
             or torch._C._get_tracing_state() is not None:
         return False
+    # args: (cell, x, ...): one device for all (validated), so x alone says whether it is meta
+    if args[1].is_meta:
+        return False
     for a in args:
-        if isinstance(a, Tensor) and (type(a) not in _PLAIN_TYPES or a.is_meta):
+        if type(a) not in _PLAIN_TYPES and isinstance(a, Tensor):
             return False
     return True
 
