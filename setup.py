@@ -135,6 +135,7 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fusedrnn", "fusedrnn.*"]),
+    package_data={"fusedrnn": ["dispatch_tables/*.json"]},  # the measured dispatch tables (backends/table.py)
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],
     extras_require={

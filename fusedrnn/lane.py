@@ -58,7 +58,10 @@ def _decide(key, calls, need_grad: bool) -> bool:
     """Whether every call in `calls` (LayerCalls, built only on a cache miss) goes to aten."""
     hit = _decisions.get(key)
     if hit is None:
-        hit = all(select_backend(c, "forward", need_grad, eager=True).name == "aten" for c in calls())
+        try:
+            hit = all(select_backend(c, "forward", need_grad, eager=True).name == "aten" for c in calls())
+        except backends.BackendUnsupportedError:
+            hit = False  # e.g. a named backend and an empty problem: the full path knows what to do
         if len(_decisions) > 4096:
             _decisions.clear()
         _decisions[key] = hit

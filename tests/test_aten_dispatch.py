@@ -217,3 +217,64 @@ def test_tune_writes_a_table(tmp_path, monkeypatch):
     monkeypatch.setenv("FUSEDRNN_DISPATCH_TABLE", str(path))
     fastest = min(("cpu", "aten"), key=entry.ms.get)
     assert select_backend(_call("gru", T=2, B=1, H=4), eager=True).name == fastest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The eager lane: modules sent to aten call torch's kernel as torch.nn does, with the same results
+# ---------------------------------------------------------------------------------------------------------
+LANE_MODULES = [("LSTM", dict(num_layers=2, bidirectional=True, proj_size=2)), ("GRU", dict(batch_first=True)),
+                ("RNN", dict(nonlinearity="relu", bias=False)), ("LSTMCell", {}), ("GRUCell", {}), ("RNNCell", {})]
+
+
+@pytest.mark.parametrize("name,kw", LANE_MODULES, ids=[m[0] for m in LANE_MODULES])
+def test_lane_matches_the_layer_path_and_torch(name, kw, monkeypatch):
+    monkeypatch.setattr(dispatch_table, "TABLE_DIR", dispatch_table.TABLE_DIR / "nowhere")  # auto = aten
+    from fusedrnn import nn as fnn
+    torch.manual_seed(0)
+    ours = getattr(fusedrnn, name)(3, 4, **kw, dtype=F64)
+    ref = getattr(torch.nn, name)(3, 4, **kw, dtype=F64)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn((2, 3) if "Cell" in name else (2, 5, 3), dtype=F64, requires_grad=True)
+    layer_calls = []
+    real = fnn.rnn_layer
+    monkeypatch.setattr(fnn, "rnn_layer", lambda *a, **k: layer_calls.append(1) or real(*a, **k))
+
+    def run(m, backend=None):
+        x.grad = None
+        m.zero_grad()
+        if backend is None:
+            out = m(x)
+        else:
+            with fusedrnn.use_backend(backend):
+                out = m(x)
+        flat = [o for o in (out if isinstance(out, tuple) else (out,)) for o in (o if isinstance(o, tuple) else (o,))]
+        sum((o * (i + 1)).sum() for i, o in enumerate(flat)).backward()
+        return [o.detach() for o in flat] + [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+    lane = run(ours)
+    assert layer_calls == []  # the whole call went to torch's kernel
+    spec = run(ours, "reference")
+    assert layer_calls  # the layer path ran
+    for a, b, c in zip(lane, spec, run(ref)):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)  # torch's kernel, torch's result: bit for bit
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@needs_cpu
+def test_lane_follows_the_table(tmp_path, monkeypatch):
+    from fusedrnn import nn as fnn
+    layer_calls = []
+    real = fnn.rnn_layer
+    monkeypatch.setattr(fnn, "rnn_layer", lambda *a, **k: layer_calls.append(1) or real(*a, **k))
+    m, x = fusedrnn.GRUCell(8, 64), torch.randn(16, 8)
+    with torch.no_grad():
+        monkeypatch.setattr(dispatch_table, "TABLE_DIR", dispatch_table.TABLE_DIR / "nowhere")
+        m(x)
+        assert layer_calls == []
+        path = _table(tmp_path, [("gru", "float32", "fwd", 64, 16, 1, {"cpu": 1.0, "aten": 2.0})])
+        monkeypatch.setenv("FUSEDRNN_DISPATCH_TABLE", str(path))
+        m(x)
+        assert layer_calls == [1]  # measured faster: the fused path
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            monkeypatch.delenv("FUSEDRNN_DISPATCH_TABLE")
+            m(x)  # autocast: no lane, the layer path casts as torch.nn does
+        assert layer_calls == [1, 1]

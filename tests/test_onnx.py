@@ -128,6 +128,9 @@ def test_export_without_fusedrnn_onnx_points_to_it(monkeypatch):
     # find the translation registered by this file's import, so the exporter's flag is set by hand)
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     monkeypatch.delitem(sys.modules, "fusedrnn.onnx")
+    # A real export runs under Dynamo, where modules never take the eager lane to torch's kernels; without
+    # Dynamo here, a named backend keeps the call on fusedrnn's layer path as under the exporter.
+    monkeypatch.setenv("FUSEDRNN_BACKEND", "reference")
     with pytest.warns(UserWarning, match=r"fusedrnn\.onnx\.export"):
         fusedrnn.GRU(I, H)(torch.randn(2, 1, I))
 
