@@ -9,7 +9,8 @@ A table is JSON written by `python -m fusedrnn.bench --tune` (fusedrnn/bench/tun
 `mode` is "fwdbwd" for calls that will be differentiated (the op keeps a workspace), "fwd" otherwise. A call
 matches the entry of its cell, dtype and mode that is nearest in log2(H), log2(B), log2(T), if that entry
 is within a factor 2 in each (MATCH_LOG2_DISTANCE); among the backends that can run the call, the one with
-the smallest measured time wins.
+the smallest measured time wins -- at a size that was not itself measured, a fused backend only with a lead
+of INEXACT_MARGIN over aten there.
 
 Where the table comes from: $FUSEDRNN_DISPATCH_TABLE (a file, e.g. your own --tune output) if set, else the
 committed fusedrnn/dispatch_tables/<device_class>.json. A missing or corrupt file, or one measured on another
@@ -36,6 +37,9 @@ TABLE_ENV = "FUSEDRNN_DISPATCH_TABLE"
 TABLE_DIR = Path(__file__).resolve().parent.parent / "dispatch_tables"
 FORMAT = 1
 MATCH_LOG2_DISTANCE = 1.0  # per size: an entry measured within 2x of the call's H, B and T applies
+# Away from a measured size, a fused backend must have beaten aten there by this much: a lead measured at
+# one size can shrink at the next (cpu-avx2, LSTM fwd B=64: 1.11x aten at H=256, 0.94x at H=512, T=25).
+INEXACT_MARGIN = 1.15
 FALLBACK = "aten"
 
 
@@ -80,13 +84,14 @@ class Table:
         for e in self.entries:
             self._by_kind.setdefault((e.cell, e.dtype, e.mode), []).append(e)
 
-    def nearest(self, cell: str, dtype: str, mode: str, H: int, B: int, T: int) -> Optional[Entry]:
+    def nearest(self, cell: str, dtype: str, mode: str, H: int, B: int, T: int) -> tuple[Optional[Entry], float]:
+        """(the entry nearest in log2 sizes within MATCH_LOG2_DISTANCE each, its summed log2 distance)."""
         best, best_distance = None, math.inf
         for e in self._by_kind.get((cell, dtype, mode), ()):
             d = (abs(math.log2(H / e.H)), abs(math.log2(B / e.B)), abs(math.log2(T / e.T)))
             if max(d) <= MATCH_LOG2_DISTANCE and sum(d) < best_distance:
                 best, best_distance = e, sum(d)
-        return best
+        return best, best_distance
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "device_class": self.device_class, "meta": self.meta,
@@ -180,14 +185,25 @@ def choose(cell: str, dtype: torch.dtype, mode: str, H: int, B: int, T: int, dev
     """(backend, why) among `candidates` (names that can run the call, in preference order)."""
     table = active_table(device)
     dtype_name = str(dtype).replace("torch.", "")
-    entry = table.nearest(cell, dtype_name, mode, H, B, T) if table is not None else None
+    entry, distance = table.nearest(cell, dtype_name, mode, H, B, T) if table is not None else (None, 0.0)
     if entry is not None:
         timed = [(entry.ms[n], n) for n in candidates if n in entry.ms]
         if timed:
             ms, name = min(timed)
-            versus = f"{entry.ms[FALLBACK] / ms:.2f}x {FALLBACK}" if FALLBACK in entry.ms and name != FALLBACK \
-                else "the fastest measured"
-            return name, (f"measured {versus} at {cell} {dtype_name} {mode} H={entry.H} B={entry.B} T={entry.T} "
+            if name != FALLBACK and FALLBACK in entry.ms and FALLBACK in candidates and distance > 0 and \
+                    entry.ms[FALLBACK] < INEXACT_MARGIN * ms:
+                return FALLBACK, (f"{name} measured only {entry.ms[FALLBACK] / ms:.2f}x {FALLBACK} at {cell} "
+                                  f"{dtype_name} {mode} H={entry.H} B={entry.B} T={entry.T}, not this size: under "
+                                  f"the {INEXACT_MARGIN}x margin for an inexact match (table "
+                                  f"{Path(table.source).name})")
+            if name != FALLBACK and FALLBACK in entry.ms:
+                versus = f"measured {entry.ms[FALLBACK] / ms:.2f}x {FALLBACK}"
+            elif len(timed) > 1:
+                runner_up_ms, runner_up = sorted(timed)[1]
+                versus = f"measured fastest ({runner_up} {runner_up_ms / ms:.2f}x slower)"
+            else:
+                versus = "the only one measured"
+            return name, (f"{versus} at {cell} {dtype_name} {mode} H={entry.H} B={entry.B} T={entry.T} "
                           f"on {table.device_class} (table {Path(table.source).name})")
     where = "no dispatch table for " + device_class(device) if table is None else \
         f"no measurement near {cell} {dtype_name} {mode} H={H} B={B} T={T} in {Path(table.source).name}"
