@@ -145,6 +145,17 @@ def test_table_decides_by_nearest_measurement(tmp_path, monkeypatch):
     assert far.chosen == "aten" and far.why == "no measurement near gru float32 fwd H=2 B=2 T=2 in t.json: aten"
 
 
+@needs_cpu
+def test_small_lead_counts_only_at_the_measured_size(tmp_path, monkeypatch):
+    path = _table(tmp_path, [("gru", "float32", "fwd", 64, 16, 16, {"cpu": 1.0, "aten": 1.1})])
+    monkeypatch.setenv("FUSEDRNN_DISPATCH_TABLE", str(path))
+    assert select_backend(_call("gru", B=16), eager=True).name == "cpu"   # measured here: fastest wins
+    assert select_backend(_call("gru", B=24), eager=True).name == "aten"  # 1.1x < the inexact margin
+    d = fusedrnn.explain(lambda: functional.rnn_layer("gru", **make_layer_args(
+        "gru", T=16, B=24, I=8, H=64, dtype=torch.float32, requires_grad=False)))[0]
+    assert d.why.startswith("cpu measured only 1.10x aten at gru float32 fwd H=64 B=16 T=16, not this size")
+
+
 def test_no_table_means_aten_and_says_so(monkeypatch):
     monkeypatch.setattr(dispatch_table, "TABLE_DIR", dispatch_table.TABLE_DIR / "nowhere")
     d = fusedrnn.explain(fusedrnn.GRU(2, 3), torch.randn(4, 1, 2))[0]
