@@ -80,9 +80,9 @@ def cell_step(cell: str, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih: Tensor
             or torch.compiler.is_compiling() or backends._recorder.get() is not None \
             or _logger.isEnabledFor(logging.DEBUG):
         return None
-    need_grad = torch.is_grad_enabled() and (x.requires_grad or h.requires_grad or w_ih.requires_grad
-                                             or w_hh.requires_grad or (c is not None and c.requires_grad)
-                                             or (b_ih is not None and (b_ih.requires_grad or b_hh.requires_grad)))
+    # Which table row (fwd or fwdbwd) to read; torch's autograd records whatever requires grad either way,
+    # and a fused choice leaves the lane for the full path, which derives need_workspace from every input.
+    need_grad = torch.is_grad_enabled() and (w_ih.requires_grad or x.requires_grad or h.requires_grad)
     key = (cell, x.size(0), x.size(1), h.size(1), b_ih is None, x.dtype, x.get_device(), need_grad,
            backends._override.get(), _env_state())
     hit = _decisions.get(key)
