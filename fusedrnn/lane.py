@@ -73,7 +73,8 @@ def cell_step(cell: str, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih: Tensor
     """(h1, c1 or None) from torch's cell kernel when the dispatch sends this step there, else None.
     x [B, I], h (and c) [B, H] plain tensors, already checked by the module against its own sizes (the
     weights' shapes are torch's kernel's to check, as in torch.nn: not part of the key)."""
-    # lane_open() and _decide() inlined: a Python call costs ~1 us here, and this runs once per token
+    # lane_open() and _decide() inlined (keep the condition in step with lane_open): a Python call costs ~1 us
+    # here, and this runs once per token
     if torch._C._is_any_autocast_enabled() or torch._C._get_tracing_state() is not None \
             or torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0 \
             or torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled() \
@@ -99,11 +100,7 @@ def cell_step(cell: str, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih: Tensor
 def module_call(module, x: Tensor, h0: Tensor, c0: Optional[Tensor]):
     """(y, h_n, c_n or None) from one torch `_VF` call of the whole module when every layer's call would go
     to aten, else None. x [T, B, I] time-major, h0/c0 [L*D, B, *] checked by the module."""
-    if torch._C._is_any_autocast_enabled() or torch._C._get_tracing_state() is not None \
-            or torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0 \
-            or torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled() \
-            or torch.compiler.is_compiling() or backends._recorder.get() is not None \
-            or _logger.isEnabledFor(logging.DEBUG):
+    if not lane_open():
         return None
     weights = module._flat_weights
     need_grad = False
