@@ -156,6 +156,18 @@ def test_small_lead_counts_only_at_the_measured_size(tmp_path, monkeypatch):
     assert d.why.startswith("cpu measured only 1.10x aten at gru float32 fwd H=64 B=16 T=16, not this size")
 
 
+@needs_cpu
+def test_longer_sequences_use_the_longest_measurement(tmp_path, monkeypatch):
+    path = _table(tmp_path, [("gru", "float32", "fwd", 64, 16, 16, {"cpu": 1.0, "aten": 2.0}),
+                             ("gru", "float32", "fwd", 64, 16, 4, {"cpu": 2.0, "aten": 1.0}),
+                             ("lstm", "float32", "fwd", 64, 16, 16, {"cpu": 1.0, "aten": 1.1})])
+    monkeypatch.setenv("FUSEDRNN_DISPATCH_TABLE", str(path))
+    assert select_backend(_call("gru", T=5000), eager=True).name == "cpu"    # as at T=16, the longest
+    assert select_backend(_call("gru", T=4), eager=True).name == "aten"      # shorter: the nearest
+    assert select_backend(_call("lstm", T=5000), eager=True).name == "aten"  # extrapolated: margin applies
+    assert select_backend(_call("lstm", T=16), eager=True).name == "cpu"
+
+
 def test_no_table_means_aten_and_says_so(monkeypatch):
     monkeypatch.setattr(dispatch_table, "TABLE_DIR", dispatch_table.TABLE_DIR / "nowhere")
     d = fusedrnn.explain(fusedrnn.GRU(2, 3), torch.randn(4, 1, 2))[0]
