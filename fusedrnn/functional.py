@@ -112,7 +112,7 @@ def _autocast(tensors):
     return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors]
 
 
-def spec_only_reason(*tensors) -> Optional[str]:
+def spec_only_reason() -> Optional[str]:
     """Why this call must run the PyTorch spec (fusedrnn.reference) instead of a kernel, or None.
 
     Forward-mode AD (torch.func.jvp / jacfwd / hessian, torch.autograd.forward_ad) and torch.func's
@@ -175,7 +175,7 @@ def rnn_layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tens
         # size (the CPU kernel divides work by the batch size).
         y, h_n, c_n = reference.rnn_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths)
         return y, h_n, c_n
-    why_spec = spec_only_reason(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    why_spec = spec_only_reason()
     if why_spec is not None:
         record_spec_decision(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, why_spec)
         return reference.rnn_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths)

@@ -22,12 +22,9 @@ from torch.autograd import forward_ad
 from . import backends
 from .backends import LayerCall, select_backend
 from .backends import table as dispatch_table
+from .backends.aten import CELL_KERNELS, LAYER_KERNELS
 
-_VF = torch._VF
-_CELL_KERNELS = {"lstm": _VF.lstm_cell, "gru": _VF.gru_cell, "rnn_tanh": _VF.rnn_tanh_cell,
-                 "rnn_relu": _VF.rnn_relu_cell}
-_LSTM_CELL = _CELL_KERNELS["lstm"]
-_LAYER_KERNELS = {"lstm": _VF.lstm, "gru": _VF.gru, "rnn_tanh": _VF.rnn_tanh, "rnn_relu": _VF.rnn_relu}
+_LSTM_CELL = CELL_KERNELS["lstm"]
 _logger = logging.getLogger("fusedrnn")
 
 # os.environ.get encodes the key and decodes the value (~1.5 us twice a call here); the posix mapping's
@@ -55,16 +52,15 @@ def lane_open() -> bool:
 
 
 def _decide(key, calls, need_grad: bool) -> bool:
-    """Whether every call in `calls` (LayerCalls, built only on a cache miss) goes to aten."""
-    hit = _decisions.get(key)
-    if hit is None:
-        try:
-            hit = all(select_backend(c, "forward", need_grad, eager=True).name == "aten" for c in calls())
-        except backends.BackendUnsupportedError:
-            hit = False  # e.g. a named backend and an empty problem: the full path knows what to do
-        if len(_decisions) > 4096:
-            _decisions.clear()
-        _decisions[key] = hit
+    """On a cache miss (the callers look `key` up first): whether every call in `calls()` (LayerCalls, built
+    only here) goes to aten; remembered under `key`."""
+    try:
+        hit = all(select_backend(c, "forward", need_grad, eager=True).name == "aten" for c in calls())
+    except backends.BackendUnsupportedError:
+        hit = False  # e.g. a named backend and an empty problem: the full path knows what to do
+    if len(_decisions) > 4096:
+        _decisions.clear()
+    _decisions[key] = hit
     return hit
 
 
@@ -73,8 +69,8 @@ def cell_step(cell: str, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih: Tensor
     """(h1, c1 or None) from torch's cell kernel when the dispatch sends this step there, else None.
     x [B, I], h (and c) [B, H] plain tensors, already checked by the module against its own sizes (the
     weights' shapes are torch's kernel's to check, as in torch.nn: not part of the key)."""
-    # lane_open() and _decide() inlined (keep the condition in step with lane_open): a Python call costs ~1 us
-    # here, and this runs once per token
+    # lane_open() inlined (keep the condition in step with it): a Python call costs ~1 us here, and this runs
+    # once per token
     if torch._C._is_any_autocast_enabled() or torch._C._get_tracing_state() is not None \
             or torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0 \
             or torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled() \
@@ -92,9 +88,9 @@ def cell_step(cell: str, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih: Tensor
                                               False)], need_grad)
     if not hit:
         return None
-    if c is not None:  # prebound kernels: torch._VF's module __getattr__ is Python (~1 us)
+    if c is not None:
         return _LSTM_CELL(x, (h, c), w_ih, w_hh, b_ih, b_hh)
-    return _CELL_KERNELS[cell](x, h, w_ih, w_hh, b_ih, b_hh), None
+    return CELL_KERNELS[cell](x, h, w_ih, w_hh, b_ih, b_hh), None
 
 
 def module_call(module, x: Tensor, h0: Tensor, c0: Optional[Tensor]):
@@ -132,7 +128,7 @@ def module_call(module, x: Tensor, h0: Tensor, c0: Optional[Tensor]):
     if not hit:
         return None
     hx = (h0, c0) if module.cell == "lstm" else h0
-    out = _LAYER_KERNELS[module.cell](x, hx, weights, module.bias, module.num_layers, module.dropout,
+    out = LAYER_KERNELS[module.cell](x, hx, weights, module.bias, module.num_layers, module.dropout,
                                       module.training, module.bidirectional, False)
     return out[0], out[1], (out[2] if module.cell == "lstm" else None)
 

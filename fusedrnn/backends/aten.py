@@ -29,8 +29,12 @@ from .base import Backend, LayerCall, empty_problem_reason
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_LAYER_FN = {"lstm": "lstm", "gru": "gru", "rnn_tanh": "rnn_tanh", "rnn_relu": "rnn_relu"}
-_CELL_FN = {"lstm": "lstm_cell", "gru": "gru_cell", "rnn_tanh": "rnn_tanh_cell", "rnn_relu": "rnn_relu_cell"}
+# torch's kernels, bound once (torch._VF's module __getattr__ is Python, ~1 us a lookup); the eager lane
+# (fusedrnn/lane.py) calls the same ones.
+LAYER_KERNELS = {"lstm": torch._VF.lstm, "gru": torch._VF.gru, "rnn_tanh": torch._VF.rnn_tanh,
+                 "rnn_relu": torch._VF.rnn_relu}
+CELL_KERNELS = {"lstm": torch._VF.lstm_cell, "gru": torch._VF.gru_cell, "rnn_tanh": torch._VF.rnn_tanh_cell,
+                "rnn_relu": torch._VF.rnn_relu_cell}
 
 
 def _reverse_within_lengths(seq: Tensor, lengths: Tensor) -> Tensor:
@@ -67,7 +71,7 @@ class AtenBackend(Backend):
         cell = call.cell
         if call.seq_len == 1 and call.w_hr is None and call.lengths is None:
             # A single step (the cells, decoding loops): torch's cell kernel, no sequence setup.
-            fn = getattr(torch._VF, _CELL_FN[cell])
+            fn = CELL_KERNELS[cell]
             x = call.x.squeeze(0)  # not x[0]: Python indexing costs ~5 us, more than this whole function
             if cell == "lstm":
                 h, c = fn(x, (call.h0, call.c0), call.w_ih, call.w_hh, call.b_ih, call.b_hh)
@@ -78,7 +82,7 @@ class AtenBackend(Backend):
         params = [call.w_ih, call.w_hh] + ([call.b_ih, call.b_hh] if has_bias else []) + \
             ([call.w_hr] if call.w_hr is not None else [])
         hx = (call.h0.unsqueeze(0), call.c0.unsqueeze(0)) if cell == "lstm" else call.h0.unsqueeze(0)
-        fn = getattr(torch._VF, _LAYER_FN[cell])
+        fn = LAYER_KERNELS[cell]
         x, lengths = call.x, call.lengths
         if call.reverse:
             x = x.flip(0) if lengths is None else _reverse_within_lengths(x, lengths)
