@@ -86,3 +86,12 @@ def setup() -> Ranks:
     if not dist.is_initialized():
         dist.init_process_group(backend)
     return Ranks(rank, world_size, dev)
+
+
+def run_on_ranks(main, args):
+    """main(args, ranks) inside the process group (setup()), which is left again however main ends."""
+    ranks = setup()
+    try:
+        return main(args, ranks)
+    finally:
+        ranks.close()

@@ -25,7 +25,7 @@ from torch import nn
 import fusedrnn
 
 from ._common import DEFAULT_OUT, out_dir, pyplot
-from ._distributed import Ranks, setup
+from ._distributed import Ranks, run_on_ranks
 
 # Imported for their docstrings only: quiet, side-effect-free modules (no `this`, `antigravity`, GUI).
 MODULES = """abc argparse ast asyncio base64 bisect bz2 calendar cmath codecs collections configparser contextlib
@@ -162,11 +162,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(DEFAULT_OUT, "charlm"))
     args = ap.parse_args(argv)
-    ranks = setup()
-    try:
-        return _main(args, ranks)
-    finally:
-        ranks.close()
+    return run_on_ranks(_main, args)
 
 
 def _main(args, ranks: Ranks) -> dict:

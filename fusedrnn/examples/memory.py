@@ -23,7 +23,7 @@ from torch import nn
 import fusedrnn
 
 from ._common import DEFAULT_OUT, out_dir, pyplot
-from ._distributed import Ranks, setup
+from ._distributed import Ranks, run_on_ranks
 
 TOL = 0.04
 CHANCE = 2 * TOL - TOL ** 2  # P(|u1 + u2 - 1| < TOL) for u1, u2 ~ U(0, 1)
@@ -103,11 +103,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=os.path.join(DEFAULT_OUT, "memory"))
     args = ap.parse_args(argv)
 
-    ranks = setup()
-    try:
-        return _main(args, ranks)
-    finally:
-        ranks.close()
+    return run_on_ranks(_main, args)
 
 
 def _main(args, ranks: Ranks) -> dict:
