@@ -81,12 +81,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _time_loop(step, x, state, reverse, lengths):
-    """Runs `state = step(x[t], state)` over time; state[0] is the output h. Returns (y, final state)."""
+def _time_loop(step, x, state, reverse, lengths, *, pass_time=False):
+    """Runs `state = step(x[t], state)` (`step(x[t], state, t)` with pass_time) over time; state[0] is the
+    output h. Returns (y, final state)."""
     T = x.shape[0]
     ys = [None] * T
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
-        new_state = step(x[t], state)
+        new_state = step(x[t], state, t) if pass_time else step(x[t], state)
         if lengths is None:
             state = new_state
             ys[t] = new_state[0]
@@ -151,3 +152,110 @@ def rnn_layer(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, reve
               compute_dtype=None):
     """Dispatches by cell name to the layer functions above (same signature)."""
     return LAYERS[cell](x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths, compute_dtype=compute_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Beyond torch.nn (issue #18): LayerNorm LSTM / GRU and zoneout, the spec of fusedrnn::rnn_layer_ext.
+#
+#   y, h_n, c_n = rnn_layer_ext(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight,
+#                               ln_c_bias, zoneout_h, zoneout_c, reverse, lengths)
+#
+#   cell         "lstm" or "gru" (no projection)
+#   ln_ih, ln_hh [G*H] gains of the layer norms of the input part W_ih x and of the recurrent part W_hh h,
+#                or both None (no layer norm). The biases b_ih, b_hh are added after the norms and serve as
+#                their shifts (as in haste's LayerNormLSTM / LayerNormGRU; a shift per norm would be
+#                redundant with them). Each norm runs over the whole G*H row of one sequence, eps LN_EPS,
+#                biased variance (torch.nn.functional.layer_norm).
+#   ln_c_weight, ln_c_bias [H]
+#                LSTM with layer norm only: the norm of the new cell state before its tanh,
+#                h = o * tanh(LN(c) * ln_c_weight + ln_c_bias). The state carried on is c itself.
+#   zoneout_h, zoneout_c [T, B, H] or None
+#                keep-masks of zoneout (Krueger et al. 2016): where zoneout_h[t] != 0 the unit keeps its
+#                previous value h_{t-1} instead of the new one (zoneout_c: the same for the LSTM's cell
+#                state). The masks are drawn by the caller (fusedrnn.nn draws Bernoulli(p) in training and
+#                passes None in eval); y[t] is the state h_t after zoneout.
+#
+# LSTM:  a = LN(W_ih x)*ln_ih + b_ih + LN(W_hh h)*ln_hh + b_hh -> i, f, g, o
+#        c~ = f*c + i*g;  h~ = o * tanh(LN(c~)*ln_c_weight + ln_c_bias);  c' = zoneout(c~, c);  h' = zoneout(h~, h)
+# GRU:   a_x = LN(W_ih x)*ln_ih + b_ih,  a_h = LN(W_hh h)*ln_hh + b_hh,  then PyTorch's reset-after GRU on
+#        (a_x, a_h);  h' = zoneout(h~, h)
+# Without norms and masks these are exactly lstm_cell / gru_cell. Lengths and reverse as in rnn_layer.
+# ---------------------------------------------------------------------------------------------------
+LN_EPS = 1e-5
+EXT_CELLS = ("lstm", "gru")
+
+
+def layer_norm_rows(v: Tensor, gain: Tensor, shift: Tensor | None = None) -> Tensor:
+    """LayerNorm over the last dimension with biased variance and eps LN_EPS, times gain (plus shift)."""
+    mean = v.mean(-1, keepdim=True)
+    centred = v - mean
+    var = (centred * centred).mean(-1, keepdim=True)
+    out = centred * torch.rsqrt(var + LN_EPS) * gain
+    return out if shift is None else out + shift
+
+
+def _gate_parts(x, h, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh):
+    """(input part, recurrent part) of the pre-activations, each normed (when ln_ih is given) and biased."""
+    a_x, a_h = x @ w_ih.t(), h @ w_hh.t()
+    if ln_ih is not None:
+        a_x, a_h = layer_norm_rows(a_x, ln_ih), layer_norm_rows(a_h, ln_hh)
+    if b_ih is not None:
+        a_x, a_h = a_x + b_ih, a_h + b_hh
+    return a_x, a_h
+
+
+def ln_lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, ln_ih=None, ln_hh=None, ln_c_weight=None,
+                 ln_c_bias=None):
+    """One step of the (LayerNorm) LSTM before zoneout: returns (h~ [B, H], c~ [B, H])."""
+    a_x, a_h = _gate_parts(x, h, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh)
+    i, f, g, o = (a_x + a_h).chunk(4, dim=-1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    c_new = f * c + i * g
+    c_out = c_new if ln_c_weight is None else layer_norm_rows(c_new, ln_c_weight, ln_c_bias)
+    return o * torch.tanh(c_out), c_new
+
+
+def ln_gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, ln_ih=None, ln_hh=None):
+    """One step of the (LayerNorm) GRU before zoneout: returns h~ [B, H]."""
+    a_x, a_h = _gate_parts(x, h, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh)
+    x_r, x_z, x_n = a_x.chunk(3, dim=-1)
+    h_r, h_z, h_n = a_h.chunk(3, dim=-1)
+    r = torch.sigmoid(x_r + h_r)
+    z = torch.sigmoid(x_z + h_z)
+    n = torch.tanh(x_n + r * h_n)
+    return (1 - z) * n + z * h
+
+
+def zoneout(new: Tensor, previous: Tensor, keep: Tensor | None) -> Tensor:
+    """The previous value where the keep-mask is nonzero, else the new one."""
+    return new if keep is None else torch.where(keep != 0, previous, new)
+
+
+def rnn_layer_ext(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, ln_ih=None, ln_hh=None, ln_c_weight=None,
+                  ln_c_bias=None, zoneout_h=None, zoneout_c=None, reverse=False, lengths=None, *,
+                  compute_dtype=None):
+    """The spec of fusedrnn::rnn_layer_ext (section comment above). Returns (y, h_n, c_n or None)."""
+    assert cell in EXT_CELLS, cell
+    out_dtype = x.dtype
+    cdt = compute_dtype or _compute_dtype(out_dtype)
+    up = lambda t: None if t is None else t.to(cdt)  # noqa: E731
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias = map(
+        up, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias))
+    if lengths is not None:
+        lengths = lengths.to(device=x.device, dtype=torch.int64)
+    if cell == "lstm":
+        def step(x_t, state, t):
+            h, c = state
+            h_new, c_new = ln_lstm_cell(x_t, h, c, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias)
+            return (zoneout(h_new, h, None if zoneout_h is None else zoneout_h[t]),
+                    zoneout(c_new, c, None if zoneout_c is None else zoneout_c[t]))
+        y, (h_n, c_n) = _time_loop(step, x, (h0, c0), reverse, lengths, pass_time=True)
+        return y.to(out_dtype), h_n.to(out_dtype), c_n.to(out_dtype)
+
+    def step(x_t, state, t):
+        h = state[0]
+        h_new = ln_gru_cell(x_t, h, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh)
+        return (zoneout(h_new, h, None if zoneout_h is None else zoneout_h[t]),)
+    y, (h_n,) = _time_loop(step, x, (h0,), reverse, lengths, pass_time=True)
+    return y.to(out_dtype), h_n.to(out_dtype), None
+

@@ -90,14 +90,23 @@ struct LstmState {
   T c, r;
 };
 
+// The gates and the new cell state; r is left to the caller (the LayerNorm LSTM takes tanh of LN(c), whose
+// row statistics need every unit's c first).
 template <typename T>
-FUSEDRNN_HOST_DEVICE LstmState<T> lstm_forward(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev) {
+FUSEDRNN_HOST_DEVICE LstmState<T> lstm_state_forward(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev) {
   LstmState<T> s;
   s.i = sigmoid(pre_i);
   s.f = sigmoid(pre_f);
   s.g = tanh_(pre_g);
   s.o = sigmoid(pre_o);
   s.c = s.f * c_prev + s.i * s.g;
+  s.r = T(0);
+  return s;
+}
+
+template <typename T>
+FUSEDRNN_HOST_DEVICE LstmState<T> lstm_forward(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev) {
+  LstmState<T> s = lstm_state_forward(pre_i, pre_f, pre_g, pre_o, c_prev);
   s.r = s.o * tanh_(s.c);
   return s;
 }
@@ -120,6 +129,67 @@ FUSEDRNN_HOST_DEVICE LstmGrad<T> lstm_backward(T i, T f, T g, T o, T c, T c_prev
   d.o = grad_r * tanh_c * o * (T(1) - o);
   d.c_prev = grad_c_total * f;
   return d;
+}
+
+// The two halves of lstm_backward, for the LayerNorm LSTM (r = o * tanh(n), n = LN(c) * w + b), where the
+// gradient of c comes from n through the norm's row reduction in between.
+template <typename T>
+struct LstmOutputGrad {
+  T o;  // gradient of pre_o
+  T n;  // gradient of n, the argument of the output tanh
+};
+
+template <typename T>
+FUSEDRNN_HOST_DEVICE LstmOutputGrad<T> lstm_output_backward(T o, T tanh_n, T grad_r) {
+  LstmOutputGrad<T> d;
+  d.o = grad_r * tanh_n * o * (T(1) - o);
+  d.n = grad_r * o * (T(1) - tanh_n * tanh_n);
+  return d;
+}
+
+// grad_c_total: the whole gradient of c_t (from its norm and from step t+1). d.c_prev: its direct part.
+template <typename T>
+FUSEDRNN_HOST_DEVICE LstmGrad<T> lstm_state_backward(T i, T f, T g, T c_prev, T grad_c_total) {
+  LstmGrad<T> d;
+  d.i = grad_c_total * g * i * (T(1) - i);
+  d.f = grad_c_total * c_prev * f * (T(1) - f);
+  d.g = grad_c_total * i * (T(1) - g * g);
+  d.o = T(0);
+  d.c_prev = grad_c_total * f;
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// LayerNorm over one row (the G*H pre-activations of a sequence, or the LSTM's H cell states) and zoneout
+// (issue #18; spec: fusedrnn/reference.py rnn_layer_ext). The row reductions belong to the caller (a loop on
+// the CPU, a warp or block reduction on the GPU); these are the per-element parts. Statistics in T:
+// mean, then rstd = 1/sqrt(mean((v - mean)^2) + eps) from the centred values (two passes: one pass of
+// sum and sum of squares loses the variance to cancellation when |mean| >> std).
+// ---------------------------------------------------------------------------------------------------
+constexpr double kLayerNormEps = 1e-5;  // reference.LN_EPS, torch.nn.LayerNorm's default
+
+FUSEDRNN_HOST_DEVICE float layer_norm_rstd(float mean_centred_square) {
+#if defined(__CUDA_ARCH__)
+  return rsqrtf(mean_centred_square + float(kLayerNormEps));
+#else
+  return 1.0f / std::sqrt(mean_centred_square + float(kLayerNormEps));
+#endif
+}
+FUSEDRNN_HOST_DEVICE double layer_norm_rstd(double mean_centred_square) {
+  return 1.0 / std::sqrt(mean_centred_square + kLayerNormEps);
+}
+
+// Gradient of v from g = (gradient of the normed output) * gain, with normed = (v - mean) * rstd and the
+// row means mean_g = mean(g), mean_gn = mean(g * normed).
+template <typename T>
+FUSEDRNN_HOST_DEVICE T layer_norm_backward(T g, T normed, T rstd, T mean_g, T mean_gn) {
+  return rstd * (g - mean_g - normed * mean_gn);
+}
+
+// Zoneout: the unit keeps its previous value where the keep-mask is nonzero.
+template <typename T>
+FUSEDRNN_HOST_DEVICE T zoneout(T keep, T previous, T next) {
+  return keep != T(0) ? previous : next;
 }
 
 // ---------------------------------------------------------------------------------------------------
