@@ -291,3 +291,25 @@ def ext_backward(rows, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln
     return (grad_x, grad_h.to(x.dtype), grad_c.to(x.dtype) if lstm else empty, grad_w_ih, grad_w_hh,
             block(0, GH, b_ih), block(GH, GH, b_hh), block(2 * GH, GH, ln_ih), block(3 * GH, GH, ln_hh),
             block(4 * GH, H, ln_c_weight), block(4 * GH + H, H, ln_c_bias))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Row-kernel providers, by backend name. Each: name, unavailable_reason(device), unsupported_reason(cell,
+# dtype, hidden_size), forward_rows, backward_rows (module doc). Imported on first use.
+# ---------------------------------------------------------------------------------------------------------
+ReferenceRows.unavailable_reason = staticmethod(lambda device: None)
+ReferenceRows.unsupported_reason = staticmethod(lambda cell, dtype, hidden_size: None)
+
+_PROVIDERS = {
+    "reference": lambda: ReferenceRows,
+    "cpu": lambda: __import__("fusedrnn.backends.ext_cpu", fromlist=["CpuRows"]).CpuRows,
+    "triton": lambda: __import__("fusedrnn.triton.rnn_ext", fromlist=["TritonRows"]).TritonRows,
+    "cuda": lambda: __import__("fusedrnn.backends.ext_cuda", fromlist=["CudaRows"]).CudaRows,
+    "cuda-emu": lambda: __import__("fusedrnn.backends.ext_cuda", fromlist=["CudaEmuRows"]).CudaEmuRows,
+}
+
+
+def row_kernels(name: str):
+    """The row-kernel provider of backend `name`, or None when that backend has none."""
+    factory = _PROVIDERS.get(name)
+    return None if factory is None else factory()
