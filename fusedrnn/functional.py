@@ -190,3 +190,70 @@ def rnn_layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tens
     y, h_n, c_n, _ = ops.run_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
                                    need_workspace)
     return y, h_n, (c_n if cell == "lstm" else None)
+
+
+def check_ext_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, zoneout_h,
+                   zoneout_c, lengths) -> None:
+    """check_layer_args for rnn_layer_ext, plus its norm gains and zoneout masks."""
+    if cell not in reference.EXT_CELLS:
+        raise ValueError(f"cell: expected one of {list(reference.EXT_CELLS)} (LayerNorm and zoneout cells), "
+                         f"got {cell!r}")
+    check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lengths)
+    T, B, _ = x.shape
+    G, H = GATES[cell], w_hh.shape[0] // GATES[cell]
+    if (ln_ih is None) != (ln_hh is None):
+        raise ValueError("ln_ih, ln_hh: give both layer-norm gains or neither")
+    if cell == "lstm" and (ln_c_weight is None) != (ln_ih is None):
+        raise ValueError("ln_c_weight: a LayerNorm LSTM needs ln_ih, ln_hh, ln_c_weight and ln_c_bias together")
+    if cell != "lstm" and (ln_c_weight is not None or ln_c_bias is not None or zoneout_c is not None):
+        raise ValueError(f"{cell} has no cell state: ln_c_weight, ln_c_bias and zoneout_c must be None")
+    if (ln_c_weight is None) != (ln_c_bias is None):
+        raise ValueError("ln_c_weight, ln_c_bias: give both or neither")
+    for name, t, shape in (("ln_ih", ln_ih, (G * H,)), ("ln_hh", ln_hh, (G * H,)), ("ln_c_weight", ln_c_weight, (H,)),
+                           ("ln_c_bias", ln_c_bias, (H,)), ("zoneout_h", zoneout_h, (T, B, H)),
+                           ("zoneout_c", zoneout_c, (T, B, H))):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a Tensor, got {type(t).__name__}")
+        if t.shape != shape:
+            raise ValueError(f"{name}: expected shape {list(shape)}, got {_shape(t)}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
+        if name.startswith("ln") and t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+
+
+def rnn_layer_ext(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
+                  b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, ln_ih: Optional[Tensor] = None,
+                  ln_hh: Optional[Tensor] = None, ln_c_weight: Optional[Tensor] = None,
+                  ln_c_bias: Optional[Tensor] = None, zoneout_h: Optional[Tensor] = None,
+                  zoneout_c: Optional[Tensor] = None, reverse: bool = False, lengths: Optional[Tensor] = None):
+    """One LayerNorm / zoneout layer, one direction (spec and argument meanings:
+    fusedrnn.reference.rnn_layer_ext). zoneout masks may be of any dtype (nonzero: keep the previous value).
+    Returns (y [T,B,H], h_n [B,H], c_n [B,H] for LSTM else None)."""
+    if torch._C._is_any_autocast_enabled():
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias = _autocast(
+            [x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias])
+    check_ext_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, zoneout_h,
+                   zoneout_c, lengths)
+    if lengths is not None:
+        lengths = lengths.to(torch.int64)
+    # the masks as x.dtype 0/1 (the row kernels' contract); they are never differentiated
+    zoneout_h, zoneout_c = ((None if m is None else (m != 0).to(x.dtype)) for m in (zoneout_h, zoneout_c))
+    params = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias)
+    why_spec = None
+    if x.numel() == 0 or h0.numel() == 0 or w_hh.numel() == 0:
+        why_spec = "empty problem: nothing to compute"
+    else:
+        why_spec = spec_only_reason()
+    if why_spec is not None:
+        from .backends import record_decision
+        record_decision("forward", lambda: ops.describe_ext_call(cell, x, w_hh, ln_ih, zoneout_h, lengths, reverse),
+                        "reference", [("kernels", why_spec)])
+        return reference.rnn_layer_ext(cell, *params, zoneout_h, zoneout_c, reverse, lengths)
+    tracing = torch._C._get_tracing_state() is not None
+    need_workspace = (torch.is_grad_enabled() or tracing) and any(
+        t is not None and t.requires_grad for t in params)
+    y, h_n, c_n, _ = ops.rnn_layer_ext(cell, *params, zoneout_h, zoneout_c, lengths, reverse, need_workspace)
+    return y, h_n, (c_n if cell == "lstm" else None)

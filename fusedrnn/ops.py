@@ -239,6 +239,182 @@ def run_layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tens
 
 
 # =====================================================================================================
+# rnn_layer_ext (issue #18): LayerNorm LSTM / GRU and zoneout.
+#     torch.ops.fusedrnn.rnn_layer_ext           one layer, one direction, forward (+ its workspace)
+#     torch.ops.fusedrnn.rnn_layer_ext_backward  its explicit BPTT backward
+# Spec: fusedrnn.reference.rnn_layer_ext; driver and row-kernel contract: fusedrnn.backends.ext. The backend
+# is chosen like the layer op's: a named one must be able to run the call; "auto" takes the first of
+# EXT_PREFERENCE that can (the row kernels have no rival to measure against: torch has no such cell).
+# =====================================================================================================
+from .backends import BACKEND_NAMES as _BACKEND_NAMES  # noqa: E402
+from .backends import available_backends as _available_backends  # noqa: E402
+from .backends import ext as _ext  # noqa: E402
+from .backends import record_decision as _record_decision  # noqa: E402
+
+EXT_PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+def describe_ext_call(cell, x, w_hh, ln_ih, zoneout_h, lengths, reverse) -> str:
+    H = w_hh.shape[0] // GATES[cell]
+    extras = "".join([" layernorm" if ln_ih is not None else "", " zoneout" if zoneout_h is not None else "",
+                      " reverse" if reverse else "", " lengths" if lengths is not None else ""])
+    return (f"{cell}-ext T={x.shape[0]} B={x.shape[1]} I={x.shape[2]} H={H} "
+            f"{str(x.dtype).replace('torch.', '')} {x.device.type}{extras}")
+
+
+def _ext_refusal(name: str, cell: str, x: Tensor, hidden_size: int) -> Optional[str]:
+    try:
+        rows = _ext.row_kernels(name)
+        if rows is None:
+            return "has no LayerNorm / zoneout kernels (torch has no such cell)"
+        return rows.unavailable_reason(x.device) or rows.unsupported_reason(cell, x.dtype, hidden_size)
+    except ImportError as e:  # a provider module that cannot load (e.g. triton missing)
+        return f"cannot be imported ({e})"
+
+
+def select_ext_rows(cell, x, w_hh, ln_ih, zoneout_h, lengths, reverse, direction: str):
+    """The row-kernel provider (backends.ext) that runs this rnn_layer_ext call under the current setting."""
+    H = w_hh.shape[0] // GATES[cell]
+    describe = lambda: describe_ext_call(cell, x, w_hh, ln_ih, zoneout_h, lengths, reverse)  # noqa: E731
+    setting = _current_backend()
+    if setting != "auto":
+        why = _ext_refusal(setting, cell, x, H)
+        if why is not None:
+            raise _BackendUnsupportedError(
+                f"fusedrnn backend {setting!r} cannot run {describe()} ({direction}): {why}. Use "
+                f"fusedrnn.use_backend('auto') to fall back automatically; available on {x.device.type}: "
+                f"{[n for n in _available_backends(x.device) if _ext.row_kernels(n) is not None]}")
+        _record_decision(direction, describe, setting, [])
+        return _ext.row_kernels(setting)
+    refused = []
+    for name in EXT_PREFERENCE.get(x.device.type, ("reference",)):
+        why = _ext_refusal(name, cell, x, H)
+        if why is None:
+            _record_decision(direction, describe, name, refused, "the first in the preference list that can run it")
+            return _ext.row_kernels(name)
+        refused.append((name, why))
+    _record_decision(direction, describe, "reference", refused, "no fused row kernel can run it")
+    return _ext.ReferenceRows
+
+
+def _refuse_forward_ad(op: str) -> None:
+    if forward_ad._current_level >= 0 and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"fusedrnn::{op} has no forward-mode AD rule, and inside torch.func.jvp / jacfwd / "
+            "forward_ad.dual_level its tangent would silently be zero. Call fusedrnn.functional or the "
+            "fusedrnn modules instead: they run the differentiable spec (fusedrnn.reference) there")
+
+
+@torch.library.custom_op("fusedrnn::rnn_layer_ext", mutates_args=())
+def rnn_layer_ext(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
+                  b_ih: Optional[Tensor], b_hh: Optional[Tensor], ln_ih: Optional[Tensor], ln_hh: Optional[Tensor],
+                  ln_c_weight: Optional[Tensor], ln_c_bias: Optional[Tensor], zoneout_h: Optional[Tensor],
+                  zoneout_c: Optional[Tensor], lengths: Optional[Tensor], reverse: bool, need_workspace: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y [T,B,H], h_n [B,H], c_n [B,H] for LSTM else [0], workspace [T,B,W] or [0])."""
+    _refuse_forward_ad("rnn_layer_ext")
+    rows = select_ext_rows(cell, x, w_hh, ln_ih, zoneout_h, lengths, reverse, "forward")
+    return _ext.ext_forward(rows, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias,
+                            zoneout_h, zoneout_c, lengths, reverse, need_workspace)
+
+
+@rnn_layer_ext.register_fake
+def _rnn_layer_ext_fake(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, zoneout_h,
+                        zoneout_c, lengths, reverse, need_workspace):
+    T, B = x.shape[0], x.shape[1]
+    H = w_hh.shape[0] // GATES[cell]
+    workspace = x.new_empty(T, B, _ext.ext_workspace_width(cell, H)) if need_workspace else x.new_empty(0)
+    return (x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(B, H) if cell == "lstm" else x.new_empty(0),
+            workspace)
+
+
+@torch.library.custom_op("fusedrnn::rnn_layer_ext_backward", mutates_args=())
+def rnn_layer_ext_backward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
+                           b_ih: Optional[Tensor], b_hh: Optional[Tensor], ln_ih: Optional[Tensor],
+                           ln_hh: Optional[Tensor], ln_c_weight: Optional[Tensor], ln_c_bias: Optional[Tensor],
+                           zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor], lengths: Optional[Tensor],
+                           reverse: bool, y: Tensor, workspace: Tensor, grad_y: Tensor, grad_h_n: Tensor,
+                           grad_c_n: Optional[Tensor]) -> list[Tensor]:
+    """Gradients of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias); absent: empty."""
+    rows = select_ext_rows(cell, x, w_hh, ln_ih, zoneout_h, lengths, reverse, "backward")
+    return list(_ext.ext_backward(rows, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight,
+                                  ln_c_bias, zoneout_h, zoneout_c, lengths, reverse, y, workspace, grad_y,
+                                  grad_h_n, grad_c_n))
+
+
+@rnn_layer_ext_backward.register_fake
+def _rnn_layer_ext_backward_fake(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias,
+                                 zoneout_h, zoneout_c, lengths, reverse, y, workspace, grad_y, grad_h_n, grad_c_n):
+    like = lambda t: x.new_empty(0) if t is None else t.new_empty(t.shape)  # noqa: E731
+    return [like(t) for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias)]
+
+
+_EXT_DIFFERENTIABLE = 11  # x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias
+
+
+def _ext_setup_context(ctx, inputs, output):
+    (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, zoneout_h, zoneout_c, lengths,
+     reverse, need_workspace) = inputs
+    y, _, _, workspace = output
+    ctx.cell, ctx.reverse, ctx.need_workspace = cell, reverse, need_workspace
+    ctx.backend_setting = current_backend()
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, zoneout_h,
+                          zoneout_c, lengths, y, workspace)
+    ctx.mark_non_differentiable(workspace)
+
+
+def _rnn_layer_ext_autograd(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
+    if not ctx.need_workspace:
+        raise RuntimeError(
+            "fusedrnn::rnn_layer_ext was called with need_workspace=False, so it cannot be differentiated; "
+            "call it through fusedrnn.functional.rnn_layer_ext, which sets it when gradients are needed")
+    saved = ctx.saved_tensors
+    inputs, (zoneout_h, zoneout_c, lengths, y, workspace) = saved[:_EXT_DIFFERENTIABLE], saved[_EXT_DIFFERENTIABLE:]
+    x, h0, c0 = inputs[:3]
+    lstm = ctx.cell == "lstm"
+    grad_y = torch.zeros_like(y) if grad_y is None else grad_y
+    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
+    if lstm and grad_c_n is None:
+        grad_c_n = torch.zeros_like(c0)
+    if torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
+        # create_graph=True (double backward) or a transform over the backward: the row kernels' gradients
+        # are not differentiable; these come from the spec (one recomputation of the forward in PyTorch ops)
+        grads = differentiable_ext_backward(ctx.cell, *inputs, zoneout_h, zoneout_c, lengths, ctx.reverse,
+                                            grad_y, grad_h_n, grad_c_n if lstm else None)
+    else:
+        with use_backend(ctx.backend_setting):
+            grads = rnn_layer_ext_backward(ctx.cell, *inputs, zoneout_h, zoneout_c, lengths, ctx.reverse, y,
+                                           workspace, grad_y, grad_h_n, grad_c_n if lstm else None)
+    grads = [g if t is not None else None for g, t in zip(grads, inputs)]
+    return None, *grads, None, None, None, None, None
+
+
+rnn_layer_ext.register_autograd(_rnn_layer_ext_autograd, setup_context=_ext_setup_context)
+
+
+def differentiable_ext_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias,
+                                zoneout_h, zoneout_c, lengths, reverse, grad_y, grad_h_n, grad_c_n):
+    """rnn_layer_ext's gradients as a differentiable function of the inputs and the incoming gradients
+    (double backward): the spec's forward, differentiated with create_graph=True."""
+    from . import reference
+    inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias)
+    with torch.enable_grad():
+        leaves = [None if t is None else (t if t.requires_grad else t.detach().requires_grad_()) for t in inputs]
+        y, h_n, c_n = reference.rnn_layer_ext(cell, *leaves, zoneout_h, zoneout_c, reverse, lengths)
+        outs, grads_out = [y, h_n], [grad_y, grad_h_n]
+        if c_n is not None:
+            outs.append(c_n)
+            grads_out.append(grad_c_n)
+        wrt = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad(outs, wrt, grads_out, create_graph=True, allow_unused=True))
+    out = []
+    for t in leaves:
+        g = None if t is None else next(grads)
+        out.append(x.new_empty(0) if t is None else (torch.zeros_like(t) if g is None else g))
+    return out
+
+
+# =====================================================================================================
 # beam_topk (decoding, issue #6) -- this section up to the end of the file.
 #     torch.ops.fusedrnn.beam_topk  log_softmax + beam score + top-k over each item's beams, in one pass
 # Spec, tie rule and -inf/NaN policy: fusedrnn/reference_decoding.py. Backends: "reference" (that spec),

@@ -286,7 +286,7 @@ def ext_backward(rows, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln
     grad_w_ih = d_ax_flat.t() @ x.reshape(T * B, I)
     grad_w_hh = d_ah_all.view(T * B, GH).t() @ h_prev_all.reshape(T * B, H)
     sums = acc.sum(0)
-    block = lambda lo, n, t: x.new_empty(0) if t is None else sums[lo:lo + n].to(x.dtype)  # noqa: E731
+    block = lambda lo, n, t: x.new_empty(0) if t is None else sums[lo:lo + n].to(x.dtype, copy=True)  # noqa: E731
     empty = x.new_empty(0)
     return (grad_x, grad_h.to(x.dtype), grad_c.to(x.dtype) if lstm else empty, grad_w_ih, grad_w_hh,
             block(0, GH, b_ih), block(GH, GH, b_hh), block(2 * GH, GH, ln_ih), block(3 * GH, GH, ln_hh),
