@@ -12,7 +12,8 @@ from . import functional, ops, reference  # noqa: F401  (ops registers the torch
 from ._extension import extension_error, has_extension  # noqa: F401
 from .backends import (BACKEND_NAMES, BackendUnsupportedError, available_backends, current_backend,  # noqa: F401
                        explain, use_backend)
-from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, is_recurrent, symbolic_trace  # noqa: F401
+from .nn import (GRU, LSTM, RNN, GRUCell, LayerNormGRU, LayerNormGRUCell, LayerNormLSTM, LayerNormLSTMCell,  # noqa: F401
+                 LSTMCell, RNNCell, is_recurrent, symbolic_trace)
 from .decoding import beam_search, greedy_search, sample  # noqa: F401
 from .interop import convert, quantize_dynamic, to_torch  # noqa: F401
 
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell",
+    "LayerNormLSTM", "LayerNormGRU", "LayerNormLSTMCell", "LayerNormGRUCell",
     "available_backends", "use_backend", "current_backend", "explain", "BackendUnsupportedError",
     "BACKEND_NAMES", "has_extension", "functional", "ops", "reference",
     "beam_search", "greedy_search", "sample", "is_recurrent", "symbolic_trace", "convert", "to_torch",

@@ -89,6 +89,10 @@ def _torch_kwargs(module, path: str) -> dict:
     if getattr(module, "bidirectional", False) and getattr(module, "merge_mode", "concat") != "concat":
         raise ValueError(f"to_torch: {_describe(path, module)} uses merge_mode={module.merge_mode!r}, which "
                          "torch.nn has no equivalent of (its bidirectional output is always concatenated)")
+    zoneout, dropconnect = getattr(module, "zoneout", (0.0, 0.0)), getattr(module, "dropconnect", 0.0)
+    if zoneout != (0.0, 0.0) or dropconnect:
+        raise ValueError(f"to_torch: {_describe(path, module)} uses zoneout={zoneout} / dropconnect={dropconnect}, "
+                         "which torch.nn has no equivalent of (set them to 0 first to convert it for inference)")
     return _common_kwargs(module)
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import lane
-from .functional import check_lengths, rnn_layer
+from .functional import check_lengths, rnn_layer, rnn_layer_ext
 from .reference import GATES
 
 LengthsLike = Union[Tensor, Sequence[int], None]
@@ -63,6 +63,28 @@ def _check_dtype_device(name: str, t: Tensor, like: Tensor, like_name: str, dtyp
         raise RuntimeError(f"{name} must be on device {like.device} (the device of {like_name}), got {t.device}")
 
 
+def _check_probability(name: str, value) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value < 1:
+        raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_zoneout(cell: str, zoneout, proj_size: int) -> tuple[float, float]:
+    """zoneout=p (h and, for the LSTM, c) or (p_h, p_c) for an LSTM -> (p_h, p_c)."""
+    if isinstance(zoneout, (tuple, list)):
+        if cell != "lstm" or len(zoneout) != 2:
+            raise ValueError(f"zoneout: expected a probability{' or a pair (p_h, p_c)' if cell == 'lstm' else ''}"
+                             f", got {zoneout!r}")
+        p_h, p_c = (_check_probability("zoneout", p) for p in zoneout)
+    else:
+        p_h = p_c = _check_probability("zoneout", zoneout)
+    if cell not in ("lstm", "gru") and p_h > 0:
+        raise ValueError(f"zoneout: supported by LSTM, GRU and their LayerNorm variants, not {cell}")
+    if proj_size > 0 and (p_h > 0 or p_c > 0):
+        raise ValueError("zoneout: not supported together with proj_size (the zoneout kernels have no projection)")
+    return (p_h, p_c if cell == "lstm" else 0.0)
+
+
 def _reject_extra_kwargs(name: str, kwargs: dict) -> None:
     if "proj_size" in kwargs:  # torch.nn's GRU / RNN take **kwargs and raise this for proj_size
         raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
@@ -96,7 +118,8 @@ class _RecurrentLayers(nn.Module):
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, device=None, dtype=None, merge_mode: str = "concat") -> None:
+                 proj_size: int = 0, device=None, dtype=None, merge_mode: str = "concat", zoneout=0.0,
+                 dropconnect: float = 0.0, layer_norm: bool = False) -> None:
         super().__init__()
         # torch.nn.RNNBase's checks, in its order and with its wording (its tests match the messages)
         if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1):
@@ -135,6 +158,9 @@ class _RecurrentLayers(nn.Module):
         self.bidirectional = bidirectional
         self.proj_size = proj_size
         self.merge_mode = merge_mode
+        self.zoneout = _check_zoneout(cell, zoneout, proj_size)
+        self.dropconnect = _check_probability("dropconnect", dropconnect)
+        self.layer_norm = layer_norm
         num_directions = 2 if bidirectional else 1
         gate_size = GATES[cell] * hidden_size
         factory = {"device": device, "dtype": dtype}
@@ -150,6 +176,10 @@ class _RecurrentLayers(nn.Module):
                     shapes += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
                 if proj_size > 0:
                     shapes += [("weight_hr", (proj_size, hidden_size))]
+                if layer_norm:
+                    shapes += [(stem, (gate_size,)) for stem in ("ln_ih_weight", "ln_hh_weight")]
+                    if cell == "lstm":
+                        shapes += [(stem, (hidden_size,)) for stem in ("ln_c_weight", "ln_c_bias")]
                 names = []
                 for stem, shape in shapes:
                     name = f"{stem}_l{layer}{suffix}"
@@ -220,8 +250,11 @@ class _RecurrentLayers(nn.Module):
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
+        for name, weight in self.named_parameters():
+            if name.startswith("ln_"):  # norm gains 1, shifts 0 (no draw: the other weights stay torch.nn's)
+                nn.init.zeros_(weight) if name.startswith("ln_c_bias") else nn.init.ones_(weight)
+            else:
+                nn.init.uniform_(weight, -stdv, stdv)
 
     def flatten_parameters(self) -> None:
         """No-op: fusedrnn needs no flat weight buffer (kept so code written for torch.nn runs unchanged)."""
@@ -251,6 +284,10 @@ class _RecurrentLayers(nn.Module):
             s += ", bidirectional={bidirectional}"
         if self.merge_mode != "concat":
             s += ", merge_mode={merge_mode!r}"
+        if self.zoneout != (0.0, 0.0):
+            s += f", zoneout={self.zoneout[0] if self.zoneout[0] == self.zoneout[1] else self.zoneout}"
+        if self.dropconnect != 0:
+            s += ", dropconnect={dropconnect}"
         return s.format(**self.__dict__)
 
     # -- forward ------------------------------------------------------------------------------------
@@ -261,6 +298,32 @@ class _RecurrentLayers(nn.Module):
         names = [f"{stem}_l{layer}{suffix}" for stem in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")]
         # _parameters first (one dict lookup, as nn.Module.__getattr__ would do after three misses)
         return tuple(params[n] if n in params else getattr(self, n, None) for n in names)
+
+    def _needs_ext(self) -> bool:
+        """Whether the layers run fusedrnn::rnn_layer_ext: layer norm, or zoneout while training."""
+        return self.layer_norm or (self.training and self.zoneout != (0.0, 0.0))
+
+    def _plain_torch_layers(self) -> bool:
+        """Whether a forward computes exactly torch.nn's RNN (no norm, zoneout or DropConnect in force)."""
+        return not self._needs_ext() and not (self.training and self.dropconnect > 0)
+
+    def _layer_norms(self, layer: int, direction: int) -> tuple:
+        """(ln_ih, ln_hh, ln_c_weight, ln_c_bias) of one layer and direction; Nones without layer norm."""
+        if not self.layer_norm:
+            return None, None, None, None
+        suffix = "_reverse" if direction == 1 else ""
+        names = [f"{stem}_l{layer}{suffix}" for stem in ("ln_ih_weight", "ln_hh_weight", "ln_c_weight", "ln_c_bias")]
+        return tuple(getattr(self, n, None) for n in names)
+
+    def _zoneout_masks(self, x: Tensor, hidden: int):
+        """Zoneout keep-masks [T, B, H] for h (and c), drawn from torch's default generator in training;
+        (None, None) in eval, where zoneout is off."""
+        if not self.training:
+            return None, None
+        shape = (x.shape[0], x.shape[1], hidden)
+        p_h, p_c = self.zoneout
+        draw = lambda p: None if p == 0 else torch.empty(shape, device=x.device).bernoulli_(p)  # noqa: E731
+        return draw(p_h), (draw(p_c) if self.cell == "lstm" else None)
 
     def _normalise_lengths_arg(self, lengths: LengthsLike, x: Tensor) -> Optional[Tensor]:
         return None if lengths is None else self._normalise_lengths(lengths, x)
@@ -344,8 +407,20 @@ class _RecurrentLayers(nn.Module):
             for direction in range(num_directions):
                 k = layer * num_directions + direction
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(layer, direction)
-                y, h, c = rnn_layer(self.cell, layer_input, h0[k], None if c0 is None else c0[k], w_ih, w_hh,
-                                    b_ih, b_hh, w_hr, reverse=direction == 1, lengths=lengths)
+                if self.dropconnect > 0 and self.training:
+                    # DropConnect: one mask on W_hh for the whole sequence (and batch), scaled as F.dropout.
+                    # Masking the weight costs one pass over G*H*H values per call, against T*B*G*H*H
+                    # multiply-adds of the recurrence, so it is not fused: every backend runs it unchanged.
+                    w_hh = F.dropout(w_hh, self.dropconnect, training=True)
+                h0k, c0k = h0[k], None if c0 is None else c0[k]
+                if self._needs_ext():
+                    zoneout_h, zoneout_c = self._zoneout_masks(layer_input, h0k.shape[-1])
+                    y, h, c = rnn_layer_ext(self.cell, layer_input, h0k, c0k, w_ih, w_hh, b_ih, b_hh,
+                                            *self._layer_norms(layer, direction), zoneout_h, zoneout_c,
+                                            reverse=direction == 1, lengths=lengths)
+                else:
+                    y, h, c = rnn_layer(self.cell, layer_input, h0k, c0k, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                        reverse=direction == 1, lengths=lengths)
                 outputs.append(y)
                 h_n.append(h)
                 c_n.append(c)
@@ -406,7 +481,8 @@ class _RecurrentLayers(nn.Module):
         if packed is None:
             lengths = self._normalise_lengths_arg(lengths, x)
         laned = None
-        if lengths is None and (self.merge_mode == "concat" or not self.bidirectional):
+        if lengths is None and (self.merge_mode == "concat" or not self.bidirectional) and \
+                self._plain_torch_layers():
             laned = lane.module_call(self, x, h0, c0)  # the whole module in torch's kernel, when auto says so
         y, h_n, c_n = laned if laned is not None else self._run(x, h0, c0, lengths)
 
@@ -437,9 +513,10 @@ class LSTM(_RecurrentLayers):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, device=None, dtype=None, merge_mode: str = "concat") -> None:
+                 proj_size: int = 0, device=None, dtype=None, merge_mode: str = "concat", zoneout=0.0,
+                 dropconnect: float = 0.0) -> None:
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         proj_size, device, dtype, merge_mode)
+                         proj_size, device, dtype, merge_mode, zoneout, dropconnect)
 
     def get_expected_cell_size(self, input: Tensor, batch_sizes: Optional[Tensor]) -> tuple[int, int, int]:
         if batch_sizes is not None:
@@ -465,10 +542,11 @@ class GRU(_RecurrentLayers):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, merge_mode: str = "concat", **kwargs) -> None:
+                 device=None, dtype=None, merge_mode: str = "concat", zoneout: float = 0.0,
+                 dropconnect: float = 0.0, **kwargs) -> None:
         _reject_extra_kwargs("GRU", kwargs)
         super().__init__("gru", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         0, device, dtype, merge_mode)
+                         0, device, dtype, merge_mode, zoneout, dropconnect)
 
     def forward(self, input, hx=None, lengths: LengthsLike = None):
         return self._forward(input, hx, lengths)
@@ -488,13 +566,76 @@ class RNN(_RecurrentLayers):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, merge_mode: str = "concat", **kwargs) -> None:
+                 device=None, dtype=None, merge_mode: str = "concat", dropconnect: float = 0.0, **kwargs) -> None:
         _reject_extra_kwargs("RNN", kwargs)
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
         self.nonlinearity = nonlinearity
         super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, 0, device, dtype, merge_mode)
+                         bidirectional, 0, device, dtype, merge_mode, 0.0, dropconnect)
+
+    def forward(self, input, hx=None, lengths: LengthsLike = None):
+        return self._forward(input, hx, lengths)
+
+
+_ZONEOUT_DOC = """
+    zoneout: probability that a hidden unit keeps its previous value at a step (Krueger et al. 2016), drawn
+    per step, sequence and unit from torch's default generator in training (reproducible with
+    torch.manual_seed); off in eval. For an LSTM it applies to h and c alike, or give (p_h, p_c)."""
+_DROPCONNECT_DOC = """
+    dropconnect: DropConnect on W_hh (Wan et al. 2013; AWD-LSTM's weight drop): in training each call draws
+    one mask over the recurrent weights, fixed for the whole sequence and batch, scaled by 1/(1-p) as
+    F.dropout; off in eval. Adds no parameter.
+"""
+_REGULARISATION_DOC = _ZONEOUT_DOC + _DROPCONNECT_DOC
+LSTM.__doc__ += _REGULARISATION_DOC
+GRU.__doc__ += _REGULARISATION_DOC
+RNN.__doc__ += _DROPCONNECT_DOC
+
+
+class LayerNormLSTM(_RecurrentLayers):
+    """LSTM with layer normalisation (Ba et al. 2016), as haste's LayerNormLSTM; not in torch.nn.
+
+    Same arguments as fusedrnn.LSTM but proj_size and merge_mode. Per layer and direction, besides torch.nn's
+    weight_ih / weight_hh / bias_ih / bias_hh (whose biases act as the norms' shifts):
+      ln_ih_weight_l{k}[_reverse] [4H]  gain of LN(W_ih x)
+      ln_hh_weight_l{k}[_reverse] [4H]  gain of LN(W_hh h)
+      ln_c_weight_l{k}[_reverse]  [H]   gain and
+      ln_c_bias_l{k}[_reverse]    [H]   shift of LN(c) before the output tanh: h = o * tanh(LN(c))
+    Gains start at 1, shifts at 0; the other weights as torch.nn.LSTM (same seed, same values).
+    Math: fusedrnn.reference.rnn_layer_ext. forward(input, hx=None, lengths=None) -> (output, (h_n, c_n)).
+    """ + _REGULARISATION_DOC
+
+    _mode_name = "LSTM"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, device=None,
+                 dtype=None, zoneout=0.0, dropconnect: float = 0.0) -> None:
+        super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         0, device, dtype, "concat", zoneout, dropconnect, layer_norm=True)
+
+    get_expected_cell_size = LSTM.get_expected_cell_size
+
+    def forward(self, input, hx=None, lengths: LengthsLike = None):
+        return self._forward(input, hx, lengths)
+
+
+class LayerNormGRU(_RecurrentLayers):
+    """GRU with layer normalisation, as haste's LayerNormGRU; not in torch.nn.
+
+    Same arguments as fusedrnn.GRU but merge_mode. Per layer and direction, besides torch.nn's weights:
+      ln_ih_weight_l{k}[_reverse] [3H]  gain of LN(W_ih x)   (then + bias_ih)
+      ln_hh_weight_l{k}[_reverse] [3H]  gain of LN(W_hh h)   (then + bias_hh, inside r * (...) for n)
+    Math: fusedrnn.reference.rnn_layer_ext. forward(input, hx=None, lengths=None) -> (output, h_n).
+    """ + _REGULARISATION_DOC
+
+    _mode_name = "GRU"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, device=None,
+                 dtype=None, zoneout: float = 0.0, dropconnect: float = 0.0) -> None:
+        super().__init__("gru", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         0, device, dtype, "concat", zoneout, dropconnect, layer_norm=True)
 
     def forward(self, input, hx=None, lengths: LengthsLike = None):
         return self._forward(input, hx, lengths)
@@ -542,6 +683,13 @@ class _Cell(nn.Module):
             s += ", nonlinearity={nonlinearity}"
         return s.format(**self.__dict__)
 
+    _plain = True  # the step is torch.nn's cell (the eager lane may run torch's kernel)
+
+    def _one_step(self, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih, w_hh, b_ih, b_hh):
+        """(h_1, c_1 or None) of one step; x [1, B, I] and states [B, *] are checked."""
+        _, h, c = rnn_layer(self.cell, x, h, c, w_ih, w_hh, b_ih, b_hh)
+        return h, c
+
     def _step(self, input: Tensor, states: list):
         """One step; `states` = [h] or [h, c] as given (None: zeros). torch.nn's checks in torch.nn's order:
         ranks (ValueError), then input_size and each state's batch size and hidden_size (RuntimeError, the
@@ -568,13 +716,13 @@ class _Cell(nn.Module):
                 w_hh, b_ih, b_hh = params.get("weight_hh"), params.get("bias_ih"), params.get("bias_hh")
                 if w_hh is None or b_ih is None:  # see w_ih (bias=False: None either way)
                     w_hh, b_ih, b_hh = self.weight_hh, self.bias_ih, self.bias_hh
-                stepped = lane.cell_step(self.cell, input, full[0], full[1] if len(full) > 1 else None, w_ih, w_hh,
-                                         b_ih, b_hh)
-                if stepped is not None:
-                    return stepped
-                _, h, c = rnn_layer(self.cell, input.unsqueeze(0), full[0], full[1] if len(full) > 1 else None,
-                                    w_ih, w_hh, b_ih, b_hh)
-                return h, c
+                if self._plain:
+                    stepped = lane.cell_step(self.cell, input, full[0], full[1] if len(full) > 1 else None, w_ih,
+                                             w_hh, b_ih, b_hh)
+                    if stepped is not None:
+                        return stepped
+                return self._one_step(input.unsqueeze(0), full[0], full[1] if len(full) > 1 else None, w_ih, w_hh,
+                                      b_ih, b_hh)
         if not isinstance(input, Tensor):
             _refuse_proxy(input)
             raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
@@ -609,8 +757,8 @@ class _Cell(nn.Module):
         for i, state in enumerate(full):
             _check_dtype_device(f"hidden{i}", state, x, "input")
         c0 = full[1] if self.cell == "lstm" else None
-        _, h, c = rnn_layer(self.cell, x.unsqueeze(0), full[0], c0, self.weight_ih, self.weight_hh,
-                            self.bias_ih, self.bias_hh)
+        h, c = self._one_step(x.unsqueeze(0), full[0], c0, self.weight_ih, self.weight_hh, self.bias_ih,
+                              self.bias_hh)
         if not is_batched:
             h = h.squeeze(0)
             c = c.squeeze(0) if c is not None else None
@@ -660,10 +808,87 @@ class RNNCell(_Cell):
         return self._step(input, [hx])[0]
 
 
+class _LayerNormCell(_Cell):
+    """One step of LayerNormLSTM / LayerNormGRU (parameters as theirs, without the layer suffix)."""
+
+    _plain = False
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None,
+                 zoneout=0.0, dropconnect: float = 0.0) -> None:
+        zoneout = _check_zoneout(cell, zoneout, 0)
+        dropconnect = _check_probability("dropconnect", dropconnect)
+        super().__init__(cell, input_size, hidden_size, bias, device, dtype)
+        self.zoneout, self.dropconnect = zoneout, dropconnect
+        factory = {"device": device, "dtype": dtype}
+        gate_size = GATES[cell] * hidden_size
+        self.ln_ih_weight = nn.Parameter(torch.ones(gate_size, **factory))
+        self.ln_hh_weight = nn.Parameter(torch.ones(gate_size, **factory))
+        if cell == "lstm":
+            self.ln_c_weight = nn.Parameter(torch.ones(hidden_size, **factory))
+            self.ln_c_bias = nn.Parameter(torch.zeros(hidden_size, **factory))
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for name, weight in self.named_parameters():
+            if name.startswith("ln_"):
+                nn.init.zeros_(weight) if name == "ln_c_bias" else nn.init.ones_(weight)
+            else:
+                nn.init.uniform_(weight, -stdv, stdv)
+
+    def _one_step(self, x, h, c, w_ih, w_hh, b_ih, b_hh):
+        if self.training and self.dropconnect > 0:
+            w_hh = F.dropout(w_hh, self.dropconnect, training=True)
+        zoneout_h = zoneout_c = None
+        if self.training:
+            p_h, p_c = self.zoneout
+            draw = lambda p: None if p == 0 else torch.empty(x.shape[0], x.shape[1], self.hidden_size,  # noqa: E731
+                                                             device=x.device).bernoulli_(p)
+            zoneout_h, zoneout_c = draw(p_h), (draw(p_c) if self.cell == "lstm" else None)
+        _, h, c = rnn_layer_ext(self.cell, x, h, c, w_ih, w_hh, b_ih, b_hh, self.ln_ih_weight, self.ln_hh_weight,
+                                getattr(self, "ln_c_weight", None), getattr(self, "ln_c_bias", None), zoneout_h,
+                                zoneout_c)
+        return h, c
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.zoneout != (0.0, 0.0):
+            s += f", zoneout={self.zoneout[0] if self.zoneout[0] == self.zoneout[1] else self.zoneout}"
+        if self.dropconnect != 0:
+            s += f", dropconnect={self.dropconnect}"
+        return s
+
+
+class LayerNormLSTMCell(_LayerNormCell):
+    """One step of fusedrnn.LayerNormLSTM (parameters ln_ih_weight, ln_hh_weight, ln_c_weight, ln_c_bias besides
+    torch.nn.LSTMCell's). forward(input, hx=None) -> (h_1, c_1).""" + _REGULARISATION_DOC
+
+    _mode_name = "LSTMCell"
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None,
+                 zoneout=0.0, dropconnect: float = 0.0) -> None:
+        super().__init__("lstm", input_size, hidden_size, bias, device, dtype, zoneout, dropconnect)
+
+    forward = LSTMCell.forward
+
+
+class LayerNormGRUCell(_LayerNormCell):
+    """One step of fusedrnn.LayerNormGRU (parameters ln_ih_weight, ln_hh_weight besides torch.nn.GRUCell's).
+    forward(input, hx=None) -> h_1.""" + _REGULARISATION_DOC
+
+    _mode_name = "GRUCell"
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None,
+                 zoneout: float = 0.0, dropconnect: float = 0.0) -> None:
+        super().__init__("gru", input_size, hidden_size, bias, device, dtype, zoneout, dropconnect)
+
+    forward = GRUCell.forward
+
+
 # -------------------------------------------------------------------------------------------------------
 # torch.fx: fusedrnn's modules as leaves, as torch.fx's default Tracer keeps torch.nn's own modules.
 # -------------------------------------------------------------------------------------------------------
-RECURRENT_MODULES = (LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell)
+RECURRENT_MODULES = (LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell, LayerNormLSTM, LayerNormGRU, LayerNormLSTMCell,
+                     LayerNormGRUCell)
 
 
 def is_recurrent(module) -> bool:
