@@ -72,9 +72,11 @@ def _check_probability(name: str, value) -> float:
 def _check_zoneout(cell: str, zoneout, proj_size: int) -> tuple[float, float]:
     """zoneout=p (h and, for the LSTM, c) or (p_h, p_c) for an LSTM -> (p_h, p_c)."""
     if isinstance(zoneout, (tuple, list)):
-        if cell != "lstm" or len(zoneout) != 2:
-            raise ValueError(f"zoneout: expected a probability{' or a pair (p_h, p_c)' if cell == 'lstm' else ''}"
-                             f", got {zoneout!r}")
+        if cell != "lstm":
+            raise ValueError(f"zoneout: expected one probability (a pair (p_h, p_c) is for an LSTM's h and c), "
+                             f"got {zoneout!r}")
+        if len(zoneout) != 2:
+            raise ValueError(f"zoneout: expected a probability or a pair (p_h, p_c), got {zoneout!r}")
         p_h, p_c = (_check_probability("zoneout", p) for p in zoneout)
     else:
         p_h = p_c = _check_probability("zoneout", zoneout)

@@ -283,7 +283,7 @@ def select_ext_rows(cell, x, w_hh, ln_ih, zoneout_h, lengths, reverse, direction
             raise _BackendUnsupportedError(
                 f"fusedrnn backend {setting!r} cannot run {describe()} ({direction}): {why}. Use "
                 f"fusedrnn.use_backend('auto') to fall back automatically; available on {x.device.type}: "
-                f"{[n for n in _available_backends(x.device) if _ext.row_kernels(n) is not None]}")
+                f"{[n for n in _available_backends(x.device) if n in _ext.ROW_KERNEL_BACKENDS]}")
         _record_decision(direction, describe, setting, [])
         return _ext.row_kernels(setting)
     refused = []

@@ -309,6 +309,9 @@ _PROVIDERS = {
 }
 
 
+ROW_KERNEL_BACKENDS = tuple(_PROVIDERS)
+
+
 def row_kernels(name: str):
     """The row-kernel provider of backend `name`, or None when that backend has none."""
     factory = _PROVIDERS.get(name)
