@@ -158,6 +158,16 @@ def _reject_unexportable(model, args, call_kwargs, user_table: dict) -> None:
     if torch.ops.fusedrnn.rnn_layer.default in user_table:
         return  # the caller translates the op itself
     for name, module in model.named_modules() if isinstance(model, torch.nn.Module) else ():
+        label = f"module {name or type(module).__name__!r}"
+        if getattr(module, "layer_norm", False) or hasattr(module, "ln_ih_weight"):
+            raise ONNXExportError(
+                f"fusedrnn.onnx: {label} is a LayerNorm LSTM / GRU, which ONNX has no operator for (its LSTM and "
+                "GRU operators have no normalisation), so it cannot be exported as one operator")
+        if module.training and (getattr(module, "zoneout", (0.0, 0.0)) != (0.0, 0.0) or
+                                getattr(module, "dropconnect", 0.0)):
+            raise ONNXExportError(
+                f"fusedrnn.onnx: {label} has zoneout / dropconnect in training mode, which ONNX's RNN operators "
+                "cannot express: call model.eval() before exporting (both are off in eval)")
         if getattr(module, "proj_size", 0) and getattr(module, "cell", None) == "lstm":
             raise ONNXExportError(f"{PROJ_SIZE_MESSAGE} (module {name or type(module).__name__!r} has "
                                   f"proj_size={module.proj_size})")

@@ -401,3 +401,15 @@ def test_bad_functional_cell():
     args["zoneout_c"] = args["zoneout_h"]
     with pytest.raises(ValueError, match="no cell state"):
         functional.rnn_layer_ext("gru", **args)
+
+
+def test_onnx_export_refuses_layernorm_and_training_zoneout():
+    pytest.importorskip("onnxscript")
+    import io
+
+    import fusedrnn.onnx as fusedrnn_onnx
+    x = torch.randn(4, 1, 3)
+    with pytest.raises(fusedrnn_onnx.ONNXExportError, match="LayerNorm LSTM / GRU"):
+        fusedrnn_onnx.export(fusedrnn.LayerNormGRU(3, 4).eval(), (x,), io.BytesIO())
+    with pytest.raises(fusedrnn_onnx.ONNXExportError, match="model.eval"):
+        fusedrnn_onnx.export(fusedrnn.LSTM(3, 4, zoneout=0.1), (x,), io.BytesIO())
