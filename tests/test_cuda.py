@@ -164,8 +164,16 @@ def test_heuristic_table():
         a = make_layer_args("lstm", T, B, 2, 4, requires_grad=False)
         return _call(a, "lstm")
     assert cuda_backend.candidate_paths(call(1, 4)) == ("alternating",)  # cells
-    assert cuda_backend.candidate_paths(call(64, cuda_backend.PERSISTENT_MAX_BATCH + 1)) == ("alternating",)
-    assert cuda_backend.candidate_paths(call(64, 16)) == ("cluster", "persistent", "alternating")
+    assert cuda_backend.candidate_paths(call(2, 4)) == ("alternating",)
+    # longer: the latency model's order (tests/test_cuda_latency.py checks the model)
+    from fusedrnn.backends import cuda_latency
+    if not has_emulated_cuda():
+        pytest.skip("the latency model asks the planner of the emulated CUDA backend")
+    assert sorted(cuda_backend.candidate_paths(call(64, 16))) == ["alternating", "cluster", "persistent"]
+    assert cuda_backend.candidate_paths(call(64, 16)) == cuda_latency.paths_by_model(
+        "lstm", 4, 16, 64, torch.float64, "forward")
+    half = _call(make_layer_args("lstm", 1024, 256, 2, 768, requires_grad=False, dtype=torch.float16), "lstm")
+    assert cuda_backend.candidate_paths(half)[0] == "alternating"  # a large batch: cuBLAS over all SMs
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ of the extension (fusedrnn::cuda_rnn_path_reason), which answers with a reason.
 Path choice, per call and direction: FUSEDRNN_CUDA_PATH=alternating|persistent|cluster forces one path; a call
 the forced path cannot run (forward or backward) is then refused with the path's reason, so the dispatcher's
 "auto" falls back to the next backend and a named backend raises BackendUnsupportedError. Unset (or "auto"),
-`candidate_paths` below picks the first path of its list that can run the call; alternating runs everything.
+`candidate_paths` below orders the paths by the latency model (backends/cuda_latency.py) and the first that
+can run the call is taken; alternating runs everything.
 """
 from __future__ import annotations
 
@@ -34,23 +35,27 @@ PATHS = ("alternating", "persistent", "cluster")
 PATH_ENV = "FUSEDRNN_CUDA_PATH"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# The heuristic. Every threshold is a placeholder until measured on the GPU campaign (issue #8): nothing here
-# has run on a GPU yet.
-#   T <= SHORT_SEQUENCE        alternating: a persistent launch loads all of W_hh into shared memory once,
-#                              which one or two steps do not repay (the cells run with T = 1)
-#   B > PERSISTENT_MAX_BATCH   alternating: the persistent kernels run the batch in chunks of <= 32 rows one
-#                              after another inside each step, while cuBLAS spreads a large batch over all SMs
-#   otherwise                  cluster (sm_90, W_hh fits one cluster: no grid barrier), else persistent
-#                              (cooperative grid), else alternating
+# The choice, until GPU measurements replace it: the latency model of fusedrnn/backends/cuda_latency.py orders
+# the paths by estimated time (launch + T steps) from the planner's real layout and Hopper's constants; the
+# first that can run the call is taken. One rule stays outside the model:
+#   T <= SHORT_SEQUENCE   alternating: below 3 steps the launch costs decide, and they are the model's least
+#                         certain terms (a persistent launch loads all of W_hh into shared memory once, which
+#                         one or two steps do not repay; the cells run with T = 1)
+# Without the planner (no extension) the order is the fixed one of FALLBACK_ORDER.
 SHORT_SEQUENCE = 2
-PERSISTENT_MAX_BATCH = 64
+FALLBACK_ORDER = ("cluster", "persistent", "alternating")
 
 
-def candidate_paths(call: LayerCall) -> tuple[str, ...]:
-    """The paths the heuristic tries for `call`, best first; the first that can run it is taken."""
-    if call.seq_len <= SHORT_SEQUENCE or call.batch_size > PERSISTENT_MAX_BATCH:
+def candidate_paths(call: LayerCall, direction: str = "forward") -> tuple[str, ...]:
+    """The paths to try for `call`, best first; the first that can run it is taken."""
+    if call.seq_len <= SHORT_SEQUENCE:
         return ("alternating",)
-    return ("cluster", "persistent", "alternating")
+    from . import cuda_latency
+    try:
+        return cuda_latency.paths_by_model(call.cell, call.hidden_size, call.batch_size, call.seq_len, call.dtype,
+                                           direction)
+    except RuntimeError:  # no planner to ask
+        return FALLBACK_ORDER
 
 
 def forced_path() -> Optional[str]:
@@ -87,7 +92,7 @@ def choose_path(call: LayerCall, direction: str, ops: str = "cuda_") -> str:
     path = forced_path()
     if path is not None:
         return path
-    for path in candidate_paths(call):
+    for path in candidate_paths(call, direction):
         if path_reason(call, path, direction, ops) is None:
             return path
     return "alternating"
