@@ -2,7 +2,15 @@
 # fusedrnn GPU suite: build for the local GPU, run the tests, compute-sanitizer, and the benchmark, and keep
 # every log and result in one folder to commit: bench/results/<device>-<yyyymmdd>-<commit>/.
 #
-#   bench/gpu_suite.sh [STAGE ...]      STAGE: env build test sanitize bench all (default: all)
+#   bench/gpu_suite.sh [STAGE ...]      STAGE: env build test sanitize bench all quick (default: all)
+#   bench/gpu_suite.sh quick            THE plan for one 10-minute device command on an H100/H200 (issue #17):
+#             build for sm_90a only (no emulator), then, each within its own cap so every one gets its turn:
+#             test-quick (pytest -m gpu, FUSEDRNN_QUICK=1: each value of each test parameter once -- every
+#             path, cell and dtype -- 150 s), latency (bench/step_latency.py: per-step slope over T=256/1024 of
+#             every path vs cuDNN, LSTM H {256,768,1024} x B {1,16,64} x fp16/bf16 x fwd/fwd+bwd, the model's
+#             estimate beside each, and the synchronisation floor; 150 s), sanitize-quick (memcheck, racecheck
+#             on the tiny cases of every kernel, 90 s), emu-conformance (bench/emu_conformance.py: the
+#             emulator vs the GPU, 60 s). Results as for every run: the folder, its tarball, files in $OUT.
 #
 #   env       nvidia-smi, driver, nvcc, compute-sanitizer, python/torch/triton versions, git commit -> env.txt
 #   build     FUSEDRNN_CUDA_ARCHS from nvidia-smi's compute capability (9.0 -> 90a), then
@@ -53,9 +61,10 @@ STAGES=("$@")
 for s in "${STAGES[@]}"; do
     case $s in
         all) STAGES=(env build test sanitize bench); break ;;
+        quick) STAGES=(quick); break ;;
         env|build|test|sanitize|bench) ;;
         -h|--help|help) usage; exit 0 ;;
-        *) echo "gpu_suite: unknown stage '$s'; expected env, build, test, sanitize, bench or all" >&2; exit 2 ;;
+        *) echo "gpu_suite: unknown stage '$s'; expected env, build, test, sanitize, bench, all or quick" >&2; exit 2 ;;
     esac
 done
 
@@ -89,11 +98,13 @@ record() {  # record <stage> <status> <seconds> <log>
     printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$(basename "${4:--}")" "$(date -u +%FT%TZ)" >>"$STAGES_FILE"
 }
 
-# step <stage> <log> <command...>: runs the command within the time left, output to the log; records it.
+# step <stage> <log> <command...>: runs the command within the time left (and within $STEP_CAP seconds when
+# set), output to the log; records it.
 step() {
     local name=$1 log=$2 left t0 rc dt st
     shift 2
     left=$(remaining)
+    if [[ -n "${STEP_CAP:-}" ]] && (( left > STEP_CAP )); then left=$STEP_CAP; fi
     if (( left < 10 )); then
         record "$name" "skipped: time budget spent" 0 "$log"
         echo "-- $name: skipped (time budget spent; run it alone)"
@@ -264,6 +275,26 @@ stage_bench() {
     return $rc
 }
 
+stage_quick() {
+    if [[ "$SUITE_DEVICE" == cuda ]]; then
+        export FUSEDRNN_CUDA_ARCHS="${FUSEDRNN_CUDA_ARCHS:-90a}"   # sm_90a only: the H100/H200 at hand
+        export FUSEDRNN_BUILD_EMU="${FUSEDRNN_BUILD_EMU:-0}"       # the emulator is for machines without a GPU
+    fi
+    stage_build || return 1
+    [[ "$SUITE_DEVICE" == cuda ]] || BUILD_TRIED=1
+    local status=0 emu_args=()
+    STEP_CAP=150 FUSEDRNN_QUICK=1 step test-quick "$RESULTS/test_quick.log" "$PY" -m pytest tests -m gpu -q -rfEs \
+        -p no:cacheprovider --junitxml="$RESULTS/test_quick.xml" || status=1
+    STEP_CAP=150 step latency "$RESULTS/latency.log" "$PY" bench/step_latency.py --device "$SUITE_DEVICE" \
+        --out "$RESULTS/latency" --time-limit 120 || status=1
+    [[ "$DRY" == 1 ]] || grep -E "^(lstm|gru|Stopped)" "$RESULTS/latency.log" 2>/dev/null | head -60 | sed 's/^/   /'
+    FUSEDRNN_SUITE_SANITIZERS="${FUSEDRNN_SUITE_SANITIZERS:-memcheck racecheck}" STEP_CAP=45 stage_sanitize || status=1
+    [[ "$SUITE_DEVICE" == cuda ]] || emu_args=(--emu-only)
+    STEP_CAP=60 step emu-conformance "$RESULTS/emu_conformance.log" "$PY" bench/emu_conformance.py "${emu_args[@]}" \
+        || status=1
+    return $status
+}
+
 stage_pack() {
     local summary="$RESULTS/summary.txt" tarball="${TMPDIR:-/tmp}/$NAME.tar.gz"
     {
@@ -290,6 +321,8 @@ stage_pack() {
         if [[ -n "$latest" ]]; then
             for f in results.json results.csv speedup.png; do [[ -f "$latest/$f" ]] && files+=("$latest/$f"); done
         fi
+        [[ -f "$RESULTS/latency/step_latency.json" ]] && files+=("$RESULTS/latency/step_latency.json")
+        [[ -f "$RESULTS/latency/step_latency.csv" ]] && files+=("$RESULTS/latency/step_latency.csv")
         [[ -f "$RESULTS/kernels.json" ]] && files+=("$RESULTS/kernels.json")
         mkdir -p "$OUT"
         cp "${files[@]:0:8}" "$OUT"/

@@ -29,6 +29,8 @@ def pytest_collection_modifyitems(config, items):
             params = getattr(getattr(item, "callspec", None), "params", {})
             if "slow" in item.keywords and "cuda-emu" in params.values():
                 item.add_marker(skip_slow_emu)
+    if os.environ.get("FUSEDRNN_QUICK") == "1":
+        _keep_each_parameter_value_once(config, items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -40,3 +42,25 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _keep_each_parameter_value_once(config, items):
+    """FUSEDRNN_QUICK=1 (bench/gpu_suite.sh quick, a 10-minute GPU command): of each parametrized test keep the
+    cases that bring a parameter value not seen yet -- every path, cell, dtype, ... at least once, not their
+    product. Greedy, in collection order, so the choice is the same on every run."""
+    seen, keep, drop = set(), [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", None)
+        if not params:
+            keep.append(item)
+            continue
+        name = getattr(item, "originalname", item.name)
+        new = {(item.path, name, key, repr(value)) for key, value in params.items()} - seen
+        if new:
+            seen |= new
+            keep.append(item)
+        else:
+            drop.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
