@@ -100,8 +100,8 @@ def test_ext_rows_checked_up_to_the_accepted_limit():
             assert E.block(limit) == max(blocks)
             one_warp = 32 * E.LANES_PER_THREAD[elem]
             assert min(one_warp, E.block(limit)) in blocks and E.num_warps(one_warp, elem) == 1
-            for v in mine:
-                assert v.num_warps == E.num_warps(v.constexprs["BLOCK"], elem)
+            for v in mine:  # launched as TritonRows launches them
+                assert v.num_warps == E.num_warps(v.constexprs["BLOCK"], elem) and v.maxnreg == E.MAX_REGISTERS
 
 
 def test_ext_rows_register_report(compiled):

@@ -12,10 +12,10 @@ program, with no second launch and no atomics. Per-element math as csrc/fusedrnn
 zoneout), in float32 for fp16 / bf16 / fp32 inputs and float64 for fp64 ones; every absent input (bias,
 norms, zoneout masks, valid) is a constexpr flag, so its code is not compiled in.
 
-The backward recomputes the row's forward with the same helpers in the same order (so bit for bit as the
-forward computed it), keeping only each norm's mean and 1/std across the gate gradients: the normed values
-the norm gradients need are recomputed from the raw pre-activations, which holds fewer [BLOCK] vectors
-live (registers) than keeping them.
+The backward recomputes the row's forward with the same helpers in the same order, keeping only each norm's
+mean and 1/std across the gate gradients: the normed values the norm gradients need are recomputed from the
+raw pre-activations (in two passes over the gate blocks), which holds fewer [BLOCK] vectors live
+(registers) than keeping them.
 
 Limit: a program holds the whole row. Up to MAX_HIDDEN[element size] hidden units (1024; fp64: 512), with
 num_warps(BLOCK) warps, both kernels compile for sm_90 without spills (tests/test_triton_static.py checks the
@@ -38,12 +38,16 @@ _LN_EPS = tl.constexpr(LN_EPS)
 
 # Launch shape: every [BLOCK] vector spread over the warps, LANES_PER_THREAD[element size] lanes per thread
 # (fp64 values take two registers each, so half as many), at most MAX_WARPS warps. Compiled for sm_90 the
-# backward with every flag on needs ~180 registers per thread at 4 fp32 lanes (~240 at 4 fp64 lanes): fine
+# backward with every flag on needs ~175 registers per thread at 4 fp32 lanes (~150 at 2 fp64 lanes): fine
 # up to 8 warps (255 registers per thread), while 16 warps would cap a thread at 128 (64K registers per SM /
 # 512 threads) and it spills. So one program covers at most 32 * MAX_WARPS * lanes hidden units.
+# MAX_REGISTERS goes to ptxas as .maxnreg: without a cap ptxas picks a lower register target on its own for
+# some of these kernels (96 for the fp16 GRU backward at one warp) and spills a few values to reach it; with
+# one it keeps them in registers (112). tests/test_triton_static.py holds every checked configuration to it.
 LANES_PER_THREAD = {8: 2, 4: 4, 2: 4}
 MAX_WARPS = 8
 MAX_HIDDEN = {elem: 32 * MAX_WARPS * lanes for elem, lanes in LANES_PER_THREAD.items()}  # fp64 512, else 1024
+MAX_REGISTERS = 240
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -508,9 +512,9 @@ class TritonRows:
         if hidden_size > limit:
             return (f"hidden_size={hidden_size} is over {limit} for {str(dtype).replace('torch.', '')}: one program "
                     f"holds a whole row (the layer norms reduce over all {GATES[cell]}*H pre-activations) and its "
-                    f"backward keeps ~45 registers per hidden unit live; {limit} units already take {MAX_WARPS} "
-                    f"warps at {LANES_PER_THREAD[elem]} units per thread (~180-240 of 255 registers), and more "
-                    f"warps would cap a thread below that (64K registers per SM) and spill")
+                    f"backward keeps ~45 registers per hidden unit of a thread live; {limit} units already take "
+                    f"{MAX_WARPS} warps of {LANES_PER_THREAD[elem]} units per thread (~150-180 registers each on "
+                    f"sm_90), and more warps would cap a thread at 128 registers (64K per SM) and spill")
         return None
 
     @staticmethod
@@ -527,7 +531,8 @@ class TritonRows:
         _refuse(cell, ax, H)
         with _on_device(ax):
             ext_forward_rows_kernel[(B,)](*ptrs, h_new, c_new if cell == "lstm" else h_new, y, H, *strides,
-                                          num_warps=num_warps(consts["BLOCK"], ax.element_size()), **consts)
+                                          num_warps=num_warps(consts["BLOCK"], ax.element_size()),
+                                          maxnreg=MAX_REGISTERS, **consts)
         return h_new, c_new, y
 
     @staticmethod
@@ -557,7 +562,7 @@ class TritonRows:
         with _on_device(ax):
             ext_backward_rows_kernel[(B,)](*ptrs, grad_h, grad_y, grad_c, work, d_ax, d_ah, gh_prev,
                                            gc_prev if lstm else gh_prev, H, *strides, gh_s, gy_s, gc_s,
-                                           work.stride(0), num_warps=warps, **consts)
+                                           work.stride(0), num_warps=warps, maxnreg=MAX_REGISTERS, **consts)
         if work is not acc:
             acc.copy_(work)
         return d_ax, d_ah, gh_prev, gc_prev

@@ -28,6 +28,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2}
 EXT_DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}  # the row kernels of rnn_layer_ext take fp64 too
@@ -53,6 +54,7 @@ class Variant:
     label: str = ""
     result: dict = field(default_factory=dict)
     pointer_dtypes: dict = field(default_factory=dict)  # per-kernel overrides of _POINTER_DTYPES
+    maxnreg: Optional[int] = None  # the launch's maxnreg (ptxas .maxnreg), when it sets one
 
     @property
     def name(self) -> str:
@@ -164,7 +166,8 @@ def ext_blocks(elem: int, all_sizes: bool) -> list:
 
 
 def ext_variants(all_sizes: bool = False) -> list:
-    """The row kernels of rnn_layer_ext: cell x dtype x block, every flag on, H = BLOCK - 1 (masked lanes)."""
+    """The row kernels of rnn_layer_ext: cell x dtype x block, every flag on, H = BLOCK - 1 (masked lanes; the
+    blocks 1 and 2 hold only H = 1 and 2)."""
     from . import rnn_ext as E
     out = []
     for dtype, elem in EXT_DTYPES.items():
@@ -177,7 +180,8 @@ def ext_variants(all_sizes: bool = False) -> list:
                           HAS_ZONEOUT_C=G == 4, HAS_VALID=True, FP64=dtype == "fp64", BLOCK=bl)
                 for kernel in ("ext_forward_rows_kernel", "ext_backward_rows_kernel"):
                     out.append(Variant("rnn_ext", kernel, dtype, cx, E.num_warps(bl, elem), 1, False,
-                                       f"{cell}-H{max(1, bl - 1)}", pointer_dtypes=ptrs))
+                                       f"{cell}-H{bl - 1 if bl > 2 else bl}", pointer_dtypes=ptrs,
+                                       maxnreg=E.MAX_REGISTERS))
     return out
 
 
@@ -213,8 +217,8 @@ def _cache_key(v: Variant, arch: int) -> str:
     import triton
     fn = _kernel(v)
     key = [RESULT_VERSION, fn.cache_key, v.dtype, v.constexprs, v.num_warps, v.num_stages, arch, triton.__version__]
-    if v.pointer_dtypes:  # (only then: the other kernels keep their cached results)
-        key.append(v.pointer_dtypes)
+    if v.pointer_dtypes or v.maxnreg:  # (only then: the other kernels keep their cached results)
+        key += [v.pointer_dtypes, v.maxnreg]
     raw = json.dumps(key, sort_keys=True, default=str)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
@@ -239,8 +243,10 @@ def compile_variant(v: Variant, arch: int = 90) -> dict:
     t0 = time.time()
     src = ASTSource(fn=fn, signature=_signature(fn, v.dtype, v.constexprs, v.pointer_dtypes), constexprs=v.constexprs)
     try:
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                           options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
+        options = dict(num_warps=v.num_warps, num_stages=v.num_stages)
+        if v.maxnreg:
+            options["maxnreg"] = v.maxnreg
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as e:  # noqa: BLE001  (reported per configuration; the test fails on it)
         res = {"compiled": False, "error": f"{type(e).__name__}: {e}"[:2000]}
     else:
