@@ -12,6 +12,9 @@ Which configurations: every autotune config x dtype x kernel (persistent with an
 pointwise), at the largest size each dispatch rule admits (the most weights, registers and shared memory)
 with every optional input on (bias, lengths, workspace, reverse) and an odd hidden size (masks, no
 vectorisation: the most registers). --all adds every smaller block size and the aligned sizes.
+The row kernels of rnn_layer_ext (rnn_ext.py, fp64 too): each cell x dtype with every flag on (norms, bias,
+zoneout, valid) at the widest one-warp block and at the widest block unsupported_reason accepts (the most
+lanes per thread at one warp and at the most warps); --all adds every block in between.
 """
 from __future__ import annotations
 
@@ -25,8 +28,10 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2}
+EXT_DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}  # the row kernels of rnn_layer_ext take fp64 too
 # Pointer arguments whose dtype is not the storage dtype.
 _POINTER_DTYPES = {"b_ih_ptr": "fp32", "b_hh_ptr": "fp32", "len_ptr": "i64", "sync_ptr": "i32",
                    "gh0_ptr": "fp32", "gc0_ptr": "fp32", "c_prev_ptr": "fp32", "c_next_ptr": "fp32",
@@ -48,6 +53,8 @@ class Variant:
     uses_dot: bool
     label: str = ""
     result: dict = field(default_factory=dict)
+    pointer_dtypes: dict = field(default_factory=dict)  # per-kernel overrides of _POINTER_DTYPES
+    maxnreg: Optional[int] = None  # the launch's maxnreg (ptxas .maxnreg), when it sets one
 
     @property
     def name(self) -> str:
@@ -145,7 +152,37 @@ def variants(all_sizes: bool = False) -> list:
     # relu differs from tanh by one instruction; keep both only when asked for everything
     if not all_sizes:
         out = [v for v in out if not v.constexprs.get("RELU", False)]
-    return _dedup(out)
+    return _dedup(out + ext_variants(all_sizes))
+
+
+def ext_blocks(elem: int, all_sizes: bool) -> list:
+    """Blocks of the rnn_layer_ext row kernels to check at an element size: the widest at one warp and the
+    widest rnn_ext accepts (every power of two up to it with all_sizes)."""
+    from . import rnn_ext as E
+    top = E.block(E.MAX_HIDDEN[elem])
+    if all_sizes:
+        return [1 << k for k in range(top.bit_length())]
+    return sorted({min(top, 32 * E.LANES_PER_THREAD[elem]), top})
+
+
+def ext_variants(all_sizes: bool = False) -> list:
+    """The row kernels of rnn_layer_ext: cell x dtype x block, every flag on, H = BLOCK - 1 (masked lanes; the
+    blocks 1 and 2 hold only H = 1 and 2)."""
+    from . import rnn_ext as E
+    out = []
+    for dtype, elem in EXT_DTYPES.items():
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        ptrs = {"valid_ptr": "u8", "b_ih_ptr": dtype, "b_hh_ptr": dtype, "c_prev_ptr": dtype, "grad_h_ptr": acc,
+                "grad_c_ptr": acc, "acc_ptr": acc, "gh_prev_ptr": acc, "gc_prev_ptr": acc}
+        for cell, G in (("lstm", 4), ("gru", 3)):
+            for bl in ext_blocks(elem, all_sizes):
+                cx = dict(G=G, HAS_LN=True, HAS_LN_C=G == 4, HAS_BIAS=True, HAS_ZONEOUT_H=True,
+                          HAS_ZONEOUT_C=G == 4, HAS_VALID=True, FP64=dtype == "fp64", BLOCK=bl)
+                for kernel in ("ext_forward_rows_kernel", "ext_backward_rows_kernel"):
+                    out.append(Variant("rnn_ext", kernel, dtype, cx, E.num_warps(bl, elem), 1, False,
+                                       f"{cell}-H{bl - 1 if bl > 2 else bl}", pointer_dtypes=ptrs,
+                                       maxnreg=E.MAX_REGISTERS))
+    return out
 
 
 def _dedup(vs):
@@ -158,13 +195,14 @@ def _dedup(vs):
     return out
 
 
-def _signature(fn, dtype, constexprs):
+def _signature(fn, dtype, constexprs, pointer_dtypes=None):
     sig = {}
+    pointers = dict(_POINTER_DTYPES, **(pointer_dtypes or {}))
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*" + _POINTER_DTYPES.get(name, dtype)
+            sig[name] = "*" + pointers.get(name, dtype)
         else:
             sig[name] = "i32"  # no divisibility hint: the worst case the runtime can specialise
     return sig
@@ -178,9 +216,10 @@ def _bin(tool):
 def _cache_key(v: Variant, arch: int) -> str:
     import triton
     fn = _kernel(v)
-    raw = json.dumps([RESULT_VERSION, fn.cache_key, v.dtype, v.constexprs, v.num_warps, v.num_stages, arch,
-                      triton.__version__],
-                     sort_keys=True, default=str)
+    key = [RESULT_VERSION, fn.cache_key, v.dtype, v.constexprs, v.num_warps, v.num_stages, arch, triton.__version__]
+    if v.pointer_dtypes or v.maxnreg:  # (only then: the other kernels keep their cached results)
+        key += [v.pointer_dtypes, v.maxnreg]
+    raw = json.dumps(key, sort_keys=True, default=str)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
@@ -202,10 +241,12 @@ def compile_variant(v: Variant, arch: int = 90) -> dict:
 
     fn = _kernel(v)
     t0 = time.time()
-    src = ASTSource(fn=fn, signature=_signature(fn, v.dtype, v.constexprs), constexprs=v.constexprs)
+    src = ASTSource(fn=fn, signature=_signature(fn, v.dtype, v.constexprs, v.pointer_dtypes), constexprs=v.constexprs)
     try:
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                           options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
+        options = dict(num_warps=v.num_warps, num_stages=v.num_stages)
+        if v.maxnreg:
+            options["maxnreg"] = v.maxnreg
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as e:  # noqa: BLE001  (reported per configuration; the test fails on it)
         res = {"compiled": False, "error": f"{type(e).__name__}: {e}"[:2000]}
     else:
