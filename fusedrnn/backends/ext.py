@@ -22,9 +22,11 @@ Row kernels, one per backend, same contract ("reference": ReferenceRows below, i
                       zoneout_h, zoneout_c, valid, grad_h, grad_y, grad_c, acc)
                       -> (d_ax [B,GH], d_ah [B,GH], grad_h_prev [B,H], grad_c_prev [B,H] or [0])
 
-    ax, ah       [B, G*H] x.dtype, contiguous: W_ih x_t and W_hh h_{t-1}, no bias
-    b_*, ln_*    [G*H] (ln_c_*: [H]) x.dtype or None; ln_ih/ln_hh both or neither, ln_c_* only for LSTM
-                 with norms
+    ax, ah       [B, G*H] x.dtype: W_ih x_t and W_hh h_{t-1}, no bias; unit stride along G*H, any row stride
+                 (the driver passes slices of the workspace, whose rows are W apart)
+    b_*, ln_*    [G*H] (ln_c_*: [H]) x.dtype or None; b_ih/b_hh both or neither, ln_ih/ln_hh both or
+                 neither, ln_c_weight/ln_c_bias both or neither and only for an LSTM with ln_ih (functional
+                 guarantees all three; the row kernels may rely on them)
     h_prev, c_prev  [B, H] x.dtype (c_prev None for GRU)
     zoneout_*    [B, H] x.dtype keep-masks of this step (nonzero: keep the previous value) or None
     valid        [B] bool (step t < lengths[b]) or None (all valid). An invalid row keeps its state
