@@ -3,7 +3,8 @@
 Compiles every csrc/cuda/rnn_*.cu with nvcc for sm_90a and sm_80 (setup.py's flags, -cubin, -Xptxas -v) and
 reads each kernel's resources (ptxas report, `cuobjdump -res-usage`) and SASS (`cuobjdump -sass`, from triton's
 wheel). For every kernel: no spills, no local memory, registers within the launch bounds' budget; the persistent
-kernels issue tensor-core MMAs (HMMA). For every persistent plan the dispatcher can pick on an H100 or A100
+kernels issue tensor-core MMAs (HMMA); the rnn_layer_ext row kernels (rnn_ext.cu) keep their static shared memory
+within the share the op glue leaves them. For every persistent plan the dispatcher can pick on an H100 or A100
 (fusedrnn::cuda_rnn_persistent_plan over the benchmark grid and odd sizes): shared memory within the device's
 opt-in limit and every layout invariant the kernels rely on. About a minute on 2 cores.
 """
@@ -135,6 +136,9 @@ def test_every_source_compiles_to_kernels(kernels):
     for kind in ("forward", "proj_forward", "backward", "proj_backward"):
         for dtype in ("float", "__half", "__nv_bfloat16"):
             assert f"rnn_alt_{kind}_kernel<{dtype}>" in names
+    for direction in ("forward", "backward"):
+        for dtype in ("float", "__half", "__nv_bfloat16"):
+            assert f"ext_{direction}_rows_kernel<{dtype}>" in names
 
 
 def test_no_spills_no_local_memory(kernels):
@@ -150,6 +154,20 @@ def test_registers_within_launch_bounds(kernels):
         assert 0 < k.registers <= MAX_REGISTERS, f"sm_{k.arch} {k.name}: {k.registers} registers"
         # One CTA of 256 threads must fit the register file (the persistent kernels run one CTA per SM).
         assert k.registers * THREADS <= REGISTER_FILE, f"sm_{k.arch} {k.name}: {k.registers} x {THREADS} threads"
+
+
+def test_ext_row_kernels_resources(kernels):
+    """rnn_ext.cu (CTAs of up to 256 threads): at least three CTAs per SM by registers, and static shared memory
+    (the block reductions' partial sums) within kStaticSmem of csrc/cuda/rnn_ext.h, the share of the device's
+    opt-in limit the glue keeps from the row cache. cuobjdump counts sm_90's 1 KB of system-reserved shared
+    memory per CTA in; the opt-in limit does not."""
+    ext = [k for k in kernels if k.name.startswith("ext_")]
+    assert len(ext) == 2 * 3 * len(ARCHS)
+    static_smem = 4 * (THREADS // 32) * 4  # = kStaticSmem
+    for k in ext:
+        assert k.registers * THREADS * 3 <= REGISTER_FILE, f"sm_{k.arch} {k.name}: {k.registers} registers"
+        own = k.shared - (1024 if k.arch.startswith("90") else 0)
+        assert 0 < own <= static_smem, f"sm_{k.arch} {k.name}: {k.shared} bytes of static shared memory"
 
 
 def test_persistent_kernels_use_tensor_cores(kernels):
