@@ -10,20 +10,20 @@
 //
 // One batch row is one task: its layer norms reduce over the row, so a row never splits across threads, and
 // the rows are split over threads (at::parallel_for) when a step is large enough to pay for the fork.
-// Per row, passes over memory:
-//   forward   [norm stats of ax and ah: two passes over G*H]  ->  one pass over the H units: gates, state,
-//             zoneout, y  (LSTM with LN(c): the pass leaves c~ and o in c_new and y, two passes take the
-//             stats of c~, one more finishes h)
-//   backward  [norm stats]  ->  the forward recomputed and the gate gradients in one pass over the units, which
-//             also adds the row's parameter gradients to acc and takes the row sums the norms' backward needs
-//             (LSTM with LN(c): gates to a scratch row, c~ stats, an output-gradient pass, then that pass)
-//             ->  [one pass over G*H: d_ax, d_ah through the norms]
+// Per row, passes over memory (G*H: over the gates, H: over the units):
+//   forward   [norm stats of ax and ah: 2 x G*H]  ->  gate inputs (normed, gained, biased, x and h parts added)
+//             to a scratch row: G*H  ->  gates, state, zoneout, y: H  (LSTM with LN(c): that pass leaves c~ and
+//             o in c_new and y, then the stats of c~: 2 x H, and h: H)
+//   backward  the same up to the gate inputs  ->  the gates recomputed and the gradients of the gate inputs:
+//             H (LSTM with LN(c): gates, stats of c~, output gradient, state gradient: 5 x H)  ->  the row's
+//             parameter gradients added to acc, and the sums the norms' backward needs: G*H  ->  [d_ax, d_ah
+//             through the norms: G*H]
 // Every element loop is `#pragma omp simd`: the units are independent, and the pragma is what lets GCC
 // vectorize the row sums (it does not reassociate float additions otherwise). The per-element math is
 // fusedrnn/cell_math.h (its fp32 exp / tanh are branch-free polynomials that vectorize). Which parts exist
-// (the cell, the input norms, the norm of c) are template flags, fixed once per range of rows; absent biases
-// and zoneout masks read a zero row instead, and the bias gradients of a bias-less call go to a scratch row,
-// so no loop tests a flag per element.
+// (the cell, the input norms, the norm of c) are template flags, fixed once per range of rows, and the biases'
+// one is fixed per row in the backward's parameter pass; absent biases and zoneout masks read a zero row, so
+// no loop tests a flag per element.
 //
 // Half inputs (float16 / bfloat16) are widened to float32 on entry and the x-dtype outputs rounded back: the
 // contract computes them in float32 (acc, grad_h, grad_c are float32 already).
@@ -61,7 +61,7 @@ struct Rows {
 
 // One batch row: every pointer at the row's first element. Gate k of unit j is element k*H + j of the G*H
 // operands (ax, ah, d_ax, d_ah, the gate blocks of acc). Pointers of parts a call lacks are null and never
-// read: the flags that would read them are off.
+// read: the flags that would read them are off (absent biases and zoneout masks point at zeros instead).
 template <typename T>
 struct Row {
   const T *ax, *ah, *b_ih, *b_hh, *ln_ih, *ln_hh, *ln_cw, *ln_cb, *h_prev, *c_prev, *zh, *zc;
@@ -69,24 +69,21 @@ struct Row {
   const T *grad_h, *grad_y, *grad_c;                      // backward inputs
   T *d_ax, *d_ah, *grad_h_prev, *grad_c_prev;             // backward outputs
   T *acc_b_ih, *acc_b_hh, *acc_ln_ih, *acc_ln_hh, *acc_ln_cw, *acc_ln_cb;  // this row's line of acc
-  T* work;                                                // backward scratch: LSTM with LN(c), 6H
+  T* work;  // scratch: the 4H gate inputs (pre_gates), then (backward, LSTM with LN(c)) 2H more
 };
 
 // Everything one call's row kernels read and write.
 template <typename T>
 struct ExtArgs {
   int64_t H = 0, GH = 0;
-  bool lstm = false, ln = false, lnc = false;
+  bool lstm = false, ln = false, lnc = false, bias = false;
   Rows<const T> ax, ah, h_prev, c_prev, zh, zc, grad_h, grad_y, grad_c;
   const T *b_ih = nullptr, *b_hh = nullptr, *ln_ih = nullptr, *ln_hh = nullptr, *ln_cw = nullptr,
           *ln_cb = nullptr;
   const bool* valid = nullptr;  // null: every row valid
   Rows<T> h_new, c_new, y, d_ax, d_ah, grad_h_prev, grad_c_prev, acc, work;
-  // Where the bias gradients go: acc's b_ih / b_hh blocks, or (no biases: those blocks stay as they are) a
-  // 2*G*H dump at this offset of the work row.
-  int64_t bias_dump = -1;
 
-  Row<T> row(int64_t b) const {
+  FUSEDRNN_ALWAYS_INLINE Row<T> row(int64_t b) const {
     Row<T> r{};
     r.ax = ax.at(b), r.ah = ah.at(b), r.h_prev = h_prev.at(b), r.c_prev = c_prev.at(b);
     r.zh = zh.at(b), r.zc = zc.at(b);
@@ -96,9 +93,7 @@ struct ExtArgs {
     r.d_ax = d_ax.at(b), r.d_ah = d_ah.at(b), r.grad_h_prev = grad_h_prev.at(b), r.grad_c_prev = grad_c_prev.at(b);
     r.work = work.at(b);
     if (T* line = acc.at(b)) {
-      r.acc_b_ih = bias_dump >= 0 ? r.work + bias_dump : line;
-      r.acc_b_hh = bias_dump >= 0 ? r.work + bias_dump + GH : line + GH;
-      r.acc_ln_ih = line + 2 * GH, r.acc_ln_hh = line + 3 * GH;
+      r.acc_b_ih = line, r.acc_b_hh = line + GH, r.acc_ln_ih = line + 2 * GH, r.acc_ln_hh = line + 3 * GH;
       r.acc_ln_cw = line + 4 * GH, r.acc_ln_cb = line + 4 * GH + H;
     }
     return r;
@@ -106,8 +101,8 @@ struct ExtArgs {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// Per-element parts shared by the forward and the backward (the backward recomputes the forward with them,
-// so both compute every value alike)
+// Parts shared by the forward and the backward (the backward recomputes the forward with them, so both
+// compute every value alike)
 // ---------------------------------------------------------------------------------------------------------
 template <typename T>
 struct Norm {
@@ -167,35 +162,41 @@ FUSEDRNN_ALWAYS_INLINE T gate_part(const T* v, const T* gain, const T* bias, int
   }
 }
 
-// The LSTM gates of unit j and its new cell state c~ (before zoneout).
-template <bool LN, typename T>
-FUSEDRNN_ALWAYS_INLINE LstmState<T> lstm_unit(const Row<T>& r, int64_t H, int64_t j, const Norm<T>& nx,
-                                              const Norm<T>& nh) {
-  const int64_t i = j, f = H + j, g = 2 * H + j, o = 3 * H + j;
-  return lstm_state_forward<T>(
-      gate_part<LN>(r.ax, r.ln_ih, r.b_ih, i, nx) + gate_part<LN>(r.ah, r.ln_hh, r.b_hh, i, nh),
-      gate_part<LN>(r.ax, r.ln_ih, r.b_ih, f, nx) + gate_part<LN>(r.ah, r.ln_hh, r.b_hh, f, nh),
-      gate_part<LN>(r.ax, r.ln_ih, r.b_ih, g, nx) + gate_part<LN>(r.ah, r.ln_hh, r.b_hh, g, nh),
-      gate_part<LN>(r.ax, r.ln_ih, r.b_ih, o, nx) + gate_part<LN>(r.ah, r.ln_hh, r.b_hh, o, nh), r.c_prev[j]);
+// The row's gate inputs, one pass over G*H into pre (4H): the input and recurrent parts added where the cell
+// adds them -- every gate of the LSTM; r and z of the GRU, whose n keeps them apart (pre[2H + j]: x part,
+// pre[3H + j]: h part, which r scales). The unit loops then read 4 streams instead of 6 per gate: with all
+// of them in one loop (LSTM: 24 input streams, 4 KB apart at H=1024), L1 thrashed.
+template <bool LSTM, bool LN, typename T>
+FUSEDRNN_ALWAYS_INLINE void gate_inputs(int64_t H, const Row<T>& r, const Norm<T>& nx, const Norm<T>& nh,
+                                        T* pre) {
+  const int64_t summed = LSTM ? 4 * H : 2 * H;
+#pragma omp simd
+  for (int64_t e = 0; e < summed; ++e) {
+    pre[e] = gate_part<LN>(r.ax, r.ln_ih, r.b_ih, e, nx) + gate_part<LN>(r.ah, r.ln_hh, r.b_hh, e, nh);
+  }
+  if constexpr (!LSTM) {
+#pragma omp simd
+    for (int64_t e = 2 * H; e < 3 * H; ++e) {
+      pre[e] = gate_part<LN>(r.ax, r.ln_ih, r.b_ih, e, nx);
+      pre[e + H] = gate_part<LN>(r.ah, r.ln_hh, r.b_hh, e, nh);
+    }
+  }
 }
 
-// The GRU state of unit j (h~ before zoneout) and h_n, the recurrent part of its n gate.
-template <typename T>
-struct GruUnit {
-  GruState<T> s;
-  T h_n;
-};
+template <bool LSTM, bool LN, typename T>
+FUSEDRNN_ALWAYS_INLINE void row_gate_inputs(int64_t H, const Row<T>& r, Norm<T>& nx, Norm<T>& nh) {
+  if constexpr (LN) norm_stats((LSTM ? 4 : 3) * H, r.ax, r.ah, nx, nh);
+  gate_inputs<LSTM, LN>(H, r, nx, nh, r.work);
+}
 
-template <bool LN, typename T>
-FUSEDRNN_ALWAYS_INLINE GruUnit<T> gru_unit(const Row<T>& r, int64_t H, int64_t j, const Norm<T>& nx,
-                                           const Norm<T>& nh) {
-  const int64_t rr = j, z = H + j, n = 2 * H + j;
-  GruUnit<T> u;
-  u.h_n = gate_part<LN>(r.ah, r.ln_hh, r.b_hh, n, nh);
-  u.s = gru_forward<T>(gate_part<LN>(r.ax, r.ln_ih, r.b_ih, rr, nx) + gate_part<LN>(r.ah, r.ln_hh, r.b_hh, rr, nh),
-                       gate_part<LN>(r.ax, r.ln_ih, r.b_ih, z, nx) + gate_part<LN>(r.ah, r.ln_hh, r.b_hh, z, nh),
-                       gate_part<LN>(r.ax, r.ln_ih, r.b_ih, n, nx), u.h_n, r.h_prev[j]);
-  return u;
+template <typename T>
+FUSEDRNN_ALWAYS_INLINE LstmState<T> lstm_unit(const T* pre, int64_t H, int64_t j, T c_prev) {
+  return lstm_state_forward<T>(pre[j], pre[H + j], pre[2 * H + j], pre[3 * H + j], c_prev);
+}
+
+template <typename T>
+FUSEDRNN_ALWAYS_INLINE GruState<T> gru_unit(const T* pre, int64_t H, int64_t j, T h_prev) {
+  return gru_forward<T>(pre[j], pre[H + j], pre[2 * H + j], pre[3 * H + j], h_prev);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -213,12 +214,13 @@ FUSEDRNN_ALWAYS_INLINE void put_state(const Row<T>& r, int64_t j, T h, T c) {
 template <typename T, bool LN, bool LNC>
 FUSEDRNN_ALWAYS_INLINE void lstm_forward_row(int64_t H, const Row<T>& r) {
   Norm<T> nx, nh;
-  if constexpr (LN) norm_stats(4 * H, r.ax, r.ah, nx, nh);
+  row_gate_inputs<true, LN>(H, r, nx, nh);
+  const T* const pre = r.work;
   T* const c_new = r.c_new;
   T* const y = r.y;
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
-    const LstmState<T> s = lstm_unit<LN>(r, H, j, nx, nh);
+    const LstmState<T> s = lstm_unit(pre, H, j, r.c_prev[j]);
     if constexpr (LNC) {  // the norm of c~ needs the whole row first: park c~ and o in the outputs
       c_new[j] = s.c;
       y[j] = s.o;
@@ -239,11 +241,10 @@ FUSEDRNN_ALWAYS_INLINE void lstm_forward_row(int64_t H, const Row<T>& r) {
 template <typename T, bool LN>
 FUSEDRNN_ALWAYS_INLINE void gru_forward_row(int64_t H, const Row<T>& r) {
   Norm<T> nx, nh;
-  if constexpr (LN) norm_stats(3 * H, r.ax, r.ah, nx, nh);
+  row_gate_inputs<false, LN>(H, r, nx, nh);
+  const T* const pre = r.work;
 #pragma omp simd
-  for (int64_t j = 0; j < H; ++j) {
-    put_state<false>(r, j, gru_unit<LN>(r, H, j, nx, nh).s.h, T(0));
-  }
+  for (int64_t j = 0; j < H; ++j) put_state<false>(r, j, gru_unit(pre, H, j, r.h_prev[j]).h, T(0));
 }
 
 // A row past its sequence's end keeps its state and writes y = 0.
@@ -257,51 +258,9 @@ FUSEDRNN_ALWAYS_INLINE void invalid_forward_row(int64_t H, const Row<T>& r) {
 // ---------------------------------------------------------------------------------------------------------
 // Backward rows
 // ---------------------------------------------------------------------------------------------------------
-// Row sums for the backward of the two input norms: of g = d_p * gain and of g * normed, per norm.
-template <typename T>
-struct NormGradSums {
-  T x = T(0), xn = T(0), h = T(0), hn = T(0);
-};
-
-// Gradients dpx, dph of the input / recurrent pre-activation parts at element e: adds the row's parameter
-// gradients to acc, and writes d_ax, d_ah -- final without norms, else the pre-norm gradients, which the last
-// pass (norm_input_backward) turns into the final ones (SAME: dpx == dph, as in the LSTM, and only d_ax holds
-// them). Returns the element's terms of the row sums.
-template <bool LN, bool SAME, typename T>
-FUSEDRNN_ALWAYS_INLINE NormGradSums<T> put_gate_grad(const Row<T>& r, int64_t e, T dpx, T dph, const Norm<T>& nx,
-                                                      const Norm<T>& nh) {
-  NormGradSums<T> out;
-  r.acc_b_ih[e] += dpx;
-  r.acc_b_hh[e] += dph;
-  r.d_ax[e] = dpx;
-  if constexpr (!LN || !SAME) r.d_ah[e] = dph;
-  if constexpr (LN) {
-    const T xn = normed(r.ax[e], nx), hn = normed(r.ah[e], nh);
-    r.acc_ln_ih[e] += dpx * xn;
-    r.acc_ln_hh[e] += dph * hn;
-    out.x = dpx * r.ln_ih[e];
-    out.xn = out.x * xn;
-    out.h = dph * r.ln_hh[e];
-    out.hn = out.h * hn;
-  }
-  return out;
-}
-
-// d_ax, d_ah through the input norms, from the pre-norm gradients put_gate_grad left there.
-template <bool SAME, typename T>
-FUSEDRNN_ALWAYS_INLINE void norm_input_backward(int64_t GH, const Row<T>& r, const Norm<T>& nx, const Norm<T>& nh,
-                                                const NormGradSums<T>& s) {
-  const T mx = s.x / T(GH), mxn = s.xn / T(GH), mh = s.h / T(GH), mhn = s.hn / T(GH);
-  T* const d_ax = r.d_ax;
-  T* const d_ah = r.d_ah;
-#pragma omp simd
-  for (int64_t e = 0; e < GH; ++e) {
-    const T dpx = d_ax[e];
-    const T dph = SAME ? dpx : d_ah[e];
-    d_ax[e] = layer_norm_backward(dpx * r.ln_ih[e], normed(r.ax[e], nx), nx.rstd, mx, mxn);
-    d_ah[e] = layer_norm_backward(dph * r.ln_hh[e], normed(r.ah[e], nh), nh.rstd, mh, mhn);
-  }
-}
+// The unit loops leave the gradients of the gate inputs (what gate_inputs computed) in d_ax -- and in d_ah
+// where they differ (the GRU's n: the h part is scaled by r) -- then passes over G*H add the row's parameter
+// gradients to acc and take d_ax, d_ah through the input norms.
 
 // The total gradient of h_t (grad_h + grad_y) split by zoneout's select into the part reaching h~ (returned)
 // and the part reaching h_{t-1} directly (written to grad_h_prev).
@@ -312,98 +271,146 @@ FUSEDRNN_ALWAYS_INLINE T split_grad_h(const Row<T>& r, int64_t j) {
   return zoneout(r.zh[j], T(0), g);
 }
 
-template <typename T, bool LN, bool LNC>
-FUSEDRNN_ALWAYS_INLINE void lstm_backward_row(int64_t H, const Row<T>& r) {
-  Norm<T> nx, nh;
-  if constexpr (LN) norm_stats(4 * H, r.ax, r.ah, nx, nh);
+// Row sums for the backward of the two input norms: of g = d_p * gain and of g * normed, per norm.
+template <typename T>
+struct NormGradSums {
+  T x = T(0), xn = T(0), h = T(0), hn = T(0);
+};
+
+// The row's parameter gradients over elements [e0, e1) of the gate inputs, from their gradients dpx (in d_ax)
+// and dph (SAME: equal to dpx, else in d_ah): acc += biases' (BIAS) and norm gains' (LN). Without norms d_ax,
+// d_ah are final (SAME: d_ah copied from d_ax); with them, returns the sums norm_input_backward needs.
+template <bool LN, bool SAME, bool BIAS, typename T>
+FUSEDRNN_ALWAYS_INLINE NormGradSums<T> param_grads(int64_t e0, int64_t e1, const Row<T>& r, const Norm<T>& nx,
+                                                   const Norm<T>& nh) {
   T sx = T(0), sxn = T(0), sh = T(0), shn = T(0);
-  if constexpr (!LNC) {
 #pragma omp simd reduction(+ : sx, sxn, sh, shn)
+  for (int64_t e = e0; e < e1; ++e) {
+    const T dpx = r.d_ax[e];
+    const T dph = SAME ? dpx : r.d_ah[e];
+    if constexpr (BIAS) {
+      r.acc_b_ih[e] += dpx;
+      r.acc_b_hh[e] += dph;
+    }
+    if constexpr (LN) {
+      const T xn = normed(r.ax[e], nx), hn = normed(r.ah[e], nh);
+      r.acc_ln_ih[e] += dpx * xn;
+      r.acc_ln_hh[e] += dph * hn;
+      const T gx = dpx * r.ln_ih[e], gh = dph * r.ln_hh[e];
+      sx += gx;
+      sxn += gx * xn;
+      sh += gh;
+      shn += gh * hn;
+    } else if constexpr (SAME) {
+      r.d_ah[e] = dpx;
+    }
+  }
+  return {sx, sxn, sh, shn};
+}
+
+template <bool LN, bool SAME, typename T>
+FUSEDRNN_ALWAYS_INLINE NormGradSums<T> param_grads(int64_t e0, int64_t e1, const Row<T>& r, const Norm<T>& nx,
+                                                   const Norm<T>& nh, bool bias) {
+  return bias ? param_grads<LN, SAME, true>(e0, e1, r, nx, nh) : param_grads<LN, SAME, false>(e0, e1, r, nx, nh);
+}
+
+// d_ax, d_ah over [e0, e1) through the input norms, from the gate inputs' gradients left there; s: the sums
+// over the whole row.
+template <bool SAME, typename T>
+FUSEDRNN_ALWAYS_INLINE void norm_input_backward(int64_t GH, int64_t e0, int64_t e1, const Row<T>& r,
+                                                const Norm<T>& nx, const Norm<T>& nh, const NormGradSums<T>& s) {
+  const T mx = s.x / T(GH), mxn = s.xn / T(GH), mh = s.h / T(GH), mhn = s.hn / T(GH);
+  T* const d_ax = r.d_ax;
+  T* const d_ah = r.d_ah;
+#pragma omp simd
+  for (int64_t e = e0; e < e1; ++e) {
+    const T dpx = d_ax[e];
+    const T dph = SAME ? dpx : d_ah[e];
+    d_ax[e] = layer_norm_backward(dpx * r.ln_ih[e], normed(r.ax[e], nx), nx.rstd, mx, mxn);
+    d_ah[e] = layer_norm_backward(dph * r.ln_hh[e], normed(r.ah[e], nh), nh.rstd, mh, mhn);
+  }
+}
+
+template <typename T, bool LN, bool LNC>
+FUSEDRNN_ALWAYS_INLINE void lstm_backward_row(int64_t H, const Row<T>& r, bool bias) {
+  Norm<T> nx, nh;
+  row_gate_inputs<true, LN>(H, r, nx, nh);
+  T* const pre = r.work;
+  T* const dp = r.d_ax;
+  if constexpr (!LNC) {
+#pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
-      const LstmState<T> s = lstm_unit<LN>(r, H, j, nx, nh);
-      const T d_h = split_grad_h(r, j);
-      const LstmOutputGrad<T> od = lstm_output_backward(s.o, tanh_(s.c), d_h);
+      const LstmState<T> s = lstm_unit(pre, H, j, r.c_prev[j]);
+      const LstmOutputGrad<T> od = lstm_output_backward(s.o, tanh_(s.c), split_grad_h(r, j));
       const T gc = r.grad_c[j];
       const LstmGrad<T> d = lstm_state_backward(s.i, s.f, s.g, r.c_prev[j], zoneout(r.zc[j], T(0), gc) + od.n);
       r.grad_c_prev[j] = zoneout(r.zc[j], gc, T(0)) + d.c_prev;
-      const NormGradSums<T> pi = put_gate_grad<LN, true>(r, j, d.i, d.i, nx, nh);
-      const NormGradSums<T> pf = put_gate_grad<LN, true>(r, H + j, d.f, d.f, nx, nh);
-      const NormGradSums<T> pg = put_gate_grad<LN, true>(r, 2 * H + j, d.g, d.g, nx, nh);
-      const NormGradSums<T> po = put_gate_grad<LN, true>(r, 3 * H + j, od.o, od.o, nx, nh);
-      sx += pi.x + pf.x + pg.x + po.x;
-      sxn += pi.xn + pf.xn + pg.xn + po.xn;
-      sh += pi.h + pf.h + pg.h + po.h;
-      shn += pi.hn + pf.hn + pg.hn + po.hn;
+      dp[j] = d.i, dp[H + j] = d.f, dp[2 * H + j] = d.g, dp[3 * H + j] = od.o;
     }
   } else {
-    // LN(c) reduces over the row's c~ between the output gradient and the state gradient: three passes,
-    // the gates parked in the work row: i, f, g, o (then d pre_o), c~, gradient of LN(c)'s output * gain.
-    T* const wi = r.work;
-    T* const wf = wi + H;
-    T* const wg = wf + H;
-    T* const wo = wg + H;
-    T* const wc = wo + H;
+    // LN(c) reduces over the row's c~ between the output gradient and the state gradient: three loops. The
+    // gates replace their inputs in pre (o then its gradient); c~ and the gradient of LN(c) * gain follow.
+    T* const wc = pre + 4 * H;
     T* const wn = wc + H;
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
-      const LstmState<T> s = lstm_unit<LN>(r, H, j, nx, nh);
-      wi[j] = s.i, wf[j] = s.f, wg[j] = s.g, wo[j] = s.o, wc[j] = s.c;
+      const LstmState<T> s = lstm_unit(pre, H, j, r.c_prev[j]);
+      pre[j] = s.i, pre[H + j] = s.f, pre[2 * H + j] = s.g, pre[3 * H + j] = s.o;
+      wc[j] = s.c;
     }
     const Norm<T> nc = norm_stats(H, wc);
     T sn = T(0), snn = T(0);
 #pragma omp simd reduction(+ : sn, snn)
     for (int64_t j = 0; j < H; ++j) {
-      const T d_h = split_grad_h(r, j);
       const T cn = normed(wc[j], nc);
-      const LstmOutputGrad<T> od = lstm_output_backward(wo[j], tanh_(cn * r.ln_cw[j] + r.ln_cb[j]), d_h);
+      const LstmOutputGrad<T> od =
+          lstm_output_backward(pre[3 * H + j], tanh_(cn * r.ln_cw[j] + r.ln_cb[j]), split_grad_h(r, j));
       r.acc_ln_cw[j] += od.n * cn;
       r.acc_ln_cb[j] += od.n;
       const T gn = od.n * r.ln_cw[j];
       wn[j] = gn;
-      wo[j] = od.o;
+      pre[3 * H + j] = od.o;
       sn += gn;
       snn += gn * cn;
     }
     const T mn = sn / T(H), mnn = snn / T(H);
-#pragma omp simd reduction(+ : sx, sxn, sh, shn)
+#pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
       const T gc = r.grad_c[j];
       const T d_c = zoneout(r.zc[j], T(0), gc) + layer_norm_backward(wn[j], normed(wc[j], nc), nc.rstd, mn, mnn);
-      const LstmGrad<T> d = lstm_state_backward(wi[j], wf[j], wg[j], r.c_prev[j], d_c);
+      const LstmGrad<T> d = lstm_state_backward(pre[j], pre[H + j], pre[2 * H + j], r.c_prev[j], d_c);
       r.grad_c_prev[j] = zoneout(r.zc[j], gc, T(0)) + d.c_prev;
-      const NormGradSums<T> pi = put_gate_grad<LN, true>(r, j, d.i, d.i, nx, nh);
-      const NormGradSums<T> pf = put_gate_grad<LN, true>(r, H + j, d.f, d.f, nx, nh);
-      const NormGradSums<T> pg = put_gate_grad<LN, true>(r, 2 * H + j, d.g, d.g, nx, nh);
-      const NormGradSums<T> po = put_gate_grad<LN, true>(r, 3 * H + j, wo[j], wo[j], nx, nh);
-      sx += pi.x + pf.x + pg.x + po.x;
-      sxn += pi.xn + pf.xn + pg.xn + po.xn;
-      sh += pi.h + pf.h + pg.h + po.h;
-      shn += pi.hn + pf.hn + pg.hn + po.hn;
+      dp[j] = d.i, dp[H + j] = d.f, dp[2 * H + j] = d.g, dp[3 * H + j] = pre[3 * H + j];
     }
   }
-  if constexpr (LN) norm_input_backward<true>(4 * H, r, nx, nh, NormGradSums<T>{sx, sxn, sh, shn});
+  const NormGradSums<T> sums = param_grads<LN, true>(0, 4 * H, r, nx, nh, bias);
+  if constexpr (LN) norm_input_backward<true>(4 * H, 0, 4 * H, r, nx, nh, sums);
 }
 
 template <typename T, bool LN>
-FUSEDRNN_ALWAYS_INLINE void gru_backward_row(int64_t H, const Row<T>& r) {
+FUSEDRNN_ALWAYS_INLINE void gru_backward_row(int64_t H, const Row<T>& r, bool bias) {
   Norm<T> nx, nh;
-  if constexpr (LN) norm_stats(3 * H, r.ax, r.ah, nx, nh);
-  T sx = T(0), sxn = T(0), sh = T(0), shn = T(0);
-#pragma omp simd reduction(+ : sx, sxn, sh, shn)
+  row_gate_inputs<false, LN>(H, r, nx, nh);
+  const T* const pre = r.work;
+  T* const d_ax = r.d_ax;
+  T* const d_ah = r.d_ah;
+#pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
-    const GruUnit<T> u = gru_unit<LN>(r, H, j, nx, nh);
+    const T h_prev = r.h_prev[j];
+    const GruState<T> s = gru_unit(pre, H, j, h_prev);
     const T g = r.grad_h[j] + r.grad_y[j];
-    const GruGrad<T> d = gru_backward(u.s.r, u.s.z, u.s.n, u.h_n, r.h_prev[j], zoneout(r.zh[j], T(0), g));
+    const GruGrad<T> d = gru_backward(s.r, s.z, s.n, pre[3 * H + j], h_prev, zoneout(r.zh[j], T(0), g));
     r.grad_h_prev[j] = zoneout(r.zh[j], g, T(0)) + d.h_prev;
-    const NormGradSums<T> pr = put_gate_grad<LN, false>(r, j, d.r, d.r, nx, nh);
-    const NormGradSums<T> pz = put_gate_grad<LN, false>(r, H + j, d.z, d.z, nx, nh);
-    const NormGradSums<T> pn = put_gate_grad<LN, false>(r, 2 * H + j, d.n, d.h_n, nx, nh);
-    sx += pr.x + pz.x + pn.x;
-    sxn += pr.xn + pz.xn + pn.xn;
-    sh += pr.h + pz.h + pn.h;
-    shn += pr.hn + pz.hn + pn.hn;
+    d_ax[j] = d.r, d_ax[H + j] = d.z, d_ax[2 * H + j] = d.n;
+    d_ah[2 * H + j] = d.h_n;  // r and z: the same as d_ax's (SAME below)
   }
-  if constexpr (LN) norm_input_backward<false>(3 * H, r, nx, nh, NormGradSums<T>{sx, sxn, sh, shn});
+  const NormGradSums<T> rz = param_grads<LN, true>(0, 2 * H, r, nx, nh, bias);
+  const NormGradSums<T> n = param_grads<LN, false>(2 * H, 3 * H, r, nx, nh, bias);
+  if constexpr (LN) {
+    const NormGradSums<T> sums{rz.x + n.x, rz.xn + n.xn, rz.h + n.h, rz.hn + n.hn};
+    norm_input_backward<true>(3 * H, 0, 2 * H, r, nx, nh, sums);
+    norm_input_backward<false>(3 * H, 2 * H, 3 * H, r, nx, nh, sums);
+  }
 }
 
 // A row past its sequence's end did nothing: its state gradients pass through, d_ax = d_ah = 0, acc untouched.
@@ -457,9 +464,9 @@ FUSEDRNN_ALWAYS_INLINE void ext_backward_range_body(const ExtArgs<T>& a, int64_t
       if (a.valid != nullptr && !a.valid[b]) {
         invalid_backward_row<decltype(LSTM)::value>(a.GH, a.H, r);
       } else if constexpr (decltype(LSTM)::value) {
-        lstm_backward_row<T, decltype(LN)::value, decltype(LNC)::value>(a.H, r);
+        lstm_backward_row<T, decltype(LN)::value, decltype(LNC)::value>(a.H, r, a.bias);
       } else {
-        gru_backward_row<T, decltype(LN)::value>(a.H, r);
+        gru_backward_row<T, decltype(LN)::value>(a.H, r, a.bias);
       }
     }
   });
@@ -593,7 +600,7 @@ template <typename T>
 ExtArgs<T> input_args(const Call& c, const Tensor& zeros) {
   ExtArgs<T> a;
   a.H = c.H, a.GH = c.GH;
-  a.lstm = c.lstm, a.ln = c.ln_ih.has_value(), a.lnc = c.ln_cw.has_value();
+  a.lstm = c.lstm, a.ln = c.ln_ih.has_value(), a.lnc = c.ln_cw.has_value(), a.bias = c.b_ih.has_value();
   a.ax = in_rows<T>(OptTensor(c.ax), zeros), a.ah = in_rows<T>(OptTensor(c.ah), zeros);
   a.h_prev = in_rows<T>(OptTensor(c.h_prev), zeros);
   if (c.lstm) a.c_prev = in_rows<T>(c.c_prev, zeros);
@@ -630,9 +637,11 @@ std::tuple<Tensor, Tensor, Tensor> cpu_ext_forward_rows(
   Tensor y = at::empty({c.B, c.H}, opts);
   if (c.B > 0 && c.H > 0) {
     const Tensor zeros = zeros_for(c);
+    const Tensor work = scratch(Scratch::kStepRows, {c.B, 4 * c.H}, c.compute);  // the gate inputs of each row
     AT_DISPATCH_FLOATING_TYPES(c.compute, "fusedrnn_cpu_ext_forward_rows", [&] {
       using T = scalar_t;
       ExtArgs<T> a = input_args<T>(c, zeros);
+      a.work = rows_of<T>(work);
       a.h_new = rows_of<T>(h_new), a.y = rows_of<T>(y);
       if (c.lstm) a.c_new = rows_of<T>(c_new);
       over_rows(c.B, c.GH, [&](int64_t b0, int64_t b1) { ext_forward_range<T>(a, b0, b1); });
@@ -674,10 +683,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_ext_backward_rows(
   Tensor grad_c_prev = at::empty({c.lstm ? B : 0, c.lstm ? H : 0}, opts);
   if (B > 0 && H > 0) {
     const Tensor zeros = zeros_for(c);
-    // Per-row scratch: LSTM with LN(c) parks 6H values per row; a bias-less call dumps its bias gradients.
-    const int64_t park = c.lstm && c.ln_cw ? 6 * H : 0;
-    const int64_t dump = c.b_ih ? 0 : 2 * GH;
-    Tensor work = park + dump > 0 ? scratch(Scratch::kStepRows, {B, park + dump}, c.compute) : Tensor();
+    // Per-row scratch: the gate inputs (4H); LSTM with LN(c) parks c~ and a gradient behind them (2H).
+    const Tensor work = scratch(Scratch::kStepRows, {B, (c.lstm && c.ln_cw ? 6 : 4) * H}, c.compute);
     AT_DISPATCH_FLOATING_TYPES(c.compute, "fusedrnn_cpu_ext_backward_rows", [&] {
       using T = scalar_t;
       ExtArgs<T> a = input_args<T>(c, zeros);
@@ -686,8 +693,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_ext_backward_rows(
       a.d_ax = rows_of<T>(d_ax), a.d_ah = rows_of<T>(d_ah), a.grad_h_prev = rows_of<T>(grad_h_prev);
       if (c.lstm) a.grad_c_prev = rows_of<T>(grad_c_prev);
       a.acc = {acc_rows.data_ptr<T>(), B > 1 ? acc_rows.stride(0) : 0};
-      if (work.defined()) a.work = rows_of<T>(work);
-      a.bias_dump = dump > 0 ? park : -1;
+      a.work = rows_of<T>(work);
       over_rows(B, GH, [&](int64_t b0, int64_t b1) { ext_backward_range<T>(a, b0, b1); });
     });
   }

@@ -192,7 +192,8 @@ template <typename T>
 FUSEDRNN_HOST_DEVICE T zoneout(T keep, T previous, T next) {
 #if !defined(__CUDA_ARCH__)
   // On the CPU the same select on the bits. Written as ?:, GCC 12 sinks the math computing `next` into a branch
-  // of the select and then leaves the loop scalar (float math may trap, so it is not if-converted back).
+  // of the select and then leaves the loop scalar (float math may trap, so it is not if-converted back): the
+  // CPU's LayerNorm GRU rows (csrc/cpu/rnn_ext.cpp) ran 4.5x slower so (B=16, H=256, fp32).
   if constexpr (sizeof(T) == 4 || sizeof(T) == 8) {
     using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
     Bits p, n;
