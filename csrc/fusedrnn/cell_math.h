@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define FUSEDRNN_HOST_DEVICE __host__ __device__ __forceinline__
@@ -189,6 +190,22 @@ FUSEDRNN_HOST_DEVICE T layer_norm_backward(T g, T normed, T rstd, T mean_g, T me
 // Zoneout: the unit keeps its previous value where the keep-mask is nonzero.
 template <typename T>
 FUSEDRNN_HOST_DEVICE T zoneout(T keep, T previous, T next) {
+#if !defined(__CUDA_ARCH__)
+  // On the CPU the same select on the bits. Written as ?:, GCC 12 sinks the math computing `next` into a branch
+  // of the select and then leaves the loop scalar (float math may trap, so it is not if-converted back): the
+  // CPU's LayerNorm GRU rows (csrc/cpu/rnn_ext.cpp) ran 4.5x slower so (B=16, H=256, fp32).
+  if constexpr (sizeof(T) == 4 || sizeof(T) == 8) {
+    using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+    Bits p, n;
+    std::memcpy(&p, &previous, sizeof(T));
+    std::memcpy(&n, &next, sizeof(T));
+    const Bits mask = Bits(0) - Bits(keep != T(0));
+    const Bits out = (p & mask) | (n & ~mask);
+    T result;
+    std::memcpy(&result, &out, sizeof(T));
+    return result;
+  }
+#endif
   return keep != T(0) ? previous : next;
 }
 
