@@ -231,7 +231,8 @@ def layer_args(cell, T, B, I, H, seed):
                 w_ih=rnd(G * H, I, scale=I ** -0.5), w_hh=rnd(G * H, H, scale=H ** -0.5),
                 b_ih=rnd(G * H, scale=0.1), b_hh=rnd(G * H, scale=0.1),
                 ln_ih=rnd(G * H, scale=0.1, shift=1.0), ln_hh=rnd(G * H, scale=0.1, shift=1.0),
-                ln_c_weight=rnd(H, scale=0.1, shift=1.0) if lstm else None, ln_c_bias=rnd(H, scale=0.1) if lstm else None,
+                ln_c_weight=rnd(H, scale=0.1, shift=1.0) if lstm else None,
+                ln_c_bias=rnd(H, scale=0.1) if lstm else None,
                 zoneout_h=(torch.rand(T, B, H, generator=g) < 0.2).double(),
                 zoneout_c=(torch.rand(T, B, H, generator=g) < 0.2).double() if lstm else None)
 

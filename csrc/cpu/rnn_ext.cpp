@@ -69,7 +69,7 @@ struct Row {
   const T *grad_h, *grad_y, *grad_c;                      // backward inputs
   T *d_ax, *d_ah, *grad_h_prev, *grad_c_prev;             // backward outputs
   T *acc_b_ih, *acc_b_hh, *acc_ln_ih, *acc_ln_hh, *acc_ln_cw, *acc_ln_cb;  // this row's line of acc
-  T* work;  // scratch: the 4H gate inputs (pre_gates), then (backward, LSTM with LN(c)) 2H more
+  T* work;  // scratch: the 4H gate inputs, then (backward, LSTM with LN(c)) 2H more
 };
 
 // Everything one call's row kernels read and write.
@@ -94,7 +94,7 @@ struct ExtArgs {
     r.work = work.at(b);
     if (T* line = acc.at(b)) {
       r.acc_b_ih = line, r.acc_b_hh = line + GH, r.acc_ln_ih = line + 2 * GH, r.acc_ln_hh = line + 3 * GH;
-      r.acc_ln_cw = line + 4 * GH, r.acc_ln_cb = line + 4 * GH + H;
+      if (lstm) r.acc_ln_cw = line + 4 * GH, r.acc_ln_cb = line + 4 * GH + H;
     }
     return r;
   }
@@ -164,8 +164,8 @@ FUSEDRNN_ALWAYS_INLINE T gate_part(const T* v, const T* gain, const T* bias, int
 
 // The row's gate inputs, one pass over G*H into pre (4H): the input and recurrent parts added where the cell
 // adds them -- every gate of the LSTM; r and z of the GRU, whose n keeps them apart (pre[2H + j]: x part,
-// pre[3H + j]: h part, which r scales). The unit loops then read 4 streams instead of 6 per gate: with all
-// of them in one loop (LSTM: 24 input streams, 4 KB apart at H=1024), L1 thrashed.
+// pre[3H + j]: h part, which r scales). The unit loops then read one stream per gate instead of six: with all
+// of them in one loop (LSTM: 24 input streams, 4 KB apart at H=1024) L1 thrashed.
 template <bool LSTM, bool LN, typename T>
 FUSEDRNN_ALWAYS_INLINE void gate_inputs(int64_t H, const Row<T>& r, const Norm<T>& nx, const Norm<T>& nh,
                                         T* pre) {
@@ -473,8 +473,9 @@ FUSEDRNN_ALWAYS_INLINE void ext_backward_range_body(const ExtArgs<T>& a, int64_t
 }
 FUSEDRNN_ISA_LEVELS(ext_backward_range, (const ExtArgs<T>& a, int64_t b0, int64_t b1), (a, b0, b1))
 
-// Elements (of G*H) of one thread's share of a step below which the rows stay on the calling thread: forking
-// the team costs a few microseconds, about what a thread spends on this many elements.
+// Elements (of G*H) of one thread's share of a step below which the rows stay on the calling thread. On the
+// 2-core Zen 3, two threads started to pay between 8K and 16K elements per step (LSTM with norms, fp32: ~20-50
+// us a step there); below, the fork and the second thread's wake-up cost more than they save.
 constexpr int64_t kMinTaskElements = int64_t(1) << 13;
 
 template <typename F>
@@ -489,7 +490,6 @@ void over_rows(int64_t B, int64_t GH, const F& range) {
 // ---------------------------------------------------------------------------------------------------------
 // The checked, widened (half -> float32) and unit-stride arguments of one call.
 struct Call {
-  const char* op;
   bool lstm = false;
   int64_t B = 0, H = 0, GH = 0;
   at::ScalarType dtype;     // x.dtype: ax's
@@ -513,12 +513,11 @@ void check_absent(const char* op, const char* name, const OptTensor& t, const ch
   TORCH_CHECK(!t.has_value(), "fusedrnn ", op, ": ", name, " must be None ", why);
 }
 
-// Unit stride along the last dimension (row strides are kept: the driver passes workspace slices), in the
-// compute dtype.
+// In the compute dtype, with unit stride along the last dimension (row strides are kept: the driver passes
+// workspace slices as ax and ah).
 Tensor prepared(const Tensor& t, at::ScalarType compute) {
   Tensor out = t.scalar_type() == compute ? t : t.to(compute);
-  if (out.dim() >= 1 && out.size(-1) > 1 && out.stride(-1) != 1) out = out.contiguous();
-  if (out.dim() == 1) out = out.contiguous();
+  if (out.size(-1) > 1 && out.stride(-1) != 1) out = out.contiguous();
   return out;
 }
 
@@ -531,7 +530,6 @@ Call prepare(const char* op, const std::string& cell, const Tensor& ax, const Te
              const OptTensor& ln_c_bias, const Tensor& h_prev, const OptTensor& c_prev, const OptTensor& zoneout_h,
              const OptTensor& zoneout_c, const OptTensor& valid) {
   Call c;
-  c.op = op;
   TORCH_CHECK(cell == "lstm" || cell == "gru", "fusedrnn ", op, ": cell must be 'lstm' or 'gru', got '", cell, "'");
   c.lstm = cell == "lstm";
   const int64_t G = c.lstm ? 4 : 3;
