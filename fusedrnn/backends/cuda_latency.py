@@ -119,8 +119,10 @@ def _elem(dtype: torch.dtype) -> int:
 
 def step_estimate(path: str, cell: str, hidden: int, batch: int, dtype: torch.dtype, direction: str,
                   hw: Hopper = H100, barrier: str = "release-acquire") -> Estimate:
-    """The estimate of one path (module doc). barrier: "release-acquire" (issue #17's design) or "sc" (the
-    grid barrier before it: two SC fences, a central counter, a poll that invalidates L1)."""
+    """The estimate of one path (module doc). barrier: "release-acquire" (issue #17's target: the step tag in
+    the published data, one round trip), "flags" (per-CTA step flags: a release store after MEMBAR.ALL.GPU,
+    a relaxed poll, one acquire load, then the staging loads) or "sc" (the grid barrier before issue #17: two
+    SC fences, a central counter, a poll that invalidates L1)."""
     G, elem = GATES[cell], _elem(dtype)
     H, B = hidden, batch
     backward = direction == "backward"
@@ -156,6 +158,10 @@ def step_estimate(path: str, cell: str, hidden: int, batch: int, dtype: torch.dt
         parts["stage"] = all_ctas_bytes / (hw.l2_bandwidth_tb_s * 1e6)
         if barrier == "sc":
             parts["barrier"] = 2 * hw.sc_fence_us + ctas * hw.atomic_arrival_ns * 1e-3 + 2 * rt
+            parts["stage"] += rt
+        elif barrier == "flags":  # per-CTA step flags as built on branch `persist` (its header: 4-5 round trips)
+            parts["publish"] = 1.5 * rt  # MEMBAR.ALL.GPU before the flag store, then the store lands
+            parts["wait"] = 2 * rt + hw.grid_skew_us + ctas * hw.grid_skew_ns_per_cta * 1e-3  # poll + acquire load
             parts["stage"] += rt
         else:
             parts["publish"] = 0.5 * rt
@@ -212,9 +218,9 @@ def table(cells=("lstm", "gru"), hiddens=(256, 512, 768, 1024, 2048), batches=(1
 
 def explain(cell: str, hidden: int, batch: int, dtype: torch.dtype, direction: str, hw: Hopper = H100) -> str:
     out = [f"{cell} H={hidden} B={batch} {dtype} {direction} on an H100 (model, not a measurement):"]
-    for barrier in ("release-acquire", "sc"):
+    for barrier in ("release-acquire", "flags", "sc"):
         for p, e in estimates(cell, hidden, batch, dtype, direction, hw, barrier).items():
-            if p == "alternating" and barrier == "sc":
+            if p == "alternating" and barrier != "release-acquire":
                 continue
             if e.refused:
                 out.append(f"  {p:<11} refused: {e.refused}")
