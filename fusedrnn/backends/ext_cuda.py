@@ -38,25 +38,11 @@ def _unsupported_reason(cell: str, dtype: torch.dtype, hidden_size: int) -> Opti
     return None
 
 
-def _forward(prefix, cell, ax, ah, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, h_prev, c_prev, zoneout_h,
-             zoneout_c, valid):
-    h_new, c_new, y = getattr(torch.ops.fusedrnn, f"{prefix}ext_forward_rows")(
-        cell, ax, ah, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, h_prev, c_prev, zoneout_h, zoneout_c, valid)
-    return h_new, c_new, y
-
-
-def _backward(prefix, cell, ax, ah, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, h_prev, c_prev, zoneout_h,
-              zoneout_c, valid, grad_h, grad_y, grad_c, acc):
-    d_ax, d_ah, grad_h_prev, grad_c_prev = getattr(torch.ops.fusedrnn, f"{prefix}ext_backward_rows")(
-        cell, ax, ah, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, h_prev, c_prev, zoneout_h, zoneout_c, valid,
-        grad_h, grad_y, grad_c, acc)
-    return d_ax, d_ah, grad_h_prev, grad_c_prev
-
-
 class CudaRows:
     """The CUDA row kernels on CUDA tensors (module doc)."""
 
     name = "cuda"
+    ops = "cuda_"  # prefix of the torch ops: fusedrnn::cuda_ext_forward_rows, ...
 
     @staticmethod
     def unavailable_reason(device) -> Optional[str]:
@@ -75,23 +61,25 @@ class CudaRows:
     def unsupported_reason(cell, dtype, hidden_size) -> Optional[str]:
         return _unsupported_reason(cell, dtype, hidden_size)
 
-    @staticmethod
-    def forward_rows(cell, ax, ah, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, h_prev, c_prev, zoneout_h,
+    @classmethod
+    def forward_rows(cls, cell, ax, ah, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, h_prev, c_prev, zoneout_h,
                      zoneout_c, valid):
-        return _forward("cuda_", cell, ax, ah, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, h_prev, c_prev,
-                        zoneout_h, zoneout_c, valid)
+        return getattr(torch.ops.fusedrnn, f"{cls.ops}ext_forward_rows")(
+            cell, ax, ah, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, h_prev, c_prev, zoneout_h, zoneout_c, valid)
 
-    @staticmethod
-    def backward_rows(cell, ax, ah, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, h_prev, c_prev, zoneout_h,
+    @classmethod
+    def backward_rows(cls, cell, ax, ah, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, h_prev, c_prev, zoneout_h,
                       zoneout_c, valid, grad_h, grad_y, grad_c, acc):
-        return _backward("cuda_", cell, ax, ah, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, h_prev, c_prev,
-                         zoneout_h, zoneout_c, valid, grad_h, grad_y, grad_c, acc)
+        return getattr(torch.ops.fusedrnn, f"{cls.ops}ext_backward_rows")(
+            cell, ax, ah, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, h_prev, c_prev, zoneout_h, zoneout_c, valid,
+            grad_h, grad_y, grad_c, acc)
 
 
-class CudaEmuRows:
+class CudaEmuRows(CudaRows):
     """The CUDA row kernels emulated on CPU tensors (module doc). Slow: for tests and development only."""
 
     name = "cuda-emu"
+    ops = "cuda_emu_"
 
     @staticmethod
     def unavailable_reason(device) -> Optional[str]:
@@ -101,19 +89,3 @@ class CudaEmuRows:
         if not has_emulated_cuda():
             return emulated_cuda_error()
         return _missing_ops("cuda_emu_")
-
-    @staticmethod
-    def unsupported_reason(cell, dtype, hidden_size) -> Optional[str]:
-        return _unsupported_reason(cell, dtype, hidden_size)
-
-    @staticmethod
-    def forward_rows(cell, ax, ah, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, h_prev, c_prev, zoneout_h,
-                     zoneout_c, valid):
-        return _forward("cuda_emu_", cell, ax, ah, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, h_prev, c_prev,
-                        zoneout_h, zoneout_c, valid)
-
-    @staticmethod
-    def backward_rows(cell, ax, ah, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, h_prev, c_prev, zoneout_h,
-                      zoneout_c, valid, grad_h, grad_y, grad_c, acc):
-        return _backward("cuda_emu_", cell, ax, ah, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, h_prev, c_prev,
-                         zoneout_h, zoneout_c, valid, grad_h, grad_y, grad_c, acc)
