@@ -87,6 +87,13 @@ def _check_zoneout(cell: str, zoneout, proj_size: int) -> tuple[float, float]:
     return (p_h, p_c if cell == "lstm" else 0.0)
 
 
+def _draw_zoneout(zoneout: tuple[float, float], cell: str, shape: tuple, device):
+    """Zoneout keep-masks (h, c) of `shape` from torch's default generator; None where p is 0 (c: LSTM only)."""
+    p_h, p_c = zoneout
+    draw = lambda p: None if p == 0 else torch.empty(shape, device=device).bernoulli_(p)  # noqa: E731
+    return draw(p_h), (draw(p_c) if cell == "lstm" else None)
+
+
 def _reject_extra_kwargs(name: str, kwargs: dict) -> None:
     if "proj_size" in kwargs:  # torch.nn's GRU / RNN take **kwargs and raise this for proj_size
         raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
@@ -363,10 +370,7 @@ class _RecurrentLayers(nn.Module):
         (None, None) in eval, where zoneout is off."""
         if not self.training:
             return None, None
-        shape = (x.shape[0], x.shape[1], hidden)
-        p_h, p_c = self.zoneout
-        draw = lambda p: None if p == 0 else torch.empty(shape, device=x.device).bernoulli_(p)  # noqa: E731
-        return draw(p_h), (draw(p_c) if self.cell == "lstm" else None)
+        return _draw_zoneout(self.zoneout, self.cell, (x.shape[0], x.shape[1], hidden), x.device)
 
     def _normalise_lengths_arg(self, lengths: LengthsLike, x: Tensor) -> Optional[Tensor]:
         return None if lengths is None else self._normalise_lengths(lengths, x)
@@ -880,10 +884,8 @@ class _LayerNormCell(_Cell):
             w_hh = F.dropout(w_hh, self.dropconnect, training=True)
         zoneout_h = zoneout_c = None
         if self.training:
-            p_h, p_c = self.zoneout
-            draw = lambda p: None if p == 0 else torch.empty(x.shape[0], x.shape[1], self.hidden_size,  # noqa: E731
-                                                             device=x.device).bernoulli_(p)
-            zoneout_h, zoneout_c = draw(p_h), (draw(p_c) if self.cell == "lstm" else None)
+            zoneout_h, zoneout_c = _draw_zoneout(self.zoneout, self.cell, (x.shape[0], x.shape[1], self.hidden_size),
+                                                 x.device)
         _, h, c = rnn_layer_ext(self.cell, x, h, c, w_ih, w_hh, b_ih, b_hh, self.ln_ih_weight, self.ln_hh_weight,
                                 getattr(self, "ln_c_weight", None), getattr(self, "ln_c_bias", None), zoneout_h,
                                 zoneout_c)

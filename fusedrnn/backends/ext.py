@@ -144,6 +144,14 @@ class ReferenceRows:
     name = "reference"
 
     @staticmethod
+    def unavailable_reason(device) -> Optional[str]:
+        return None  # PyTorch ops: any device
+
+    @staticmethod
+    def unsupported_reason(cell, dtype, hidden_size) -> Optional[str]:
+        return None
+
+    @staticmethod
     def forward_rows(cell, ax, ah, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, h_prev, c_prev, zoneout_h,
                      zoneout_c, valid):
         row = _Row(cell, ax, ah, b_ih, b_hh, ln_ih, ln_hh, ln_c_weight, ln_c_bias, h_prev, c_prev)
@@ -299,8 +307,6 @@ def ext_backward(rows, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln
 # Row-kernel providers, by backend name. Each: name, unavailable_reason(device), unsupported_reason(cell,
 # dtype, hidden_size), forward_rows, backward_rows (module doc). Imported on first use.
 # ---------------------------------------------------------------------------------------------------------
-ReferenceRows.unavailable_reason = staticmethod(lambda device: None)
-ReferenceRows.unsupported_reason = staticmethod(lambda cell, dtype, hidden_size: None)
 
 _PROVIDERS = {
     "reference": lambda: ReferenceRows,

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .._extension import emulated_cuda_error, extension_error, has_cuda_kernels, has_emulated_cuda, has_extension
+from .._extension import emulated_cuda_error, has_emulated_cuda
 from ..reference import EXT_CELLS, GATES
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -46,16 +46,8 @@ class CudaRows:
 
     @staticmethod
     def unavailable_reason(device) -> Optional[str]:
-        device = torch.device(device)
-        if device.type != "cuda":
-            return f"runs on CUDA tensors only, got {device.type}"
-        if not has_extension():
-            return extension_error()
-        if not has_cuda_kernels():
-            return ("the fusedrnn extension was built without its CUDA kernels (no CUDA toolkit found at build "
-                    "time); rebuild with CUDA_HOME set, e.g. CUDA_HOME=/usr/local/cuda FUSEDRNN_BUILD_CUDA=1 "
-                    "pip install --no-build-isolation -e .")
-        return _missing_ops("cuda_")
+        from .cuda import CudaBackend
+        return CudaBackend().unavailable_reason(torch.device(device)) or _missing_ops("cuda_")
 
     @staticmethod
     def unsupported_reason(cell, dtype, hidden_size) -> Optional[str]:
