@@ -26,6 +26,7 @@ ARCHS = ("90a", "80")
 NVCC_FLAGS = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", "-DFUSEDRNN_WITH_CUDA",
               f"-I{ROOT / 'csrc'}", "-Xptxas", "-v"]
 THREADS = 256                  # every kernel: __launch_bounds__(256) (persistent: (256, 1))
+SLOTS = 4                      # kPersistentSlots: state items per thread of a persistent kernel
 REGISTER_FILE = 65536          # 32-bit registers per SM (sm_80, sm_90)
 MAX_REGISTERS = 255            # per thread
 # Device limits [SMs, opt-in shared memory per block in bytes, compute capability major].
@@ -214,8 +215,8 @@ def test_every_plan_fits_the_device(device, kernels):
         assert chunk % 8 == 0 and 8 <= chunk <= 32 and k_padded % 32 == 0, key
         rows = units if direction == "backward" else GATES[cell] * units
         assert m_tiles == -(-rows // 16), key
-        if direction == "forward":
-            assert units * chunk <= 4 * 256, key  # x_gates prefetched into 4 registers per gate and thread
+        rows_per_cta = B if path == "persistent" else min(B, chunk)
+        assert units * rows_per_cta <= SLOTS * THREADS, key  # the state of a CTA's items lives in registers
         if path == "persistent":
             assert groups == 1 and ctas <= sms and (ctas - 1) * units < H <= ctas * units, key
         else:

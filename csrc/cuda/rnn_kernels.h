@@ -95,6 +95,9 @@ struct DeviceLimits {
 };
 
 constexpr int kPersistentThreads = 256;  // 8 warps per CTA, one CTA per SM
+// State items (batch row, hidden unit) one thread keeps in registers for all T steps: a CTA holds at most
+// kPersistentSlots * kPersistentThreads of them (its batch rows x its units), a limit of the plan.
+constexpr int kPersistentSlots = 4;
 
 // How one call is laid out on the GPU. Forward: each CTA owns `units` hidden units, i.e. G*units rows of W_hh
 // (its A operand, M = gate rows, K = H); backward: the same units as columns of W_hh, i.e. W_hh[:, units]^T
@@ -128,14 +131,14 @@ struct PersistentForward {
   const void* x_gates;   // [T, B, G*H]
   const void* w_hh;      // [G*H, H]
   const void* b_hn;      // GRU: b_hh + 2H, or null
-  float* h_state;        // [B, H] fp32, initialised to h0
-  float* c_state;        // [B, H] fp32, initialised to c0 (LSTM)
+  const float* h_state;  // [B, H] fp32 h0 (read once: the state lives in registers)
+  const float* c_state;  // [B, H] fp32 c0 (LSTM)
   void* y;               // [T, B, H]
   void* ws;              // [T, B, W] or null
   void* h_n;             // [B, H]
   void* c_n;             // [B, H] (LSTM)
   void* exchange;        // grid: [2, B, k_padded] dtype, zeroed; cluster: unused
-  unsigned* barrier;     // grid: one zeroed counter
+  unsigned* flags;       // grid: [ctas] per-CTA step flags, zeroed; cluster: unused
 };
 
 struct PersistentBackward {
@@ -147,14 +150,14 @@ struct PersistentBackward {
   const void* h_prev;    // GRU: [T, B, H]
   const void* c0;        // LSTM: [B, H]
   const void* grad_y;    // [T, B, H]
-  float* grad_h;         // [B, H] fp32, initialised to grad_h_n
-  float* grad_c;         // [B, H] fp32, initialised to grad_c_n (LSTM)
+  const float* grad_h;   // [B, H] fp32 grad_h_n (read once: the running gradients live in registers)
+  const float* grad_c;   // [B, H] fp32 grad_c_n (LSTM)
   void* grad_xg;         // [T, B, G*H]
   void* grad_hg;         // GRU: [T, B, G*H]; else null (= grad_xg)
   void* grad_h0;         // [B, H]
   void* grad_c0;         // [B, H] (LSTM)
   void* exchange;        // grid: [2, B, k_padded] dtype, zeroed; cluster: unused
-  unsigned* barrier;
+  unsigned* flags;       // grid: [ctas] per-CTA step flags, zeroed; cluster: unused
 };
 
 cudaError_t launch_persistent_forward(Exchange ex, DType dt, const PersistentPlan& plan, const PersistentForward& p,

@@ -277,7 +277,7 @@ void forward_persistent(Path path, const Dims& d, const Tensor& x_gates, const T
   Tensor h_state = fp32_copy(h0);
   Tensor c_state = c0 ? fp32_copy(*c0) : Tensor();
   Tensor exchange = ex == Exchange::Grid ? at::zeros({2, d.B, plan.k_padded}, x_gates.options()) : Tensor();
-  Tensor barrier = at::zeros({1}, x_gates.options().dtype(at::kInt));
+  Tensor flags = ex == Exchange::Grid ? at::zeros({plan.ctas}, x_gates.options().dtype(at::kInt)) : Tensor();
 
   PersistentForward p{};
   p.cell = static_cast<int>(d.cell);
@@ -296,7 +296,7 @@ void forward_persistent(Path path, const Dims& d, const Tensor& x_gates, const T
   p.h_n = h_n.data_ptr();
   p.c_n = c0 ? c_n.data_ptr() : nullptr;
   p.exchange = exchange.defined() ? exchange.data_ptr() : nullptr;
-  p.barrier = reinterpret_cast<unsigned*>(barrier.data_ptr<int>());
+  p.flags = flags.defined() ? reinterpret_cast<unsigned*>(flags.data_ptr<int>()) : nullptr;
   C10_CUDA_CHECK(launch_persistent_forward(ex, d.dt, plan, p, c10::cuda::getCurrentCUDAStream()));
 }
 
@@ -400,7 +400,7 @@ void backward_persistent(Path path, const Dims& d, const Tensor& w_hh, const Opt
   const PersistentPlan plan = persistent_plan(path, /*backward=*/true, d, device);
   const Exchange ex = path == Path::Persistent ? Exchange::Grid : Exchange::Cluster;
   Tensor exchange = ex == Exchange::Grid ? at::zeros({2, d.B, plan.k_padded}, y.options()) : Tensor();
-  Tensor barrier = at::zeros({1}, y.options().dtype(at::kInt));
+  Tensor flags = ex == Exchange::Grid ? at::zeros({plan.ctas}, y.options().dtype(at::kInt)) : Tensor();
 
   PersistentBackward p{};
   p.cell = static_cast<int>(d.cell);
@@ -422,7 +422,7 @@ void backward_persistent(Path path, const Dims& d, const Tensor& w_hh, const Opt
   p.grad_h0 = grad_h0.data_ptr();
   p.grad_c0 = d.cell == Cell::LSTM ? grad_c0.data_ptr() : nullptr;
   p.exchange = exchange.defined() ? exchange.data_ptr() : nullptr;
-  p.barrier = reinterpret_cast<unsigned*>(barrier.data_ptr<int>());
+  p.flags = flags.defined() ? reinterpret_cast<unsigned*>(flags.data_ptr<int>()) : nullptr;
   C10_CUDA_CHECK(launch_persistent_backward(ex, d.dt, plan, p, c10::cuda::getCurrentCUDAStream()));
 }
 

@@ -6,13 +6,30 @@
 //   backward  A = W_hh[:, units]^T (K = G*H), B = dgates_t^T; the CTA gets dL/dh_{t-1} of its units, which its
 //             own pointwise of the next step consumes; only the gate gradients are exchanged.
 // A stays in shared memory for the whole launch (loaded once). B is all of h (or of the gate gradients) and
-// changes every step: each CTA publishes its slice, then a barrier:
-//   grid      slices go to a double-buffered [2, B, K] buffer in global memory (L2), a global-atomic barrier
-//             (cooperative launch, so all CTAs are co-resident and the spin cannot hang), and each CTA stages
-//             the chunk it needs into shared memory with cp.async;
+// changes every step: each CTA publishes its slice and waits for everyone else's:
+//   grid      slices go to a double-buffered [2, B, K] buffer in global memory (L2); each CTA then release-stores
+//             its own step flag, and reads B after seeing every CTA's flag (cooperative launch: all CTAs are
+//             co-resident, the spin cannot hang), staging the chunk it needs into shared memory with cp.async;
 //   cluster   (sm_90) slices are written straight into every CTA's shared-memory copy of B through distributed
-//             shared memory, then one cluster barrier; each cluster runs its own batch rows, so clusters never
-//             wait on each other.
+//             shared memory; a split cluster barrier: arrive (release) right after the copies, wait (acquire)
+//             just before the next MMA reads them. Each cluster runs its own batch rows: clusters never wait on
+//             each other.
+// State: a thread owns the same (batch row, unit) items every step (kPersistentSlots at most), so h and c
+// (backward: dL/dh and dL/dc) stay in registers for all T steps; h_n, c_n (grad_h0, grad_c0) are written once.
+//
+// One step, C CTAs, b batch rows per CTA, u units per CTA, e bytes per element (2; fp32: 4), K = H forward and
+// G*H backward; "trip" = one L2 round trip:
+//   grid      wait: thread r polls flag r with relaxed loads (LDG.STRONG.GPU: no fence, no L1 invalidation; the C
+//             flags are C/32 coalesced loads per trip), then one acquire load (1 trip, one CCTL.IVALL); stage b x K
+//             elements (b*K*e bytes) from L2 by cp.async (1 trip + bandwidth); MMA + cell; publish: b*u*e bytes
+//             of h (gate gradients: b*G*u*e) to L2, bar.sync, one st.release.gpu (MEMBAR.ALL.GPU: waits for those
+//             stores only, ~1 trip; no SC fence, no central counter); then, off the critical path while the
+//             others catch up, y and the workspace rows (backward: grad_xg / grad_hg) and the next step's
+//             x_gates into registers. Critical path ~4 trips: h stores acked, flag store, poll sees it, acquire +
+//             staging.
+//   cluster   MMA + cell; publish: b*u*e bytes of h (b*G*u*e gate gradients) into each of the C CTAs' shared
+//             memory (DSMEM), arrive.release (MEMBAR.ALL.GPU over those stores only), the off-path stores and
+//             loads as above, wait.acquire. No L2 trip on the critical path.
 // MMA: mma.sync m16n8k16 (fp16/bf16) or m16n8k8 (tf32, fp32 inputs), fp32 accumulation. M = gate rows, N = 8
 // batch rows, so batch 1..8 costs one n-tile. 8 warps = warps_m x warps_k; warps_k split K and are summed in
 // shared memory. Fragment trick: K is a summation index, so any permutation of it applied to both A and B gives
@@ -43,7 +60,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMtPerWarp = 4;       // 16-row m-tiles per warp: 4 x 4 n-tiles x 4 = 64 accumulator registers
 constexpr int kMaxChunk = 32;       // batch rows per chunk
 constexpr int kNt = kMaxChunk / 8;  // n-tiles per chunk
-constexpr int kItems = 4;           // forward pointwise items per thread (x_gates prefetched into registers)
+constexpr int kSlots = kPersistentSlots;  // state items per thread (rnn_kernels.h)
 constexpr int kKBlock = 32;         // K elements per thread row load: 8 per lane quad position
 
 // ---------------------------------------------------------------------------------------------------
@@ -140,19 +157,24 @@ __device__ __forceinline__ void warp_mma(const unsigned char* A, int a_stride, c
 // ---------------------------------------------------------------------------------------------------
 // Synchronisation and data movement
 // ---------------------------------------------------------------------------------------------------
-// Grid barrier on a monotonic counter (zeroed before the launch): barrier n completes at n * gridDim.x arrivals.
-// The fences make every CTA's exchange writes visible to the others (the pattern of cooperative_groups'
-// grid.sync). Co-residency is guaranteed by the cooperative launch, so the spin cannot hang.
-__device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned target) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    atomicAdd(counter, 1u);
-    unsigned seen;
-    do {
-      seen = ptx::ld_acquire_gpu(counter);
-    } while (seen < target);
-    __threadfence();
+// Grid exchange. CTA `rank` owns flags[rank]: the number of epochs it has published (epoch e = the exchange
+// buffer e & 1 holding h_{e-1}, or the gate gradients of backward step e; forward epoch 0 is h0). Flags are zeroed
+// before the launch and only grow. Publishing: every thread's exchange stores, a __syncthreads, then thread 0's
+// release store (cumulative through the bar.sync, so it covers the whole CTA's stores). Waiting: thread r polls
+// flags[r] with relaxed loads (L2, no fence, no L1 invalidation), then ONE acquire load, then a __syncthreads
+// hands the acquired order to every thread. Co-residency is guaranteed by the cooperative launch, so the spin
+// cannot hang.
+__device__ __forceinline__ void release_flag(unsigned* flag, unsigned epochs) {
+  if (threadIdx.x == 0) ptx::st_release_gpu(flag, epochs);  // after a __syncthreads that follows the stores
+}
+
+__device__ __forceinline__ void wait_flags(const unsigned* flags, int ctas, unsigned epochs) {
+  if (static_cast<int>(threadIdx.x) < ctas) {  // the planner keeps ctas <= kThreads
+    const unsigned* f = flags + threadIdx.x;
+    while (ptx::ld_relaxed_gpu(f) < epochs) {
+    }
+    while (ptx::ld_acquire_gpu(f) < epochs) {  // once: the flag only grows
+    }
   }
   __syncthreads();
 }
@@ -171,7 +193,8 @@ __device__ __forceinline__ void stage_rows(unsigned char* dst, int b_stride, con
 }
 
 // Cluster exchange: copies this CTA's stage [rows][segs][units] into columns seg * seg_stride + j0 .. + units of
-// rows [0, rows) of the B buffer `buf` in every CTA of the cluster, itself included, 16 bytes at a time.
+// rows [0, rows) of the B buffer `buf` in every CTA of the cluster, itself included, 16 bytes at a time. The
+// caller then arrives at the cluster barrier (release) and waits (acquire) before anyone reads `buf`.
 template <typename T>
 __device__ __forceinline__ void cluster_publish(const T* stage, int rows, int segs, int units, int seg_stride, int j0,
                                                unsigned char* buf, int b_stride, int ctas) {
@@ -190,15 +213,13 @@ __device__ __forceinline__ void cluster_publish(const T* stage, int rows, int se
       unsigned char* local = buf + r * b_stride + (s * seg_stride + j0) * static_cast<int>(sizeof(T)) + v * 16;
       *cluster.map_shared_rank(reinterpret_cast<uint4*>(local), rank) = val;
     }
-    cluster.sync();
   }
 #endif
 }
 
 __device__ __forceinline__ void cluster_sync_all() {
-#if FUSEDRNN_CLUSTERS
-  cg::this_cluster().sync();
-#endif
+  ptx::cluster_arrive_release();
+  ptx::cluster_wait_acquire();
 }
 
 __device__ __forceinline__ void zero_smem(unsigned char* p, int bytes) {
@@ -224,6 +245,31 @@ __device__ __forceinline__ void store_partials(const Acc& acc, float* red, int r
   }
 }
 
+// The state items of one thread: slot i holds item threadIdx.x + i * kThreads of its CTA, item = row * n_units +
+// unit over the CTA's batch rows [b_begin, b_end) and units [j0, j0 + n_units), packed row << 16 | unit (kNoItem
+// past the CTA's items). The same items every step, in both directions, so the state stays in registers.
+constexpr unsigned kNoItem = 0xffffffffu;
+
+struct Slots {
+  unsigned item[kSlots];
+
+  __device__ __forceinline__ void init(int n_units, int rows) {
+#pragma unroll
+    for (int i = 0; i < kSlots; ++i) {
+      const int it = static_cast<int>(threadIdx.x) + i * kThreads;
+      item[i] = it < n_units * rows ? static_cast<unsigned>((it / n_units) << 16 | (it % n_units)) : kNoItem;
+    }
+  }
+  __device__ __forceinline__ bool owns(int i) const { return item[i] != kNoItem; }
+  __device__ __forceinline__ int row(int i) const { return static_cast<int>(item[i] >> 16); }  // in the CTA's rows
+  __device__ __forceinline__ int unit(int i) const { return static_cast<int>(item[i] & 0xffffu); }
+  // The slot's row within the chunk of rows [r0, r0 + rows) of the CTA, or -1 outside it (and for no item).
+  __device__ __forceinline__ int in_chunk(int i, int r0, int rows) const {
+    const unsigned r = (item[i] >> 16) - static_cast<unsigned>(r0);
+    return item[i] != kNoItem && r < static_cast<unsigned>(rows) ? static_cast<int>(r) : -1;
+  }
+};
+
 // Per-CTA geometry shared by both directions.
 struct Cta {
   int rank, group, j0, n_units, b_begin, b_end;
@@ -240,6 +286,7 @@ struct Cta {
     n_units = max(0, min(plan.units, H - j0));
     b_begin = kCluster ? group * plan.chunk : 0;
     b_end = kCluster ? min(B, b_begin + plan.chunk) : B;
+    if (n_units * (b_end - b_begin) > kSlots * kThreads) __trap();  // the planner's limit
     const int warp = threadIdx.x / 32;
     const int mg = warp / plan.warps_k;
     kg = warp % plan.warps_k;
@@ -252,6 +299,11 @@ struct Cta {
     sB = smem + plan.smem_a;
     red = reinterpret_cast<float*>(sB + plan.smem_b);
     stage = reinterpret_cast<unsigned char*>(red) + plan.smem_red;
+  }
+
+  // (b, j) of slot i: the index of the element in a [B, H] array.
+  __device__ __forceinline__ int64_t element(const Slots& sl, int i, int H) const {
+    return static_cast<int64_t>(b_begin + sl.row(i)) * H + j0 + sl.unit(i);
   }
 
   // MMA of one batch chunk (rows [0, rows) of B at sB_chunk) into red[kg]; red[0] ends up holding the full sums
@@ -307,6 +359,38 @@ __device__ void load_weights_forward(const PersistentPlan& plan, const T* w_hh, 
   }
 }
 
+// Per slot, 5 registers that carry a step's inputs in and its workspace entries out: x_gates of the slot's gates
+// (GRU: r z n and b_hn) loaded before the step's wait, replaced by the workspace entries (LSTM i f g o c, GRU r z n
+// h_n), which are stored after the step's publish.
+constexpr int kIo = 5;
+
+// Loads step t's x_gates of every slot (the latency hides behind the wait and the MMA) and its validity bits;
+// prefetches step t_next's into L2.
+template <typename T>
+__device__ __forceinline__ void load_step_inputs(const PersistentForward& p, const Cta& cta, const Slots& sl, int t,
+                                                 int t_next, bool prefetch, float (&io)[kSlots][kIo],
+                                                 unsigned* valid) {
+  const Cell cell = static_cast<Cell>(p.cell);
+  const int G = num_gates(cell), H = p.H, GH = G * H;
+  *valid = 0;
+#pragma unroll
+  for (int i = 0; i < kSlots; ++i) {
+    if (sl.owns(i)) {
+      const int b = cta.b_begin + sl.row(i), j = cta.j0 + sl.unit(i);
+      const T* row = static_cast<const T*>(p.x_gates) + (static_cast<int64_t>(t) * p.B + b) * GH + j;
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        if (g < G) {
+          io[i][g] = to_f(row[g * H]);
+          if (prefetch) ptx::prefetch_global_l2(row + static_cast<int64_t>(t_next - t) * p.B * GH + g * H);
+        }
+      }
+      if (cell == Cell::GRU) io[i][3] = p.b_hn != nullptr ? to_f(static_cast<const T*>(p.b_hn)[j]) : 0.f;
+      if (step_valid(p.lengths, b, t)) *valid |= 1u << i;
+    }
+  }
+}
+
 template <typename T, bool kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     rnn_persistent_forward_kernel(const PersistentForward p, const PersistentPlan plan) {
@@ -315,14 +399,26 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else {
     FUSEDRNN_DYNAMIC_SMEM(unsigned char, smem);
     const Cell cell = static_cast<Cell>(p.cell);
-    const int G = num_gates(cell), H = p.H, B = p.B, GH = G * H, units = plan.units;
+    const int G = num_gates(cell), H = p.H, B = p.B, units = plan.units;
     const int64_t W = workspace_width(cell, H, false);
     Cta cta{};
     cta.init<kCluster>(plan, H, B, smem);
+    Slots sl;
+    sl.init(cta.n_units, cta.b_end - cta.b_begin);
     T* stage = static_cast<T*>(cta.stage);
     T* exchange = static_cast<T*>(p.exchange);
     const int64_t exchange_step = static_cast<int64_t>(B) * plan.k_padded;
-    unsigned barrier_target = 0;
+
+    float h[kSlots], c[kSlots];  // the state of the thread's items, for all T steps
+#pragma unroll
+    for (int i = 0; i < kSlots; ++i) {
+      h[i] = c[i] = 0.f;
+      if (sl.owns(i)) {
+        const int64_t si = cta.element(sl, i, H);
+        h[i] = p.h_state[si];
+        if (cell == Cell::LSTM) c[i] = p.c_state[si];
+      }
+    }
 
     load_weights_forward<T>(plan, static_cast<const T*>(p.w_hh), G, H, cta.j0, cta.n_units, cta.sA);
     if constexpr (kCluster) {  // B buffer 0 = h0 of this cluster's rows, zero padding everywhere else
@@ -330,43 +426,41 @@ __global__ void __launch_bounds__(kThreads, 1)
       zero_smem(static_cast<unsigned char*>(cta.stage), plan.smem_stage);
       __syncthreads();
       for (int i = threadIdx.x; i < (cta.b_end - cta.b_begin) * H; i += kThreads) {
-        const int c = i / H, k = i % H;
-        reinterpret_cast<T*>(cta.sB + c * plan.b_stride)[k] =
-            mma_operand<T>(p.h_state[static_cast<int64_t>(cta.b_begin + c) * H + k]);
+        const int r = i / H, k = i % H;
+        reinterpret_cast<T*>(cta.sB + r * plan.b_stride)[k] =
+            mma_operand<T>(p.h_state[static_cast<int64_t>(cta.b_begin + r) * H + k]);
       }
       cluster_sync_all();  // every CTA's buffers are initialised before anyone writes into them
-    } else {  // exchange buffer 0 = h0, this CTA's columns
-      for (int i = threadIdx.x; i < B * cta.n_units; i += kThreads) {
-        const int b = i / cta.n_units, j = cta.j0 + i % cta.n_units;
-        exchange[static_cast<int64_t>(b) * plan.k_padded + j] = mma_operand<T>(p.h_state[static_cast<int64_t>(b) * H + j]);
+    } else {  // epoch 0: exchange buffer 0 = h0, this CTA's columns
+#pragma unroll
+      for (int i = 0; i < kSlots; ++i) {
+        if (sl.owns(i)) {
+          exchange[static_cast<int64_t>(cta.b_begin + sl.row(i)) * plan.k_padded + cta.j0 + sl.unit(i)] = mma_operand<T>(h[i]);
+        }
       }
-      barrier_target += gridDim.x;
-      grid_barrier(p.barrier, barrier_target);
+      __syncthreads();
+      release_flag(p.flags + cta.rank, 1);
     }
 
+    float io[kSlots][kIo];
+    unsigned valid;
+    {
+      const int t0 = p.reverse ? p.T - 1 : 0;
+      load_step_inputs<T>(p, cta, sl, t0, p.reverse ? t0 - 1 : t0 + 1, p.T > 1, io, &valid);
+    }
     for (int s = 0; s < p.T; ++s) {
       const int t = p.reverse ? p.T - 1 - s : s;
       const bool last = s + 1 == p.T;
-      const int t_next = p.reverse ? t - 1 : t + 1;
+      // 1. Wait for h_{t-1} (epoch s) of every CTA.
+      if constexpr (kCluster) {
+        if (s > 0) ptx::cluster_wait_acquire();
+      } else {
+        wait_flags(p.flags, plan.ctas, s + 1);
+      }
+      // 2. Per chunk: the gates of this CTA's units (MMA), then the cell of the slots in the chunk. Only the
+      //    exchanged h is stored now: it is what the other CTAs wait for.
       for (int b0 = cta.b_begin; b0 < cta.b_end; b0 += plan.chunk) {
-        const int rows = min(plan.chunk, cta.b_end - b0), n_items = cta.n_units * rows;
-        // x_gates of this chunk into registers first: their latency hides behind the MMA.
-        float xg[kItems][4];
-#pragma unroll
-        for (int i = 0; i < kItems; ++i) {
-          const int item = threadIdx.x + i * kThreads;
-          if (item < n_items) {
-            const int b = b0 + item / cta.n_units, j = cta.j0 + item % cta.n_units;
-            const T* row = static_cast<const T*>(p.x_gates) + (static_cast<int64_t>(t) * B + b) * GH + j;
-#pragma unroll
-            for (int g = 0; g < 4; ++g) {
-              if (g < G) {
-                xg[i][g] = to_f(row[g * H]);
-                if (!last) ptx::prefetch_global_l2(row + static_cast<int64_t>(t_next - t) * B * GH + g * H);
-              }
-            }
-          }
-        }
+        const int rows = min(plan.chunk, cta.b_end - b0), r0 = b0 - cta.b_begin;
         const unsigned char* sB_chunk;
         if constexpr (kCluster) {
           sB_chunk = cta.sB + (s & 1) * plan.chunk * plan.b_stride;
@@ -377,64 +471,79 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         cta.chunk_mma<T>(plan, sB_chunk, rows, G * units);
 
-        // Pointwise: red[0][g*units + u][c] holds W_hh h of gate g of unit u, batch row b0 + c.
+        // red[0][g*units + u][r] holds W_hh h of gate g of unit u, chunk row r.
+        const int64_t gate_stride = static_cast<int64_t>(units) * plan.chunk;
 #pragma unroll
-        for (int i = 0; i < kItems; ++i) {
-          const int item = threadIdx.x + i * kThreads;
-          if (item < n_items) {
-            const int c = item / cta.n_units, u = item % cta.n_units;
-            const int b = b0 + c, j = cta.j0 + u;
-            const float* hg = cta.red + u * plan.chunk + c;  // gate g at hg[g * units * chunk]
-            const int64_t gate_stride = static_cast<int64_t>(units) * plan.chunk;
-            float pre[4] = {0.f, 0.f, 0.f, 0.f};
-            if (cell == Cell::GRU) {
-              pre[0] = hg[0] + xg[i][0];
-              pre[1] = hg[gate_stride] + xg[i][1];
-              pre[2] = xg[i][2];
-              pre[3] = hg[2 * gate_stride] + (p.b_hn != nullptr ? to_f(static_cast<const T*>(p.b_hn)[j]) : 0.f);
-            } else {
+        for (int i = 0; i < kSlots; ++i) {
+          const int r = sl.in_chunk(i, r0, rows);
+          if (r < 0) continue;
+          const int u = sl.unit(i);
+          const float* hg = cta.red + u * plan.chunk + r;  // gate g at hg[g * gate_stride]
+          float pre[4] = {0.f, 0.f, 0.f, 0.f};
+          if (cell == Cell::GRU) {
+            pre[0] = hg[0] + io[i][0];
+            pre[1] = hg[gate_stride] + io[i][1];
+            pre[2] = io[i][2];
+            pre[3] = hg[2 * gate_stride] + io[i][3];
+          } else {
 #pragma unroll
-              for (int g = 0; g < 4; ++g) {
-                if (g < G) pre[g] = hg[g * gate_stride] + xg[i][g];
-              }
+            for (int g = 0; g < 4; ++g) {
+              if (g < G) pre[g] = hg[g * gate_stride] + io[i][g];
             }
-            const int64_t si = static_cast<int64_t>(b) * H + j;
-            const bool valid = step_valid(p.lengths, b, t);
-            const float h_prev = p.h_state[si];
-            const float c_prev = cell == Cell::LSTM ? p.c_state[si] : 0.f;
-            T* ws_row = p.ws != nullptr ? static_cast<T*>(p.ws) + (static_cast<int64_t>(t) * B + b) * W : nullptr;
-            float c_new = 0.f;
-            const float out = cell_forward<T>(cell, pre, h_prev, c_prev, ws_row, H, j, false, &c_new);
-            const float h = valid ? out : h_prev;
-            p.h_state[si] = h;
-            if (cell == Cell::LSTM && valid) p.c_state[si] = c_new;
-            static_cast<T*>(p.y)[(static_cast<int64_t>(t) * B + b) * H + j] = from_f<T>(valid ? out : 0.f);
-            if (!last) {
-              if constexpr (kCluster) {
-                stage[c * units + u] = mma_operand<T>(h);
-              } else {
-                exchange[((s + 1) & 1) * exchange_step + static_cast<int64_t>(b) * plan.k_padded + j] = mma_operand<T>(h);
-              }
+          }
+          float ws[6] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, c_new = 0.f;
+          const float out = cell_forward_values(cell, pre, h[i], c[i], ws, &c_new);
+#pragma unroll
+          for (int e = 0; e < kIo; ++e) io[i][e] = ws[e];
+          if ((valid >> i) & 1u) {
+            h[i] = out;
+            c[i] = c_new;
+          }
+          if (!last) {
+            if constexpr (kCluster) {
+              stage[r * units + u] = mma_operand<T>(h[i]);
+            } else {
+              exchange[((s + 1) & 1) * exchange_step + static_cast<int64_t>(b0 + r) * plan.k_padded + cta.j0 + u] =
+                  mma_operand<T>(h[i]);
             }
           }
         }
         __syncthreads();  // red, the staged chunk and the stage are reused next
       }
+      // 3. Publish h_t (epoch s + 1): the release waits only for the exchange stores issued so far.
       if (!last) {
         if constexpr (kCluster) {
           cluster_publish<T>(stage, cta.b_end - cta.b_begin, 1, units, 0, cta.j0,
                              cta.sB + ((s + 1) & 1) * plan.chunk * plan.b_stride, plan.b_stride, plan.ctas);
+          ptx::cluster_arrive_release();
         } else {
-          barrier_target += gridDim.x;
-          grid_barrier(p.barrier, barrier_target);
+          release_flag(p.flags + cta.rank, s + 2);
         }
+      }
+      // 4. Off the critical path, while the other CTAs catch up: y and the workspace of step t, then the next
+      //    step's x_gates into registers.
+#pragma unroll
+      for (int i = 0; i < kSlots; ++i) {
+        if (sl.owns(i)) {
+          const int b = cta.b_begin + sl.row(i), j = cta.j0 + sl.unit(i);
+          const int64_t row = static_cast<int64_t>(t) * B + b;
+          static_cast<T*>(p.y)[row * H + j] = from_f<T>((valid >> i) & 1u ? h[i] : 0.f);
+          if (p.ws != nullptr) store_workspace<T>(cell, io[i], static_cast<T*>(p.ws) + row * W, H, j, false);
+        }
+      }
+      if (!last) {
+        const int t_next = p.reverse ? t - 1 : t + 1;
+        load_step_inputs<T>(p, cta, sl, t_next, p.reverse ? t_next - 1 : t_next + 1, s + 2 < p.T, io, &valid);
       }
     }
 
-    for (int i = threadIdx.x; i < (cta.b_end - cta.b_begin) * cta.n_units; i += kThreads) {
-      const int64_t si = static_cast<int64_t>(cta.b_begin + i / cta.n_units) * H + cta.j0 + i % cta.n_units;
-      static_cast<T*>(p.h_n)[si] = from_f<T>(p.h_state[si]);
-      if (cell == Cell::LSTM) static_cast<T*>(p.c_n)[si] = from_f<T>(p.c_state[si]);
+#pragma unroll
+    for (int i = 0; i < kSlots; ++i) {
+      if (sl.owns(i)) {
+        const int64_t si = cta.element(sl, i, H);
+        static_cast<T*>(p.h_n)[si] = from_f<T>(h[i]);
+        if (cell == Cell::LSTM) static_cast<T*>(p.c_n)[si] = from_f<T>(c[i]);
+      }
     }
   }
 }
@@ -469,10 +578,22 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t W = workspace_width(cell, H, false);
     Cta cta{};
     cta.init<kCluster>(plan, H, B, smem);
+    Slots sl;
+    sl.init(cta.n_units, cta.b_end - cta.b_begin);
     T* stage = static_cast<T*>(cta.stage);
     T* exchange = static_cast<T*>(p.exchange);
     const int64_t exchange_step = static_cast<int64_t>(B) * plan.k_padded;
-    unsigned barrier_target = 0;
+
+    float grad_h[kSlots], grad_c[kSlots];  // dL/dh_t, dL/dc_t of the thread's items, carried over all steps
+#pragma unroll
+    for (int i = 0; i < kSlots; ++i) {
+      grad_h[i] = grad_c[i] = 0.f;
+      if (sl.owns(i)) {
+        const int64_t si = cta.element(sl, i, H);
+        grad_h[i] = p.grad_h[si];
+        if (cell == Cell::LSTM) grad_c[i] = p.grad_c[si];
+      }
+    }
 
     load_weights_backward<T>(plan, static_cast<const T*>(p.w_hh), G, H, cta.j0, cta.n_units, cta.sA);
     if constexpr (kCluster) {
@@ -487,69 +608,89 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int t = p.reverse ? bs : p.T - 1 - bs;
       const bool last = bs + 1 == p.T;
       const int t_next = p.reverse ? t + 1 : t - 1;
-      // 1. Pointwise: gate gradients of this CTA's units from dL/dh_t (carried in grad_h).
-      for (int b0 = cta.b_begin; b0 < cta.b_end; b0 += plan.chunk) {
-        const int rows = min(plan.chunk, cta.b_end - b0);
-        for (int item = threadIdx.x; item < cta.n_units * rows; item += kThreads) {
-          const int c = item / cta.n_units, u = item % cta.n_units;
-          const int b = b0 + c, j = cta.j0 + u;
-          const int64_t si = static_cast<int64_t>(b) * H + j, row = static_cast<int64_t>(t) * B + b;
-          const int len = p.lengths != nullptr ? static_cast<int>(p.lengths[b]) : p.T;
-          GateGrads d{};
-          if (t < len) {
-            const float grad_out = p.grad_h[si] + to_f(static_cast<const T*>(p.grad_y)[row * H + j]);
-            const T* ws_row = static_cast<const T*>(p.ws) + row * W;
-            float prev = 0.f, y_t = 0.f, grad_c = 0.f;
-            if (cell == Cell::LSTM) {
-              const int tp = previous_time(t, len, p.reverse != 0);
-              prev = tp >= 0 ? to_f(static_cast<const T*>(p.ws)[(static_cast<int64_t>(tp) * B + b) * W + 4 * H + j])
-                             : to_f(static_cast<const T*>(p.c0)[si]);
-              grad_c = p.grad_c[si];
-            } else if (cell == Cell::GRU) {
-              prev = to_f(static_cast<const T*>(p.h_prev)[row * H + j]);
-            } else {
-              y_t = to_f(static_cast<const T*>(p.y)[row * H + j]);
-            }
-            d = cell_backward<T>(cell, ws_row, H, j, prev, y_t, grad_out, grad_c);
-            if (cell == Cell::LSTM) p.grad_c[si] = d.c_prev;
-            p.grad_h[si] = d.h_direct;  // the MMA below adds dgates W_hh; invalid steps keep the carried value
-          }
-          T* gx = static_cast<T*>(p.grad_xg) + row * GH + j;
-          T* gh = cell == Cell::GRU ? static_cast<T*>(p.grad_hg) + row * GH + j : nullptr;
+      // 1. Pointwise: gate gradients of this CTA's units from dL/dh_t. Only the exchanged ones (the h side) are
+      //    stored now; the rows of grad_xg / grad_hg wait in gx until after the publish.
+      float gx[kSlots][6];  // x-side gate gradients, then (GRU) the h-side ones
 #pragma unroll
-          for (int g = 0; g < 4; ++g) {
-            if (g < G) {
-              gx[g * H] = from_f<T>(d.x[g]);
-              if (gh != nullptr) gh[g * H] = from_f<T>(d.h[g]);
-              const T v = mma_operand<T>(d.h[g]);
-              if constexpr (kCluster) {
-                stage[(c * G + g) * units + u] = v;
-              } else {
-                exchange[(bs & 1) * exchange_step + static_cast<int64_t>(b) * plan.k_padded + g * HP + j] = v;
-              }
-            }
+      for (int i = 0; i < kSlots; ++i) {
+        if (!sl.owns(i)) continue;
+        const int r = sl.row(i), u = sl.unit(i);
+        const int b = cta.b_begin + r, j = cta.j0 + u;
+        const int64_t row = static_cast<int64_t>(t) * B + b;
+        const int len = p.lengths != nullptr ? static_cast<int>(p.lengths[b]) : p.T;
+        GateGrads d{};
+        if (t < len) {
+          const float grad_out = grad_h[i] + to_f(static_cast<const T*>(p.grad_y)[row * H + j]);
+          const T* ws_row = static_cast<const T*>(p.ws) + row * W;
+          float prev = 0.f, y_t = 0.f;
+          if (cell == Cell::LSTM) {
+            const int tp = previous_time(t, len, p.reverse != 0);
+            prev = tp >= 0 ? to_f(static_cast<const T*>(p.ws)[(static_cast<int64_t>(tp) * B + b) * W + 4 * H + j])
+                           : to_f(static_cast<const T*>(p.c0)[static_cast<int64_t>(b) * H + j]);
+          } else if (cell == Cell::GRU) {
+            prev = to_f(static_cast<const T*>(p.h_prev)[row * H + j]);
+          } else {
+            y_t = to_f(static_cast<const T*>(p.y)[row * H + j]);
           }
-          if (!last) {  // the next step's rows, from HBM into L2 while this step's exchange and MMA run
-            const int64_t next = static_cast<int64_t>(t_next) * B + b;
-            ptx::prefetch_global_l2(static_cast<const T*>(p.grad_y) + next * H + j);
-            if (W > 0) {
-              for (int g = 0; g < (cell == Cell::LSTM ? 5 : 4); ++g) ptx::prefetch_global_l2(static_cast<const T*>(p.ws) + next * W + g * H + j);
+          d = cell_backward<T>(cell, ws_row, H, j, prev, y_t, grad_out, grad_c[i]);
+          grad_c[i] = d.c_prev;
+          grad_h[i] = d.h_direct;  // the MMA below adds dgates W_hh; invalid steps keep the carried value
+        }
+#pragma unroll
+        for (int g = 0; g < 4; ++g) {
+          if (g < G) {
+            gx[i][g] = d.x[g];
+            if (g < 3) gx[i][3 + g] = d.h[g];
+            const T v = mma_operand<T>(d.h[g]);
+            if constexpr (kCluster) {
+              stage[(r * G + g) * units + u] = v;
+            } else {
+              exchange[(bs & 1) * exchange_step + static_cast<int64_t>(b) * plan.k_padded + g * HP + j] = v;
             }
           }
         }
       }
-      // 2. Exchange the gate gradients.
+      // 2. Publish the gate gradients (epoch bs).
+      __syncthreads();
       if constexpr (kCluster) {
-        __syncthreads();
         cluster_publish<T>(stage, cta.b_end - cta.b_begin, G, units, HP, cta.j0, cta.sB + (bs & 1) * plan.chunk * plan.b_stride,
                            plan.b_stride, plan.ctas);
+        ptx::cluster_arrive_release();
       } else {
-        barrier_target += gridDim.x;
-        grid_barrier(p.barrier, barrier_target);
+        release_flag(p.flags + cta.rank, bs + 1);
       }
-      // 3. dL/dh_{t-1} of this CTA's units += dgates_t W_hh[:, units].
+      // 3. Off the critical path: the gate-gradient rows of step t; the next step's rows from HBM into L2.
+#pragma unroll
+      for (int i = 0; i < kSlots; ++i) {
+        if (!sl.owns(i)) continue;
+        const int b = cta.b_begin + sl.row(i), j = cta.j0 + sl.unit(i);
+        const int64_t row = static_cast<int64_t>(t) * B + b;
+        T* grad_xg = static_cast<T*>(p.grad_xg) + row * GH + j;
+        T* grad_hg = cell == Cell::GRU ? static_cast<T*>(p.grad_hg) + row * GH + j : nullptr;
+#pragma unroll
+        for (int g = 0; g < 4; ++g) {
+          if (g < G) {
+            grad_xg[g * H] = from_f<T>(gx[i][g]);
+            if (g < 3 && grad_hg != nullptr) grad_hg[g * H] = from_f<T>(gx[i][3 + g]);
+          }
+        }
+        if (!last) {
+          const int64_t next = static_cast<int64_t>(t_next) * B + b;
+          ptx::prefetch_global_l2(static_cast<const T*>(p.grad_y) + next * H + j);
+          if (W > 0) {
+            for (int g = 0; g < (cell == Cell::LSTM ? 5 : 4); ++g) ptx::prefetch_global_l2(static_cast<const T*>(p.ws) + next * W + g * H + j);
+          }
+        }
+      }
+      // 4. Wait for every CTA's gate gradients.
+      if constexpr (kCluster) {
+        ptx::cluster_wait_acquire();
+      } else {
+        wait_flags(p.flags, plan.ctas, bs + 1);
+      }
+      // 5. dL/dh_{t-1} of this CTA's units += dgates_t W_hh[:, units].
       for (int b0 = cta.b_begin; b0 < cta.b_end; b0 += plan.chunk) {
-        const int rows = min(plan.chunk, cta.b_end - b0);
+        const int rows = min(plan.chunk, cta.b_end - b0), r0 = b0 - cta.b_begin;
         const unsigned char* sB_chunk;
         if constexpr (kCluster) {
           sB_chunk = cta.sB + (bs & 1) * plan.chunk * plan.b_stride;
@@ -559,18 +700,22 @@ __global__ void __launch_bounds__(kThreads, 1)
           sB_chunk = cta.sB;
         }
         cta.chunk_mma<T>(plan, sB_chunk, rows, units);
-        for (int item = threadIdx.x; item < cta.n_units * rows; item += kThreads) {
-          const int c = item / cta.n_units, u = item % cta.n_units;
-          p.grad_h[static_cast<int64_t>(b0 + c) * H + cta.j0 + u] += cta.red[u * plan.chunk + c];
+#pragma unroll
+        for (int i = 0; i < kSlots; ++i) {
+          const int r = sl.in_chunk(i, r0, rows);
+          if (r >= 0) grad_h[i] += cta.red[sl.unit(i) * plan.chunk + r];
         }
         __syncthreads();
       }
     }
 
-    for (int i = threadIdx.x; i < (cta.b_end - cta.b_begin) * cta.n_units; i += kThreads) {
-      const int64_t si = static_cast<int64_t>(cta.b_begin + i / cta.n_units) * H + cta.j0 + i % cta.n_units;
-      static_cast<T*>(p.grad_h0)[si] = from_f<T>(p.grad_h[si]);
-      if (cell == Cell::LSTM) static_cast<T*>(p.grad_c0)[si] = from_f<T>(p.grad_c[si]);
+#pragma unroll
+    for (int i = 0; i < kSlots; ++i) {
+      if (sl.owns(i)) {
+        const int64_t si = cta.element(sl, i, H);
+        static_cast<T*>(p.grad_h0)[si] = from_f<T>(grad_h[i]);
+        if (cell == Cell::LSTM) static_cast<T*>(p.grad_c0)[si] = from_f<T>(grad_c[i]);
+      }
     }
   }
 }
@@ -672,7 +817,7 @@ std::string plan_with(Exchange ex, bool backward, int G, int esize, int B, int H
   pl.smem_a = pl.m_tiles * 16 * pl.a_stride;
   const bool cluster = ex == Exchange::Cluster;
   for (int chunk = std::min(kMaxChunk, round_up(B, 8)); chunk >= 8; chunk -= 8) {
-    if (!backward && units * chunk > kItems * kThreads) continue;
+    if (cluster && units * chunk > kSlots * kThreads) continue;  // the state items of a CTA: its rows x its units
     pl.chunk = chunk;
     pl.smem_b = (cluster ? 2 : 1) * chunk * pl.b_stride;
     pl.smem_red = pl.warps_k * pl.m_tiles * 16 * chunk * 4;
@@ -698,9 +843,21 @@ std::string plan_persistent(Exchange ex, bool backward, int cell, DType dt, int 
   if (lim.cc_major < 8) return "needs sm_80 or newer (mma.sync on bf16/tf32, cp.async)";
   if (B < 1) return "has nothing to run on an empty batch";
   if (ex == Exchange::Grid) {
-    // As few CTAs as keep every CTA's m-tiles full: fewer CTAs read less of the exchanged B from L2.
-    int units = ceil_div(H, lim.sm_count);
+    // As few CTAs as keep every CTA's m-tiles full: fewer CTAs read less of the exchanged B from L2. At most one
+    // per SM, and one per thread of a CTA (each polls one CTA's flag).
+    const int max_ctas = std::min(lim.sm_count, kThreads);
+    int units = ceil_div(H, max_ctas);
     units = backward ? round_up(units, 16) : std::max(units, ceil_div(G * units, 16) * 16 / G);
+    // Every CTA keeps the state of its units x all B rows in registers: more CTAs for a large batch.
+    const int max_units = kSlots * kThreads / B;
+    if (units > max_units) {
+      units = max_units;
+      if (units < 1 || ceil_div(H, units) > max_ctas) {
+        return "keeps the state of B x its hidden units in registers, at most " + std::to_string(kSlots * kThreads) +
+               " per CTA: a batch of " + std::to_string(B) + " needs more CTAs than the " + std::to_string(max_ctas) +
+               " it can run at once";
+      }
+    }
     return plan_with(ex, backward, G, esize, B, H, ceil_div(H, units), units, lim, plan);
   }
   if (lim.cc_major < 9) return "thread-block clusters need sm_90 or newer";

@@ -89,7 +89,7 @@ LayerResult persistent_layer(Exchange ex, int cell, int T_, int B, int H, bool r
   std::vector<float> h_state(static_cast<size_t>(B) * H, 0.1f), c_state(static_cast<size_t>(B) * H, -0.2f);
   std::vector<T> y(static_cast<size_t>(T_) * B * H), ws(static_cast<size_t>(T_) * B * std::max(W, 1)), h_n(B * H), c_n(B * H);
   std::vector<T> exchange(static_cast<size_t>(2) * B * std::max(pf.k_padded, pb.k_padded), from_float<T>(0.f));
-  unsigned barrier = 0;
+  std::vector<unsigned> flags(static_cast<size_t>(std::max(pf.ctas, pb.ctas)), 0u);
 
   PersistentForward f{};
   f.cell = cell;
@@ -108,7 +108,7 @@ LayerResult persistent_layer(Exchange ex, int cell, int T_, int B, int H, bool r
   f.h_n = h_n.data();
   f.c_n = cell == 0 ? c_n.data() : nullptr;
   f.exchange = exchange.data();
-  f.barrier = &barrier;
+  f.flags = flags.data();
   cudaError_t err = launch_persistent_forward(ex, dtype_of<T>(), pf, f, nullptr);
   check(err == cudaSuccess, std::string("persistent forward: ") + cudaGetErrorString(err));
 
@@ -119,7 +119,7 @@ LayerResult persistent_layer(Exchange ex, int cell, int T_, int B, int H, bool r
   std::vector<T> grad_xg(static_cast<size_t>(T_) * B * G * H), grad_hg(static_cast<size_t>(T_) * B * G * H), grad_h0(B * H),
       grad_c0(B * H);
   std::fill(exchange.begin(), exchange.end(), from_float<T>(0.f));
-  barrier = 0;
+  std::fill(flags.begin(), flags.end(), 0u);
   PersistentBackward p{};
   p.cell = cell;
   p.T = T_;
@@ -140,7 +140,7 @@ LayerResult persistent_layer(Exchange ex, int cell, int T_, int B, int H, bool r
   p.grad_h0 = grad_h0.data();
   p.grad_c0 = cell == 0 ? grad_c0.data() : nullptr;
   p.exchange = exchange.data();
-  p.barrier = &barrier;
+  p.flags = flags.data();
   err = launch_persistent_backward(ex, dtype_of<T>(), pb, p, nullptr);
   check(err == cudaSuccess, std::string("persistent backward: ") + cudaGetErrorString(err));
 
