@@ -12,21 +12,25 @@
 //             co-resident, the spin cannot hang), staging the chunk it needs into shared memory with cp.async;
 //   cluster   (sm_90) slices are written straight into every CTA's shared-memory copy of B through distributed
 //             shared memory; a split cluster barrier: arrive (release) right after the copies, wait (acquire)
-//             just before the next MMA reads them. Each cluster runs its own batch rows: clusters never wait on
-//             each other.
+//             just before the next MMA reads them.
+// Batch groups: the grid is `groups` sets of `ctas` CTAs, each set running its own batch rows with its own flags
+// (or its own cluster), so groups never wait on each other; the grid exchange splits the batch into as many
+// groups (of 8+ rows) as the SMs hold, so that each CTA stages and multiplies only its group's rows.
 // State: a thread owns the same (batch row, unit) items every step (kPersistentSlots at most), so h and c
-// (backward: dL/dh and dL/dc) stay in registers for all T steps; h_n, c_n (grad_h0, grad_c0) are written once.
+// (backward: dL/dh and dL/dc) stay in registers for all T steps; h_n, c_n (grad_h0, grad_c0) are written once. The
+// forward's per-item values that wait across the MMA (x_gates in, workspace entries out) sit in shared memory
+// (20 bytes per item), which leaves the MMA its registers.
 //
-// One step, C CTAs, b batch rows per CTA, u units per CTA, e bytes per element (2; fp32: 4), K = H forward and
-// G*H backward; "trip" = one L2 round trip:
+// One step, C CTAs per group, b batch rows per group, u units per CTA, e bytes per element (2; fp32: 4), K = H
+// forward and G*H backward; "trip" = one L2 round trip:
 //   grid      wait: thread r polls flag r with relaxed loads (LDG.STRONG.GPU: no fence, no L1 invalidation; the C
 //             flags are C/32 coalesced loads per trip), then one acquire load (1 trip, one CCTL.IVALL); stage b x K
 //             elements (b*K*e bytes) from L2 by cp.async (1 trip + bandwidth); MMA + cell; publish: b*u*e bytes
 //             of h (gate gradients: b*G*u*e) to L2, bar.sync, one st.release.gpu (MEMBAR.ALL.GPU: waits for those
 //             stores only, ~1 trip; no SC fence, no central counter); then, off the critical path while the
 //             others catch up, y and the workspace rows (backward: grad_xg / grad_hg) and the next step's
-//             x_gates into registers. Critical path ~4 trips: h stores acked, flag store, poll sees it, acquire +
-//             staging.
+//             x_gates into registers (parked in shared memory once the wait is over). Critical path ~4-5 trips in sequence: h stores acknowledged (the release),
+//             flag store reaches L2, a poll returns it, the acquire load, the staging load.
 //   cluster   MMA + cell; publish: b*u*e bytes of h (b*G*u*e gate gradients) into each of the C CTAs' shared
 //             memory (DSMEM), arrive.release (MEMBAR.ALL.GPU over those stores only), the off-path stores and
 //             loads as above, wait.acquire. No L2 trip on the critical path.
@@ -38,6 +42,11 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <set>
+#include <tuple>
+#include <utility>
 
 #include "cuda/rnn_device.cuh"
 
@@ -133,7 +142,11 @@ __device__ __forceinline__ void warp_mma(const unsigned char* A, int a_stride, c
   constexpr int kBlockBytes = kKBlock * static_cast<int>(sizeof(T));
   const unsigned char* a = A + (mt0 * 16 + g) * a_stride + q * 8 * static_cast<int>(sizeof(T));
   const unsigned char* b = B + g * b_stride + q * 8 * static_cast<int>(sizeof(T));
-#pragma unroll 2
+  // Two K blocks per iteration for 16-bit types (the next block's fragments load under this one's MMAs); one for
+  // fp32, whose fragments are twice as wide: unrolled twice, the loop left ptxas too few of the 255 registers for
+  // the state the kernels keep across steps, and it spilled (sm_80 forward).
+  [[maybe_unused]] constexpr int kUnroll = sizeof(T) == 2 ? 2 : 1;  // (the emulator ignores the pragma)
+#pragma unroll kUnroll
   for (int kb = kb0; kb < kb1; ++kb) {
     Vec8<T> bf[kNt];
 #pragma unroll
@@ -278,14 +291,14 @@ struct Cta {
   float* red;
   void* stage;
 
-  template <bool kCluster>
+  // The grid is `groups` x `ctas` CTAs: consecutive ranks form a group (a cluster on the cluster exchange).
   __device__ __forceinline__ void init(const PersistentPlan& plan, int H, int B, unsigned char* smem) {
-    rank = kCluster ? static_cast<int>(blockIdx.x) % plan.ctas : static_cast<int>(blockIdx.x);
-    group = kCluster ? static_cast<int>(blockIdx.x) / plan.ctas : 0;
+    rank = static_cast<int>(blockIdx.x) % plan.ctas;
+    group = static_cast<int>(blockIdx.x) / plan.ctas;
     j0 = rank * plan.units;
     n_units = max(0, min(plan.units, H - j0));
-    b_begin = kCluster ? group * plan.chunk : 0;
-    b_end = kCluster ? min(B, b_begin + plan.chunk) : B;
+    b_begin = group * plan.group_rows;
+    b_end = min(B, b_begin + plan.group_rows);
     if (n_units * (b_end - b_begin) > kSlots * kThreads) __trap();  // the planner's limit
     const int warp = threadIdx.x / 32;
     const int mg = warp / plan.warps_k;
@@ -359,16 +372,38 @@ __device__ void load_weights_forward(const PersistentPlan& plan, const T* w_hh, 
   }
 }
 
-// Per slot, 5 registers that carry a step's inputs in and its workspace entries out: x_gates of the slot's gates
-// (GRU: r z n and b_hn) loaded before the step's wait, replaced by the workspace entries (LSTM i f g o c, GRU r z n
-// h_n), which are stored after the step's publish.
-constexpr int kIo = 5;
+// A thread's per-slot values that wait across the MMA live in shared memory, not registers (the MMA needs them
+// all: 64 accumulators, fragments in flight): the step's x_gates of the slot's gates (GRU: r z n and b_hn), loaded
+// into registers before the step's wait and parked after it; then, replacing them, the workspace entries (LSTM i f g
+// o c, GRU r z n h_n), stored to global memory after the publish. Value v of the CTA's item n at park[v * stride +
+// n]: each item is one thread's, and a warp touches consecutive words (no bank conflict).
+constexpr int kParked = 5;
+constexpr int kInputs = 4;  // x_gates values per slot
+
+struct Park {
+  float* base;  // item 0 of this CTA
+  int stride;   // floats between two values of an item: the CTA's items rounded up to 32
+
+  __device__ __forceinline__ float& at(int i, int v) const {
+    return base[v * stride + static_cast<int>(threadIdx.x) + i * kThreads];
+  }
+};
+
+__device__ __forceinline__ void park_inputs(const Park& park, const Slots& sl, const float (&in)[kSlots][kInputs]) {
+#pragma unroll
+  for (int i = 0; i < kSlots; ++i) {
+    if (sl.owns(i)) {
+#pragma unroll
+      for (int v = 0; v < kInputs; ++v) park.at(i, v) = in[i][v];
+    }
+  }
+}
 
 // Loads step t's x_gates of every slot (the latency hides behind the wait and the MMA) and its validity bits;
 // prefetches step t_next's into L2.
 template <typename T>
 __device__ __forceinline__ void load_step_inputs(const PersistentForward& p, const Cta& cta, const Slots& sl, int t,
-                                                 int t_next, bool prefetch, float (&io)[kSlots][kIo],
+                                                 int t_next, bool prefetch, float (&io)[kSlots][kInputs],
                                                  unsigned* valid) {
   const Cell cell = static_cast<Cell>(p.cell);
   const int G = num_gates(cell), H = p.H, GH = G * H;
@@ -380,6 +415,7 @@ __device__ __forceinline__ void load_step_inputs(const PersistentForward& p, con
       const T* row = static_cast<const T*>(p.x_gates) + (static_cast<int64_t>(t) * p.B + b) * GH + j;
 #pragma unroll
       for (int g = 0; g < 4; ++g) {
+        io[i][g] = 0.f;
         if (g < G) {
           io[i][g] = to_f(row[g * H]);
           if (prefetch) ptx::prefetch_global_l2(row + static_cast<int64_t>(t_next - t) * p.B * GH + g * H);
@@ -402,12 +438,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int G = num_gates(cell), H = p.H, B = p.B, units = plan.units;
     const int64_t W = workspace_width(cell, H, false);
     Cta cta{};
-    cta.init<kCluster>(plan, H, B, smem);
+    cta.init(plan, H, B, smem);
     Slots sl;
     sl.init(cta.n_units, cta.b_end - cta.b_begin);
     T* stage = static_cast<T*>(cta.stage);
+    const Park park{reinterpret_cast<float*>(static_cast<unsigned char*>(cta.stage) + plan.smem_stage),
+                    plan.smem_park / (kParked * 4)};
     T* exchange = static_cast<T*>(p.exchange);
     const int64_t exchange_step = static_cast<int64_t>(B) * plan.k_padded;
+    unsigned* flags = kCluster ? nullptr : p.flags + cta.group * plan.ctas;  // this group's
 
     float h[kSlots], c[kSlots];  // the state of the thread's items, for all T steps
 #pragma unroll
@@ -439,10 +478,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       __syncthreads();
-      release_flag(p.flags + cta.rank, 1);
+      release_flag(flags + cta.rank, 1);
     }
 
-    float io[kSlots][kIo];
+    float io[kSlots][kInputs];
     unsigned valid;
     {
       const int t0 = p.reverse ? p.T - 1 : 0;
@@ -451,12 +490,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < p.T; ++s) {
       const int t = p.reverse ? p.T - 1 - s : s;
       const bool last = s + 1 == p.T;
-      // 1. Wait for h_{t-1} (epoch s) of every CTA.
+      // 1. Wait for h_{t-1} (epoch s) of every CTA; meanwhile this step's x_gates arrive.
       if constexpr (kCluster) {
         if (s > 0) ptx::cluster_wait_acquire();
       } else {
-        wait_flags(p.flags, plan.ctas, s + 1);
+        wait_flags(flags, plan.ctas, s + 1);
       }
+      park_inputs(park, sl, io);
       // 2. Per chunk: the gates of this CTA's units (MMA), then the cell of the slots in the chunk. Only the
       //    exchanged h is stored now: it is what the other CTAs wait for.
       for (int b0 = cta.b_begin; b0 < cta.b_end; b0 += plan.chunk) {
@@ -481,20 +521,20 @@ __global__ void __launch_bounds__(kThreads, 1)
           const float* hg = cta.red + u * plan.chunk + r;  // gate g at hg[g * gate_stride]
           float pre[4] = {0.f, 0.f, 0.f, 0.f};
           if (cell == Cell::GRU) {
-            pre[0] = hg[0] + io[i][0];
-            pre[1] = hg[gate_stride] + io[i][1];
-            pre[2] = io[i][2];
-            pre[3] = hg[2 * gate_stride] + io[i][3];
+            pre[0] = hg[0] + park.at(i, 0);
+            pre[1] = hg[gate_stride] + park.at(i, 1);
+            pre[2] = park.at(i, 2);
+            pre[3] = hg[2 * gate_stride] + park.at(i, 3);
           } else {
 #pragma unroll
             for (int g = 0; g < 4; ++g) {
-              if (g < G) pre[g] = hg[g * gate_stride] + io[i][g];
+              if (g < G) pre[g] = hg[g * gate_stride] + park.at(i, g);
             }
           }
           float ws[6] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, c_new = 0.f;
           const float out = cell_forward_values(cell, pre, h[i], c[i], ws, &c_new);
 #pragma unroll
-          for (int e = 0; e < kIo; ++e) io[i][e] = ws[e];
+          for (int e = 0; e < kParked; ++e) park.at(i, e) = ws[e];  // the x_gates are consumed
           if ((valid >> i) & 1u) {
             h[i] = out;
             c[i] = c_new;
@@ -517,7 +557,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                              cta.sB + ((s + 1) & 1) * plan.chunk * plan.b_stride, plan.b_stride, plan.ctas);
           ptx::cluster_arrive_release();
         } else {
-          release_flag(p.flags + cta.rank, s + 2);
+          release_flag(flags + cta.rank, s + 2);
         }
       }
       // 4. Off the critical path, while the other CTAs catch up: y and the workspace of step t, then the next
@@ -528,7 +568,12 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int b = cta.b_begin + sl.row(i), j = cta.j0 + sl.unit(i);
           const int64_t row = static_cast<int64_t>(t) * B + b;
           static_cast<T*>(p.y)[row * H + j] = from_f<T>((valid >> i) & 1u ? h[i] : 0.f);
-          if (p.ws != nullptr) store_workspace<T>(cell, io[i], static_cast<T*>(p.ws) + row * W, H, j, false);
+          if (p.ws != nullptr) {
+            float ws[kParked];
+#pragma unroll
+            for (int e = 0; e < kParked; ++e) ws[e] = park.at(i, e);
+            store_workspace<T>(cell, ws, static_cast<T*>(p.ws) + row * W, H, j, false);
+          }
         }
       }
       if (!last) {
@@ -577,12 +622,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int G = num_gates(cell), H = p.H, B = p.B, GH = G * H, units = plan.units, HP = plan.hidden_padded;
     const int64_t W = workspace_width(cell, H, false);
     Cta cta{};
-    cta.init<kCluster>(plan, H, B, smem);
+    cta.init(plan, H, B, smem);
     Slots sl;
     sl.init(cta.n_units, cta.b_end - cta.b_begin);
     T* stage = static_cast<T*>(cta.stage);
     T* exchange = static_cast<T*>(p.exchange);
     const int64_t exchange_step = static_cast<int64_t>(B) * plan.k_padded;
+    unsigned* flags = kCluster ? nullptr : p.flags + cta.group * plan.ctas;  // this group's
 
     float grad_h[kSlots], grad_c[kSlots];  // dL/dh_t, dL/dc_t of the thread's items, carried over all steps
 #pragma unroll
@@ -657,7 +703,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                            plan.b_stride, plan.ctas);
         ptx::cluster_arrive_release();
       } else {
-        release_flag(p.flags + cta.rank, bs + 1);
+        release_flag(flags + cta.rank, bs + 1);
       }
       // 3. Off the critical path: the gate-gradient rows of step t; the next step's rows from HBM into L2.
 #pragma unroll
@@ -686,7 +732,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kCluster) {
         ptx::cluster_wait_acquire();
       } else {
-        wait_flags(p.flags, plan.ctas, bs + 1);
+        wait_flags(flags, plan.ctas, bs + 1);
       }
       // 5. dL/dh_{t-1} of this CTA's units += dgates_t W_hh[:, units].
       for (int b0 = cta.b_begin; b0 < cta.b_end; b0 += plan.chunk) {
@@ -756,14 +802,6 @@ std::string cuda_reason(const char* what, cudaError_t err) {
   return std::string(what) + " failed: " + cudaGetErrorString(err);
 }
 
-cudaError_t prepare(const void* kernel, const PersistentPlan& plan, Exchange ex) {
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.smem_bytes);
-  if (err == cudaSuccess && ex == Exchange::Cluster && plan.ctas > 8) {  // 16-CTA clusters are non-portable
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-  }
-  return err;
-}
-
 cudaLaunchConfig_t cluster_config(const PersistentPlan& plan, cudaStream_t stream, cudaLaunchAttribute* attr) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(plan.ctas * plan.groups);
@@ -797,18 +835,20 @@ constexpr int kReservedSmem = 1024;
 // be tuned on the GPU campaign (issue #8).
 constexpr int kClusterWeightTarget = 64 * 1024;
 
-std::string plan_with(Exchange ex, bool backward, int G, int esize, int B, int H, int ctas, int units,
+// The plan for `ctas` CTAs of `units` units each, on groups of `rows` batch rows (the grid exchange; a cluster's group
+// is one chunk, chosen here).
+std::string plan_with(Exchange ex, bool backward, int G, int esize, int B, int H, int ctas, int units, int rows,
                       const DeviceLimits& lim, PersistentPlan* out) {
   PersistentPlan pl;
   pl.ctas = ctas;
   pl.units = units;
   pl.hidden_padded = ctas * units;
-  const int rows = backward ? units : G * units;
-  pl.m_tiles = ceil_div(rows, 16);
+  const int w_rows = backward ? units : G * units;
+  pl.m_tiles = ceil_div(w_rows, 16);
   pl.warps_m = 1;
   while (pl.warps_m * kMtPerWarp < pl.m_tiles) pl.warps_m *= 2;
   if (pl.warps_m > kWarps) {
-    return "needs " + std::to_string(rows) + " rows of W_hh per CTA, over the " + std::to_string(kWarps * kMtPerWarp * 16) +
+    return "needs " + std::to_string(w_rows) + " rows of W_hh per CTA, over the " + std::to_string(kWarps * kMtPerWarp * 16) +
            " one CTA's warps can hold";
   }
   pl.warps_k = kWarps / pl.warps_m;
@@ -816,23 +856,51 @@ std::string plan_with(Exchange ex, bool backward, int G, int esize, int B, int H
   pl.a_stride = pl.b_stride = smem_stride(pl.k_padded, esize);
   pl.smem_a = pl.m_tiles * 16 * pl.a_stride;
   const bool cluster = ex == Exchange::Cluster;
-  for (int chunk = std::min(kMaxChunk, round_up(B, 8)); chunk >= 8; chunk -= 8) {
+  for (int chunk = std::min(kMaxChunk, round_up(std::min(rows, B), 8)); chunk >= 8; chunk -= 8) {
     if (cluster && units * chunk > kSlots * kThreads) continue;  // the state items of a CTA: its rows x its units
     pl.chunk = chunk;
     pl.smem_b = (cluster ? 2 : 1) * chunk * pl.b_stride;
     pl.smem_red = pl.warps_k * pl.m_tiles * 16 * chunk * 4;
     pl.smem_stage = cluster ? round_up(chunk * (backward ? G : 1) * units * esize, 16) : 0;
-    pl.smem_bytes = pl.smem_a + pl.smem_b + pl.smem_red + pl.smem_stage;
+    // forward: the parked values of the CTA's items
+    pl.smem_park = backward ? 0 : kParked * 4 * round_up(units * (cluster ? chunk : std::min(rows, B)), 32);
+    pl.smem_bytes = pl.smem_a + pl.smem_b + pl.smem_red + pl.smem_stage + pl.smem_park;
     if (pl.smem_bytes + kReservedSmem <= lim.smem_per_block) {
-      pl.groups = cluster ? ceil_div(B, chunk) : 1;
+      pl.group_rows = cluster ? chunk : std::min(rows, B);
+      pl.groups = ceil_div(B, pl.group_rows);
       *out = pl;
       return "";
     }
   }
   const int chunk = 8;
-  const int need = pl.smem_a + (cluster ? 2 : 1) * chunk * pl.b_stride + pl.warps_k * pl.m_tiles * 16 * chunk * 4;
+  const int need = pl.smem_a + (cluster ? 2 : 1) * chunk * pl.b_stride + pl.warps_k * pl.m_tiles * 16 * chunk * 4 +
+                   (backward ? 0 : kParked * 4 * round_up(units * 8, 32));
   return "needs " + kb(need + kReservedSmem) + " of shared memory per CTA (its W_hh slice alone " + kb(pl.smem_a) + ", on " +
          std::to_string(ctas) + " CTAs), over the " + kb(lim.smem_per_block) + " per block of this GPU";
+}
+
+// Grid exchange: as few CTAs per group as keep every CTA's m-tiles full (fewer CTAs read less of the exchanged B
+// from L2), then the batch split into as many groups as the SMs hold (one CTA each): a group's CTAs stage and
+// multiply only its rows, and groups never wait on each other. A CTA keeps the state of its rows x units in
+// registers: a large batch takes more CTAs of fewer units. At most one CTA of a group per thread (each polls one
+// flag).
+std::string plan_grid(bool backward, int G, int esize, int B, int H, const DeviceLimits& lim, PersistentPlan* plan) {
+  const int max_ctas = std::min(lim.sm_count, kThreads);
+  int units = ceil_div(H, max_ctas);
+  units = backward ? round_up(units, 16) : std::max(units, ceil_div(G * units, 16) * 16 / G);
+  for (; units >= 1; --units) {
+    const int ctas = ceil_div(H, units);
+    if (ctas > max_ctas) break;
+    for (int rows = std::min(8, B);; rows = std::min(rows + 8, B)) {  // group rows: a multiple of 8, or all of B
+      if (ctas * ceil_div(B, rows) <= lim.sm_count && units * rows <= kSlots * kThreads) {
+        return plan_with(Exchange::Grid, backward, G, esize, B, H, ctas, units, rows, lim, plan);
+      }
+      if (rows == B) break;
+    }
+  }
+  return "keeps the state of its batch rows x hidden units in registers, at most " + std::to_string(kSlots * kThreads) +
+         " per CTA: a batch of " + std::to_string(B) + " at hidden size " + std::to_string(H) + " needs more than the " +
+         std::to_string(lim.sm_count) + " CTAs this GPU runs at once";
 }
 
 }  // namespace
@@ -842,24 +910,7 @@ std::string plan_persistent(Exchange ex, bool backward, int cell, DType dt, int 
   const int G = num_gates(static_cast<Cell>(cell)), esize = dtype_size(dt);
   if (lim.cc_major < 8) return "needs sm_80 or newer (mma.sync on bf16/tf32, cp.async)";
   if (B < 1) return "has nothing to run on an empty batch";
-  if (ex == Exchange::Grid) {
-    // As few CTAs as keep every CTA's m-tiles full: fewer CTAs read less of the exchanged B from L2. At most one
-    // per SM, and one per thread of a CTA (each polls one CTA's flag).
-    const int max_ctas = std::min(lim.sm_count, kThreads);
-    int units = ceil_div(H, max_ctas);
-    units = backward ? round_up(units, 16) : std::max(units, ceil_div(G * units, 16) * 16 / G);
-    // Every CTA keeps the state of its units x all B rows in registers: more CTAs for a large batch.
-    const int max_units = kSlots * kThreads / B;
-    if (units > max_units) {
-      units = max_units;
-      if (units < 1 || ceil_div(H, units) > max_ctas) {
-        return "keeps the state of B x its hidden units in registers, at most " + std::to_string(kSlots * kThreads) +
-               " per CTA: a batch of " + std::to_string(B) + " needs more CTAs than the " + std::to_string(max_ctas) +
-               " it can run at once";
-      }
-    }
-    return plan_with(ex, backward, G, esize, B, H, ceil_div(H, units), units, lim, plan);
-  }
+  if (ex == Exchange::Grid) return plan_grid(backward, G, esize, B, H, lim, plan);
   if (lim.cc_major < 9) return "thread-block clusters need sm_90 or newer";
   // Clusters: units a multiple of 16 bytes (the DSMEM copy); the smallest cluster whose per-CTA weights stay
   // under kClusterWeightTarget, else the smallest that fits at all.
@@ -870,7 +921,7 @@ std::string plan_persistent(Exchange ex, bool backward, int cell, DType dt, int 
     const int units = round_up(ceil_div(H, ctas), 16 / esize);
     if ((ctas - 1) * units >= H) continue;  // a CTA without units
     PersistentPlan pl;
-    const std::string r = plan_with(ex, backward, G, esize, B, H, ctas, units, lim, &pl);
+    const std::string r = plan_with(ex, backward, G, esize, B, H, ctas, units, B, lim, &pl);
     if (!r.empty()) {
       why = "a " + std::to_string(ctas) + "-CTA cluster " + r;
       continue;
@@ -888,21 +939,65 @@ std::string plan_persistent(Exchange ex, bool backward, int cell, DType dt, int 
   return why;
 }
 
-std::string check_persistent_occupancy(Exchange ex, bool backward, DType dt, const PersistentPlan& plan, int device) {
-  cudaDeviceProp prop;
-  cudaError_t err = cudaGetDeviceProperties(&prop, device);
-  if (err != cudaSuccess) return cuda_reason("cudaGetDeviceProperties", err);
+namespace {
+
+// Process-wide answers that never change: per device its limits; per (device, kernel) the attributes set; per
+// (device, call shape) the plan and whether it fits.
+std::mutex g_mu;
+std::map<int, DeviceLimits> g_limits;
+std::set<std::pair<int, const void*>> g_prepared;
+using PlanKey = std::tuple<int, int, bool, int, int, int, int>;  // device, exchange, backward, cell, dtype, B, H
+std::map<PlanKey, std::pair<std::string, PersistentPlan>> g_plans;
+
+cudaError_t device_limits(int device, DeviceLimits* lim) {
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    auto it = g_limits.find(device);
+    if (it != g_limits.end()) {
+      *lim = it->second;
+      return cudaSuccess;
+    }
+  }
+  DeviceLimits l{};
+  cudaError_t err = cudaDeviceGetAttribute(&l.sm_count, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&l.smem_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&l.cc_major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) return err;
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_limits[device] = l;
+  *lim = l;
+  return cudaSuccess;
+}
+
+// Once per (device, kernel), before any occupancy query or launch: the dynamic shared-memory limit at the most any
+// plan uses on this device (so no launch sets it to its own size, which raced with another host thread launching
+// the same kernel with a different plan), and 16-CTA clusters allowed for the cluster kernels.
+cudaError_t prepare_kernel(const void* kernel, Exchange ex, int device, const DeviceLimits& lim) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (g_prepared.count({device, kernel}) != 0) return cudaSuccess;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, lim.smem_per_block - kReservedSmem);
+  if (err == cudaSuccess && ex == Exchange::Cluster) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  }
+  if (err == cudaSuccess) g_prepared.insert({device, kernel});
+  return err;
+}
+
+// Whether the planned grid is co-resident: every CTA of the cooperative grid, every cluster at once (clusters never
+// wait on each other, so non-resident ones would be correct, but would run one after another).
+std::string check_occupancy(Exchange ex, bool backward, DType dt, const PersistentPlan& plan, int device,
+                            const DeviceLimits& lim) {
   const void* kernel = kernel_symbol(ex, backward, dt);
-  err = prepare(kernel, plan, ex);
+  cudaError_t err = prepare_kernel(kernel, ex, device, lim);
   if (err != cudaSuccess) return cuda_reason("cudaFuncSetAttribute", err);
   if (ex == Exchange::Grid) {
     int per_sm = 0;
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, plan.smem_bytes);
     if (err != cudaSuccess) return cuda_reason("cudaOccupancyMaxActiveBlocksPerMultiprocessor", err);
-    if (per_sm * prop.multiProcessorCount < plan.ctas) {
-      return "its grid of " + std::to_string(plan.ctas) + " CTAs (" + kb(plan.smem_bytes) +
+    if (per_sm * lim.sm_count < plan.ctas * plan.groups) {
+      return "its grid of " + std::to_string(plan.ctas * plan.groups) + " CTAs (" + kb(plan.smem_bytes) +
              " shared memory each) cannot be co-resident: " + std::to_string(per_sm) + " per SM x " +
-             std::to_string(prop.multiProcessorCount) + " SMs";
+             std::to_string(lim.sm_count) + " SMs";
     }
     return "";
   }
@@ -911,20 +1006,45 @@ std::string check_persistent_occupancy(Exchange ex, bool backward, DType dt, con
   int clusters = 0;
   err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
   if (err != cudaSuccess) return cuda_reason("cudaOccupancyMaxActiveClusters", err);
-  if (clusters < 1) {
-    return "a cluster of " + std::to_string(plan.ctas) + " CTAs with " + kb(plan.smem_bytes) +
-           " shared memory each cannot be scheduled on this GPU";
+  if (clusters < plan.groups) {
+    return "needs " + std::to_string(plan.groups) + " clusters of " + std::to_string(plan.ctas) + " CTAs (" +
+           kb(plan.smem_bytes) + " shared memory each) at once for its batch, and this GPU holds " +
+           std::to_string(clusters);
   }
   return "";
+}
+
+}  // namespace
+
+std::string plan_persistent_for_device(Exchange ex, bool backward, int cell, DType dt, int B, int H, int device,
+                                       PersistentPlan* plan) {
+  const PlanKey key{device, static_cast<int>(ex), backward, cell, static_cast<int>(dt), B, H};
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    auto it = g_plans.find(key);
+    if (it != g_plans.end()) {
+      *plan = it->second.second;
+      return it->second.first;
+    }
+  }
+  DeviceLimits lim;
+  const cudaError_t err = device_limits(device, &lim);
+  if (err != cudaSuccess) return cuda_reason("cudaDeviceGetAttribute", err);  // not cached: may be transient
+  PersistentPlan pl;
+  std::string why = plan_persistent(ex, backward, cell, dt, B, H, lim, &pl);
+  if (why.empty()) why = check_occupancy(ex, backward, dt, pl, device, lim);
+  if (!why.empty()) pl = PersistentPlan{};
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_plans.emplace(key, std::make_pair(why, pl));
+  *plan = pl;
+  return why;
 }
 
 cudaError_t launch_persistent_forward(Exchange ex, DType dt, const PersistentPlan& plan, const PersistentForward& p,
                                       cudaStream_t stream) {
   const ForwardKernel kernel = forward_kernel(ex, dt);
-  cudaError_t err = prepare(reinterpret_cast<const void*>(kernel), plan, ex);
-  if (err != cudaSuccess) return err;
   if (ex == Exchange::Grid) {
-    return launch_cooperative(kernel, dim3(plan.ctas), dim3(kThreads), plan.smem_bytes, stream, p, plan);
+    return launch_cooperative(kernel, dim3(plan.ctas * plan.groups), dim3(kThreads), plan.smem_bytes, stream, p, plan);
   }
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = cluster_config(plan, stream, &attr);
@@ -934,10 +1054,8 @@ cudaError_t launch_persistent_forward(Exchange ex, DType dt, const PersistentPla
 cudaError_t launch_persistent_backward(Exchange ex, DType dt, const PersistentPlan& plan,
                                        const PersistentBackward& p, cudaStream_t stream) {
   const BackwardKernel kernel = backward_kernel(ex, dt);
-  cudaError_t err = prepare(reinterpret_cast<const void*>(kernel), plan, ex);
-  if (err != cudaSuccess) return err;
   if (ex == Exchange::Grid) {
-    return launch_cooperative(kernel, dim3(plan.ctas), dim3(kThreads), plan.smem_bytes, stream, p, plan);
+    return launch_cooperative(kernel, dim3(plan.ctas * plan.groups), dim3(kThreads), plan.smem_bytes, stream, p, plan);
   }
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = cluster_config(plan, stream, &attr);
