@@ -5,7 +5,8 @@
 The extension always holds the C++ CPU kernels (csrc/**/*.cpp). The CUDA kernels (csrc/**/*.cu) are added
 when torch is a CUDA build and a CUDA toolkit is found. Environment:
     FUSEDRNN_BUILD_CUDA=1|0     force the CUDA kernels on (error if impossible) or off; default: auto
-    FUSEDRNN_CUDA_ARCHS="80;90a" GPU archs to build (SASS for each, PTX for the last); default "80;90a"
+    FUSEDRNN_CUDA_ARCHS="80;90a" GPU archs to build (SASS for each, PTX for the last without its arch-specific
+                                suffix, 90a -> compute_90, which newer GPUs can JIT); default "80;90a"
     FUSEDRNN_SKIP_EXTENSION=1   pure-Python install (reference backend, and Triton if present)
     FUSEDRNN_PTXAS_VERBOSE=1    print registers / spills / shared memory of every CUDA kernel
     FUSEDRNN_BUILD_EMU=1|0      the emulated CUDA backend fusedrnn._C_emu ("cuda-emu": the CUDA kernels built
@@ -31,7 +32,9 @@ def _cuda_arch_flags(archs):
     flags = []
     for arch in archs:
         flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
-    flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
+    # PTX for newer GPUs: compute_90a (arch-specific) PTX runs on sm_90 only, compute_90 JITs to anything newer.
+    ptx = archs[-1].rstrip("af")
+    flags.append(f"-gencode=arch=compute_{ptx},code=compute_{ptx}")
     return flags
 
 

@@ -14,8 +14,10 @@ Tolerance (tests/helpers.py): fp16/bf16 within 2x the error of the reference run
 few ulp; fp32 fixed on the alternating path, and on the persistent paths (TF32 tensor cores, fp16's 10-bit
 mantissa) the fp16 rule.
 
-Emulated sizes: the planner takes multi-CTA grids (H=7: 2 CTAs forward; H=129: 33 forward, 9 backward) and
-multi-CTA clusters (H=129: 2-4 CTAs; B=40/70: 2-3 clusters), asserted by test_emulated_shapes_take_multi_cta_plans.
+Emulated sizes: the planner takes multi-CTA grids (H=7: 2 CTAs forward; H=129: 33 forward, 9 backward), batch
+groups on the grid (B=9/40/70: 2-9 groups of 8 rows), several chunks per CTA (B=33, H=300: 75 CTAs, chunks of
+32 + 1) and multi-CTA clusters (H=129: 2-4 CTAs; B=40/70: 2-3 clusters), asserted by
+test_emulated_shapes_take_multi_cta_plans.
 The largest cases (test_realistic_sizes, H up to 768: minutes each) are `slow` on the emulator and run only when
 asked for (-m slow, or FUSEDRNN_RUN_SLOW=1; tests/conftest.py).
 """
@@ -196,9 +198,9 @@ SHAPES = {  # T, B, I, H, bias
     "T1-B1-I1-H1": (1, 1, 1, 1, True),
     "T3-B1-I2-H16-nobias": (3, 1, 2, 16, False),
     "T4-B3-I3-H63": (4, 3, 3, 63, True),
-    "T6-B9-I5-H129": (6, 9, 5, 129, True),     # grids of 33 (forward) and 9 CTAs; clusters of 2-4 CTAs
-    "T5-B40-I8-H64": (5, 40, 8, 64, True),     # two batch chunks (grid) / two clusters
-    "T7-B70-I6-H33": (7, 70, 6, 33, True),     # three chunks, a partial last one
+    "T6-B9-I5-H129": (6, 9, 5, 129, True),     # grids of 2 x 33 (forward) and 2 x 9 CTAs; clusters of 2-4 CTAs
+    "T5-B40-I8-H64": (5, 40, 8, 64, True),     # 5 batch groups (grid) / two clusters
+    "T7-B70-I6-H33": (7, 70, 6, 33, True),     # 9 batch groups / three clusters, a partial last one
 }
 
 
@@ -235,7 +237,8 @@ def test_realistic_sizes(target, path, cell, dtype, B, H):
 
 
 # What the emulated sizes above exercise, per the planner with an H100's limits (the same plan the GPU gets).
-PLAN_FIELDS = ("ctas", "groups", "units", "m_tiles", "warps_m", "warps_k", "k_padded", "chunk", "smem_bytes")
+PLAN_FIELDS = ("ctas", "groups", "units", "m_tiles", "warps_m", "warps_k", "k_padded", "chunk", "smem_bytes",
+               "group_rows")
 
 
 @needs_emu
@@ -256,7 +259,22 @@ def test_emulated_shapes_take_multi_cta_plans():
             assert fields("cluster", direction, "gru", dtype, 9, 129)["ctas"] >= 2
             assert fields("cluster", direction, "lstm", dtype, 40, 64)["groups"] >= 2  # several clusters
             assert fields("cluster", direction, "rnn_tanh", dtype, 70, 33)["groups"] == 3
-        assert fields("persistent", "forward", "gru", dtype, 70, 33)["chunk"] == 32  # 3 chunks per step
+        assert fields("persistent", "forward", "gru", dtype, 70, 33)["groups"] == 9  # test_odd_shapes
+        for direction in ("forward", "backward"):
+            assert fields("persistent", direction, "lstm", dtype, 9, 129)["groups"] == 2
+        chunks = fields("persistent", "forward", "lstm", dtype, 33, 300)  # test_grid_chunks_and_groups
+        assert chunks["groups"] == 1 and chunks["chunk"] < chunks["group_rows"] == 33
+        assert fields("persistent", "backward", "lstm", dtype, 33, 300)["groups"] == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_grid_chunks_and_groups(target, cell, dtype):
+    """The grid exchange with several chunks per CTA (forward: 75 CTAs, one group of 33 rows in chunks of 32 + 1)
+    and several batch groups (backward: 5 groups of 8 rows on 19 CTAs each)."""
+    T, B, H = 3, 33, 300
+    check_against_reference(target, cell, T, B, 4, H, dtype, "persistent", lengths=[T, 1] + [T - b % T for b in range(B - 2)])
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -448,6 +466,10 @@ def test_persistent_refusals_name_their_reason(target):
         assert "sm_90" in cluster_reason
     else:  # 4.5 MB of W_hh over at most 16 CTAs of 227 KB
         assert "shared memory" in cluster_reason
+        # 9 batch groups of 32 rows, each a 16-CTA cluster (2 MB of W_hh): more clusters than can run at once (H100:
+        # at most 8 of 16 CTAs; the emulator answers 132 // 16), so not planned as if they could.
+        d = make_layer_args("lstm", 2, 288, 4, 512, dtype=torch.float16, requires_grad=False, device=device)
+        assert "clusters of 16 CTAs" in path_reason(target, _call(d, "lstm"), "cluster", "forward")
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -27,6 +27,7 @@ ARCHS = ("90a", "80")
 NVCC_FLAGS = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", "-DFUSEDRNN_WITH_CUDA",
               f"-I{ROOT / 'csrc'}", "-Xptxas", "-v"]
 THREADS = 256                  # every kernel: __launch_bounds__(256) (persistent: (256, 1))
+SLOTS = 4                      # kPersistentSlots: state items per thread of a persistent kernel
 REGISTER_FILE = 65536          # 32-bit registers per SM (sm_80, sm_90)
 MAX_REGISTERS = 255            # per thread
 # Device limits [SMs, opt-in shared memory per block in bytes, compute capability major].
@@ -226,18 +227,19 @@ def test_every_plan_fits_the_device(device, kernels):
             assert not plan
             continue
         planned += 1
-        ctas, groups, units, m_tiles, warps_m, warps_k, k_padded, chunk, smem = plan
+        ctas, groups, units, m_tiles, warps_m, warps_k, k_padded, chunk, smem, group_rows = plan
         assert smem + max(static.values()) <= min(smem_limit, 227 * 1024), key
         assert warps_m * warps_k == 8 and m_tiles <= 4 * warps_m, key
         assert chunk % 8 == 0 and 8 <= chunk <= 32 and k_padded % 32 == 0, key
         rows = units if direction == "backward" else GATES[cell] * units
         assert m_tiles == -(-rows // 16), key
-        if direction == "forward":
-            assert units * chunk <= 4 * 256, key  # x_gates prefetched into 4 registers per gate and thread
-        if path == "persistent":
-            assert groups == 1 and ctas <= sms and (ctas - 1) * units < H <= ctas * units, key
+        assert (groups - 1) * group_rows < B <= groups * group_rows, key
+        assert units * min(B, group_rows) <= SLOTS * THREADS, key  # the state of a CTA's items lives in registers
+        if path == "persistent":  # cooperative: every CTA of every group on its own SM; one poll thread per CTA
+            assert ctas * groups <= sms and ctas <= THREADS and (ctas - 1) * units < H <= ctas * units, key
+            assert group_rows == B or (group_rows % 8 == 0 and chunk <= group_rows), key
         else:
-            assert cc >= 9 and ctas in (1, 2, 4, 8, 16) and groups * chunk >= B, key
+            assert cc >= 9 and ctas in (1, 2, 4, 8, 16) and group_rows == chunk, key
             assert units * (2 if dtype != torch.float32 else 4) % 16 == 0, key  # 16-byte DSMEM copies
     assert planned and refused
 
@@ -248,7 +250,7 @@ def test_known_plans_and_reasons():
     # The case where cuDNN runs persistent (fp16 LSTM H=768 B=16): both directions fit the cooperative grid.
     for direction in ("forward", "backward"):
         why, plan = PLAN("persistent", direction, "lstm", torch.float16, 16, 768, h100)
-        assert why == "" and plan[-1] <= 227 * 1024
+        assert why == "" and plan[8] <= 227 * 1024  # smem_bytes
     # W_hh of an fp16 LSTM with H=512 (2 MB) fits one cluster; H=2048 (32 MB) fits neither path.
     assert PLAN("cluster", "forward", "lstm", torch.float16, 16, 512, h100)[0] == ""
     why, _ = PLAN("persistent", "forward", "lstm", torch.float16, 16, 2048, h100)

@@ -64,6 +64,8 @@ __device__ __forceinline__ uint32_t cvt_rna_tf32(float v) {
 }
 
 // ---- ld.acquire.gpu.global.u32: a load no later load or store of this thread moves above ----
+// On sm_90 it is LDG.E.STRONG.GPU followed by CCTL.IVALL (the L1 invalidated, so that later L1-cached loads see
+// what the releasing thread published): spin with ld_relaxed_gpu and acquire once.
 __device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
   unsigned v;
 #ifndef FUSEDRNN_EMU
@@ -72,6 +74,55 @@ __device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
   v = ::emu::ld_acquire(p);  // and lets the other threads run: callers spin on it
 #endif
   return v;
+}
+
+// ---- ld.relaxed.gpu.global.u32: a coherent load (from L2, never a stale L1 line) that orders nothing ----
+// LDG.E.STRONG.GPU alone: the poll of a spin loop.
+__device__ __forceinline__ unsigned ld_relaxed_gpu(const unsigned* p) {
+  unsigned v;
+#ifndef FUSEDRNN_EMU
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+#else
+  v = ::emu::ld_relaxed(p);  // and lets the other threads run: callers spin on it
+#endif
+  return v;
+}
+
+// ---- st.release.gpu.global.u32: a store no earlier load or store of this thread (nor, through a preceding
+// bar.sync, of its CTA) moves below; an ld.acquire.gpu that reads it sees all of them ----
+// MEMBAR.ALL.GPU + STG.E.STRONG.GPU on sm_90: the fence waits for the stores issued before it, so issue the
+// stores nobody waits for after it.
+__device__ __forceinline__ void st_release_gpu(unsigned* p, unsigned v) {
+#ifndef FUSEDRNN_EMU
+  asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+#else
+  ::emu::st_release(p, v);
+#endif
+}
+
+// ---- barrier.cluster.arrive.release.aligned / barrier.cluster.wait.acquire.aligned (sm_90) ----
+// The two halves of a cluster barrier, executed by every thread of the cluster (warp-uniformly): arrive
+// releases this thread's earlier writes (distributed shared memory included); wait blocks until every thread of
+// the cluster has arrived in the current phase and acquires what they released. Work placed between the two
+// overlaps the barrier. A thread alternates them: arrive, wait, arrive, ...
+__device__ __forceinline__ void cluster_arrive_release() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // no clusters before sm_90 (the planner never launches the cluster kernels there)
+#elif !defined(FUSEDRNN_EMU)
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#else
+  ::emu::cluster_arrive();
+#endif
+}
+
+__device__ __forceinline__ void cluster_wait_acquire() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // no clusters before sm_90 (the planner never launches the cluster kernels there)
+#elif !defined(FUSEDRNN_EMU)
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+  ::emu::cluster_wait();
+#endif
 }
 
 // ---- cp.async.cg.shared.global (16 bytes, through L2 only) and its completion ----

@@ -51,36 +51,58 @@ __device__ __forceinline__ int64_t workspace_width(Cell cell, int H, bool proj) 
   return cell == Cell::LSTM ? (proj ? 6 : 5) * static_cast<int64_t>(H) : cell == Cell::GRU ? 4 * static_cast<int64_t>(H) : 0;
 }
 
-// One element (b, j) of one step forward. pre: LSTM i f g o pre-activations (both GEMMs, both biases); GRU
-// pre_r, pre_z, x_n = W_in x + b_in, h_n = W_hn h + b_hn; RNN pre. Writes the workspace row (when given) and
-// returns the new output state (LSTM: r = o tanh(c), before any projection); *c_new gets the LSTM cell state.
-template <typename T>
-__device__ __forceinline__ float cell_forward(Cell cell, const float (&pre)[4], float h_prev, float c_prev, T* ws_row,
-                                              int H, int j, bool proj, float* c_new) {
+// One element (b, j) of one step forward, values only. pre: LSTM i f g o pre-activations (both GEMMs, both
+// biases); GRU pre_r, pre_z, x_n = W_in x + b_in, h_n = W_hn h + b_hn; RNN pre. Returns the new output state (LSTM:
+// r = o tanh(c), before any projection); *c_new gets the LSTM cell state, ws[] the workspace entries in row order
+// (LSTM i f g o c r, GRU r z n h_n; RNN none).
+__device__ __forceinline__ float cell_forward_values(Cell cell, const float (&pre)[4], float h_prev, float c_prev,
+                                                     float (&ws)[6], float* c_new) {
   if (cell == Cell::LSTM) {
     const LstmState<float> st = lstm_forward<float>(pre[0], pre[1], pre[2], pre[3], c_prev);
-    if (ws_row != nullptr) {
-      ws_row[j] = from_f<T>(st.i);
-      ws_row[H + j] = from_f<T>(st.f);
-      ws_row[2 * H + j] = from_f<T>(st.g);
-      ws_row[3 * H + j] = from_f<T>(st.o);
-      ws_row[4 * H + j] = from_f<T>(st.c);
-      if (proj) ws_row[5 * H + j] = from_f<T>(st.r);
-    }
+    ws[0] = st.i;
+    ws[1] = st.f;
+    ws[2] = st.g;
+    ws[3] = st.o;
+    ws[4] = st.c;
+    ws[5] = st.r;
     *c_new = st.c;
     return st.r;
   }
   if (cell == Cell::GRU) {
     const GruState<float> st = gru_forward<float>(pre[0], pre[1], pre[2], pre[3], h_prev);
-    if (ws_row != nullptr) {
-      ws_row[j] = from_f<T>(st.r);
-      ws_row[H + j] = from_f<T>(st.z);
-      ws_row[2 * H + j] = from_f<T>(st.n);
-      ws_row[3 * H + j] = from_f<T>(pre[3]);
-    }
+    ws[0] = st.r;
+    ws[1] = st.z;
+    ws[2] = st.n;
+    ws[3] = pre[3];
     return st.h;
   }
   return cell == Cell::RNN_TANH ? rnn_tanh_forward<float>(pre[0]) : rnn_relu_forward<float>(pre[0]);
+}
+
+// Writes the workspace entries of element j to its row (the persistent kernels hold them back until the step's
+// exchange is published; `ws` needs only the entries the cell has: LSTM 5, 6 with proj; GRU 4).
+template <typename T, int N>
+__device__ __forceinline__ void store_workspace(Cell cell, const float (&ws)[N], T* ws_row, int H, int j, bool proj) {
+  if (cell == Cell::LSTM) {
+#pragma unroll
+    for (int e = 0; e < 5; ++e) ws_row[e * H + j] = from_f<T>(ws[e]);
+    if constexpr (N > 5) {
+      if (proj) ws_row[5 * H + j] = from_f<T>(ws[5]);
+    }
+  } else if (cell == Cell::GRU) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) ws_row[e * H + j] = from_f<T>(ws[e]);
+  }
+}
+
+// One element (b, j) of one step forward: cell_forward_values, and the workspace row written (when given).
+template <typename T>
+__device__ __forceinline__ float cell_forward(Cell cell, const float (&pre)[4], float h_prev, float c_prev, T* ws_row,
+                                              int H, int j, bool proj, float* c_new) {
+  float ws[6];
+  const float out = cell_forward_values(cell, pre, h_prev, c_prev, ws, c_new);
+  if (ws_row != nullptr) store_workspace<T>(cell, ws, ws_row, H, j, proj);
+  return out;
 }
 
 struct GateGrads {

@@ -7,8 +7,8 @@
 //                masking, y and workspace writes.
 //   persistent   one launch for all T steps (rnn_persistent.cu): each CTA keeps its slice of W_hh in shared
 //                memory and multiplies it on tensor cores (mma.sync); h (forward) or the gate gradients
-//                (backward) are exchanged every step, either through global memory and a grid barrier
-//                (exchange "grid", cooperative launch) or through distributed shared memory and a cluster
+//                (backward) are exchanged every step, either through global memory and per-CTA step flags
+//                (exchange "grid", cooperative launch) or through distributed shared memory and a split cluster
 //                barrier (exchange "cluster", sm_90).
 // Inputs x_gates = x W_ih^T + b_ih + b_hh are precomputed by one GEMM, except GRU's b_hn, which the kernels add
 // to W_hn h (it sits inside the reset product).
@@ -95,13 +95,18 @@ struct DeviceLimits {
 };
 
 constexpr int kPersistentThreads = 256;  // 8 warps per CTA, one CTA per SM
+// State items (batch row, hidden unit) one thread keeps in registers for all T steps: a CTA holds at most
+// kPersistentSlots * kPersistentThreads of them (its batch rows x its units), a limit of the plan.
+constexpr int kPersistentSlots = 4;
 
 // How one call is laid out on the GPU. Forward: each CTA owns `units` hidden units, i.e. G*units rows of W_hh
 // (its A operand, M = gate rows, K = H); backward: the same units as columns of W_hh, i.e. W_hh[:, units]^T
-// (M = units, K = G*H). N = batch, in chunks of `chunk` rows.
+// (M = units, K = G*H). N = batch: `groups` independent groups of `group_rows` rows (the last one partial), each
+// run by `ctas` CTAs that exchange only among themselves, in chunks of `chunk` rows. The grid is groups x ctas.
 struct PersistentPlan {
-  int ctas = 0;           // CTAs sharing one recurrence (the grid, or one cluster)
-  int groups = 0;         // independent batch groups (clusters); 1 on the grid exchange
+  int ctas = 0;           // CTAs sharing one recurrence (one group of the grid, or one cluster)
+  int groups = 0;         // independent batch groups (clusters, or sets of CTAs with their own flags)
+  int group_rows = 0;     // batch rows per group (cluster: = chunk)
   int units = 0;          // hidden units per CTA
   int hidden_padded = 0;  // ctas * units: gate stride of the backward exchange
   int m_tiles = 0;        // 16-row MMA tiles of A per CTA
@@ -109,7 +114,7 @@ struct PersistentPlan {
   int k_padded = 0;       // K rounded up to 32 (zero-filled)
   int chunk = 0;          // batch rows per chunk: multiple of 8, <= 32
   int a_stride = 0, b_stride = 0;  // shared-memory row strides, bytes
-  int smem_a = 0, smem_b = 0, smem_red = 0, smem_stage = 0, smem_bytes = 0;
+  int smem_a = 0, smem_b = 0, smem_red = 0, smem_stage = 0, smem_park = 0, smem_bytes = 0;
 };
 
 // Empty string when the persistent kernel with this exchange can take the call on a device with these limits,
@@ -117,10 +122,13 @@ struct PersistentPlan {
 std::string plan_persistent(Exchange ex, bool backward, int cell, DType dt, int B, int H, const DeviceLimits& lim,
                             PersistentPlan* plan);
 
-// Empty string when the planned kernel fits on the device `device` next to its register and shared-memory use
-// (cudaOccupancyMaxActiveBlocksPerMultiprocessor x SMs >= grid for the grid exchange, cudaOccupancyMaxActiveClusters
-// >= 1 for clusters), else why not. Sets the kernel's dynamic shared-memory limit as a side effect.
-std::string check_persistent_occupancy(Exchange ex, bool backward, DType dt, const PersistentPlan& plan, int device);
+// plan_persistent for device `device` (the current device), and whether the planned grid is co-resident there
+// next to its register and shared-memory use (cudaOccupancyMaxActiveBlocksPerMultiprocessor x SMs >= every CTA of
+// the grid exchange; cudaOccupancyMaxActiveClusters >= every cluster). Memoised per (device, call shape); the
+// first call for a kernel on a device sets its attributes (dynamic shared memory up to the device's limit, 16-CTA
+// clusters), once: launch only plans returned from here.
+std::string plan_persistent_for_device(Exchange ex, bool backward, int cell, DType dt, int B, int H, int device,
+                                       PersistentPlan* plan);
 
 struct PersistentForward {
   int cell, T, B, H, reverse;
@@ -128,14 +136,14 @@ struct PersistentForward {
   const void* x_gates;   // [T, B, G*H]
   const void* w_hh;      // [G*H, H]
   const void* b_hn;      // GRU: b_hh + 2H, or null
-  float* h_state;        // [B, H] fp32, initialised to h0
-  float* c_state;        // [B, H] fp32, initialised to c0 (LSTM)
+  const float* h_state;  // [B, H] fp32 h0 (read once: the state lives in registers)
+  const float* c_state;  // [B, H] fp32 c0 (LSTM)
   void* y;               // [T, B, H]
   void* ws;              // [T, B, W] or null
   void* h_n;             // [B, H]
   void* c_n;             // [B, H] (LSTM)
   void* exchange;        // grid: [2, B, k_padded] dtype, zeroed; cluster: unused
-  unsigned* barrier;     // grid: one zeroed counter
+  unsigned* flags;       // grid: [groups * ctas] per-CTA step flags, zeroed; cluster: unused
 };
 
 struct PersistentBackward {
@@ -147,14 +155,14 @@ struct PersistentBackward {
   const void* h_prev;    // GRU: [T, B, H]
   const void* c0;        // LSTM: [B, H]
   const void* grad_y;    // [T, B, H]
-  float* grad_h;         // [B, H] fp32, initialised to grad_h_n
-  float* grad_c;         // [B, H] fp32, initialised to grad_c_n (LSTM)
+  const float* grad_h;   // [B, H] fp32 grad_h_n (read once: the running gradients live in registers)
+  const float* grad_c;   // [B, H] fp32 grad_c_n (LSTM)
   void* grad_xg;         // [T, B, G*H]
   void* grad_hg;         // GRU: [T, B, G*H]; else null (= grad_xg)
   void* grad_h0;         // [B, H]
   void* grad_c0;         // [B, H] (LSTM)
   void* exchange;        // grid: [2, B, k_padded] dtype, zeroed; cluster: unused
-  unsigned* barrier;
+  unsigned* flags;       // grid: [groups * ctas] per-CTA step flags, zeroed; cluster: unused
 };
 
 cudaError_t launch_persistent_forward(Exchange ex, DType dt, const PersistentPlan& plan, const PersistentForward& p,

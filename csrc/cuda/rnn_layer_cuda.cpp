@@ -6,7 +6,7 @@
 //   fusedrnn::cuda_rnn_persistent_plan(...)           -> (reason, plan) for given device limits (no GPU needed)
 //
 // path: "alternating" (cuBLAS GEMM + one fused pointwise kernel per step, every feature), "persistent" (one
-// cooperative launch for all steps, grid barrier), "cluster" (one launch, thread-block clusters, sm_90). The
+// cooperative launch for all steps, per-CTA step flags), "cluster" (one launch, thread-block clusters, sm_90). The
 // structure follows csrc/cpu/rnn_layer.cpp: the input projection of all steps is one GEMM before the loop; the
 // backward produces only gate gradients in its loop, and dx, dW_ih, dW_hh, dW_hr, the biases are one GEMM or
 // reduction each afterwards. Workspace layout: fusedrnn/backends/base.py. Kernels: rnn_pointwise.cu,
@@ -172,14 +172,6 @@ Tensor previous_states(const Tensor& y, const Tensor& h0, bool reverse, const Op
   return at::where(follows_valid, shifted, init).contiguous();
 }
 
-DeviceLimits device_limits(int device) {
-  DeviceLimits lim{};
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&lim.sm_count, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&lim.smem_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&lim.cc_major, cudaDevAttrComputeCapabilityMajor, device));
-  return lim;
-}
-
 // Empty when `path` can run this call on `device`, else why not (resources, occupancy, features). For the
 // persistent paths `plan` (when given) receives the layout.
 std::string path_reason(Path path, bool backward, Cell cell, at::ScalarType dtype, int64_t B, int64_t H, bool proj,
@@ -194,13 +186,9 @@ std::string path_reason(Path path, bool backward, Cell cell, at::ScalarType dtyp
   }
   const Exchange ex = path == Path::Persistent ? Exchange::Grid : Exchange::Cluster;
   PersistentPlan local;
-  PersistentPlan* pl = plan != nullptr ? plan : &local;
-  why = plan_persistent(ex, backward, static_cast<int>(cell), to_dtype(dtype), static_cast<int>(B),
-                        static_cast<int>(H), device_limits(device), pl);
-  if (why.empty()) {
-    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-    why = check_persistent_occupancy(ex, backward, to_dtype(dtype), *pl, device);
-  }
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));  // the occupancy queries are per device
+  why = plan_persistent_for_device(ex, backward, static_cast<int>(cell), to_dtype(dtype), static_cast<int>(B),
+                                   static_cast<int>(H), device, plan != nullptr ? plan : &local);
   return why.empty() ? why : prefix + why;
 }
 
@@ -277,7 +265,7 @@ void forward_persistent(Path path, const Dims& d, const Tensor& x_gates, const T
   Tensor h_state = fp32_copy(h0);
   Tensor c_state = c0 ? fp32_copy(*c0) : Tensor();
   Tensor exchange = ex == Exchange::Grid ? at::zeros({2, d.B, plan.k_padded}, x_gates.options()) : Tensor();
-  Tensor barrier = at::zeros({1}, x_gates.options().dtype(at::kInt));
+  Tensor flags = ex == Exchange::Grid ? at::zeros({plan.groups * plan.ctas}, x_gates.options().dtype(at::kInt)) : Tensor();
 
   PersistentForward p{};
   p.cell = static_cast<int>(d.cell);
@@ -296,7 +284,7 @@ void forward_persistent(Path path, const Dims& d, const Tensor& x_gates, const T
   p.h_n = h_n.data_ptr();
   p.c_n = c0 ? c_n.data_ptr() : nullptr;
   p.exchange = exchange.defined() ? exchange.data_ptr() : nullptr;
-  p.barrier = reinterpret_cast<unsigned*>(barrier.data_ptr<int>());
+  p.flags = flags.defined() ? reinterpret_cast<unsigned*>(flags.data_ptr<int>()) : nullptr;
   C10_CUDA_CHECK(launch_persistent_forward(ex, d.dt, plan, p, c10::cuda::getCurrentCUDAStream()));
 }
 
@@ -400,7 +388,7 @@ void backward_persistent(Path path, const Dims& d, const Tensor& w_hh, const Opt
   const PersistentPlan plan = persistent_plan(path, /*backward=*/true, d, device);
   const Exchange ex = path == Path::Persistent ? Exchange::Grid : Exchange::Cluster;
   Tensor exchange = ex == Exchange::Grid ? at::zeros({2, d.B, plan.k_padded}, y.options()) : Tensor();
-  Tensor barrier = at::zeros({1}, y.options().dtype(at::kInt));
+  Tensor flags = ex == Exchange::Grid ? at::zeros({plan.groups * plan.ctas}, y.options().dtype(at::kInt)) : Tensor();
 
   PersistentBackward p{};
   p.cell = static_cast<int>(d.cell);
@@ -422,7 +410,7 @@ void backward_persistent(Path path, const Dims& d, const Tensor& w_hh, const Opt
   p.grad_h0 = grad_h0.data_ptr();
   p.grad_c0 = d.cell == Cell::LSTM ? grad_c0.data_ptr() : nullptr;
   p.exchange = exchange.defined() ? exchange.data_ptr() : nullptr;
-  p.barrier = reinterpret_cast<unsigned*>(barrier.data_ptr<int>());
+  p.flags = flags.defined() ? reinterpret_cast<unsigned*>(flags.data_ptr<int>()) : nullptr;
   C10_CUDA_CHECK(launch_persistent_backward(ex, d.dt, plan, p, c10::cuda::getCurrentCUDAStream()));
 }
 
@@ -504,7 +492,7 @@ std::string cuda_rnn_path_reason(const std::string& path, const std::string& dir
 }
 
 // The plan for hypothetical device limits [sm_count, smem_per_block_bytes, cc_major]; plan fields: ctas, groups,
-// units, m_tiles, warps_m, warps_k, k_padded, chunk, smem_bytes (empty when refused).
+// units, m_tiles, warps_m, warps_k, k_padded, chunk, smem_bytes, group_rows (empty when refused).
 std::tuple<std::string, std::vector<int64_t>> cuda_rnn_persistent_plan(const std::string& path,
                                                                       const std::string& direction,
                                                                       const std::string& cell, at::ScalarType dtype,
@@ -522,7 +510,7 @@ std::tuple<std::string, std::vector<int64_t>> cuda_rnn_persistent_plan(const std
   if (!why.empty()) return {why, {}};
   return {why,
           {plan.ctas, plan.groups, plan.units, plan.m_tiles, plan.warps_m, plan.warps_k, plan.k_padded, plan.chunk,
-           plan.smem_bytes}};
+           plan.smem_bytes, plan.group_rows}};
 }
 
 }  // namespace

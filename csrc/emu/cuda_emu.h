@@ -5,7 +5,7 @@
 // Model. A launch runs every CTA at once on its own OS thread (so all CTAs are co-resident: grid barriers and
 // clusters work; a cooperative or cluster launch guarantees nothing more). Inside a CTA every CUDA thread is a
 // fiber (Boost.Context, or ucontext without boost), run round-robin by the CTA's scheduler and switched ONLY at
-// synchronisation points: __syncthreads, warp collectives, mma.sync, cluster barriers, spins on ld.acquire.
+// synchronisation points: __syncthreads, warp collectives, mma.sync, cluster barriers, spins on ld.acquire / ld.relaxed.
 // Between two such points a thread runs alone, so every data race the GPU could show is a missing
 // happens-before edge that ThreadSanitizer sees (fibers are TSan fibers, synchronisation is annotated).
 //   shared memory   dynamic: one buffer per CTA (FUSEDRNN_DYNAMIC_SMEM); static __shared__: thread_local,
@@ -68,7 +68,9 @@ void warp_collective(const void* in, size_t in_bytes, void* out, size_t out_byte
                      const void* ctx);
 int lane_id();
 void yield_spin();  // a thread spinning on memory written by another CTA lets the others run
-void cluster_sync();
+void cluster_sync();     // cooperative_groups' cluster.sync(): cluster_arrive(); cluster_wait()
+void cluster_arrive();   // barrier.cluster.arrive.release
+void cluster_wait();     // barrier.cluster.wait.acquire
 unsigned cluster_rank();
 unsigned cluster_size();
 unsigned char* map_shared_rank(const void* local, unsigned rank);
@@ -82,6 +84,8 @@ uint32_t cvt_rna_tf32(float v);
 void cp_async16(void* dst, const void* src);
 void cp_async_wait_all();
 unsigned ld_acquire(const unsigned* p);
+unsigned ld_relaxed(const unsigned* p);
+void st_release(unsigned* p, unsigned v);
 
 // ---- launches with typed arguments ----
 template <typename... Params>

@@ -70,8 +70,8 @@ const char* wait_name(Wait w) {
     case Wait::None: return "running";
     case Wait::SyncThreads: return "__syncthreads";
     case Wait::Warp: return "a warp collective";
-    case Wait::Cluster: return "cluster.sync";
-    case Wait::Spin: return "a spin on ld.acquire";
+    case Wait::Cluster: return "barrier.cluster.wait";
+    case Wait::Spin: return "a spin on ld.acquire / ld.relaxed";
     case Wait::Failed: return "a failure";
   }
   return "?";
@@ -103,7 +103,10 @@ struct Fiber {
   bool done = false;
   Wait wait = Wait::None;
   const unsigned* wait_gen = nullptr;  // waiting for *wait_gen != wait_seen (a local rendezvous): not worth resuming
+  const std::atomic<unsigned>* wait_atomic = nullptr;  // the same for a counter other CTAs advance (a cluster barrier)
   unsigned wait_seen = 0;              // before it changes
+  unsigned cluster_arrivals = 0;       // barrier.cluster.arrive executed so far: the next one is in phase cluster_arrivals
+  bool cluster_pending = false;        // arrived, not yet waited
   std::vector<std::pair<void*, const void*>> async;  // cp.async copies not yet waited for
 };
 
@@ -124,7 +127,8 @@ struct Cta {
   int linear = 0;
   std::vector<Fiber> fibers;
   std::vector<WarpState> warps;
-  Rendezvous bar, cluster_local;
+  Rendezvous bar;
+  int cluster_arrived = 0;  // threads of this CTA arrived in the current phase of the cluster barrier
   Context sched{};
   void* sched_tsan = nullptr;
   void* sched_asan_fake = nullptr;
@@ -138,7 +142,9 @@ struct Cta {
 };
 
 struct ClusterBarrier {
-  std::atomic<unsigned> arrived{0}, gen{0};
+  std::atomic<unsigned> arrived{0};  // CTAs arrived in the current phase
+  std::atomic<unsigned> gen{0};      // phases completed
+  char sync[2] = {};                 // TSan: the sync objects of even and odd phases
 };
 
 struct Grid {
@@ -302,14 +308,17 @@ EMU_FN void fiber_body(Cta* c) {
   std::abort();  // never resumed
 }
 
-EMU_FN void block(Wait why, const unsigned* gen = nullptr, unsigned seen = 0) {
+EMU_FN void block(Wait why, const unsigned* gen = nullptr, unsigned seen = 0,
+                  const std::atomic<unsigned>* atomic_gen = nullptr) {
   Cta* c = t_cta;
   c->cur->wait = why;
   c->cur->wait_gen = gen;
+  c->cur->wait_atomic = atomic_gen;
   c->cur->wait_seen = seen;
   suspend(c, false);
   c->cur->wait = Wait::None;
   c->cur->wait_gen = nullptr;
+  c->cur->wait_atomic = nullptr;
 }
 
 // Records the first failure of the launch, cancels it, and parks this fiber for good.
@@ -376,7 +385,6 @@ EMU_FN void run_cta(Grid& g, Cta& c) {
   c.warps.resize((n + 31) / 32);
   for (size_t w = 0; w < c.warps.size(); ++w) c.warps[w].bar.expected = std::min(32, n - static_cast<int>(w) * 32);
   c.bar.expected = n;
-  c.cluster_local.expected = n;
 #if EMU_TSAN
   c.sched_tsan = __tsan_get_current_fiber();
   __tsan_release(&c.start_sync);
@@ -406,8 +414,9 @@ EMU_FN void run_cta(Grid& g, Cta& c) {
     live = 0;
     for (Fiber& f : c.fibers) {
       if (f.done) continue;
-      if (f.wait_gen != nullptr && *f.wait_gen == f.wait_seen) {  // still blocked: skip the two switches
-        ++live;
+      if ((f.wait_gen != nullptr && *f.wait_gen == f.wait_seen) ||
+          (f.wait_atomic != nullptr && f.wait_atomic->load(std::memory_order_relaxed) == f.wait_seen)) {
+        ++live;  // still blocked: skip the two switches
         all_local = all_local && (f.wait == Wait::SyncThreads || f.wait == Wait::Warp);
         continue;
       }
@@ -696,33 +705,52 @@ EMU_FN void syncwarp() { warp_collective(nullptr, 0, nullptr, 0, nullptr, nullpt
 
 EMU_FN void yield_spin() { block(Wait::Spin); }
 
-EMU_FN void cluster_sync() {
+// barrier.cluster.arrive / barrier.cluster.wait. Phase k of a cluster's barrier completes when every thread of
+// its CTAs has arrived k+1 times (ClusterBarrier::gen counts completed phases); a thread's k-th arrive belongs to
+// phase k. Arrive and wait alternate per thread, so no thread arrives in phase k+1 before phase k completed: one
+// arrival counter per CTA and one per cluster suffice. ThreadSanitizer: arrive releases into the phase's sync object
+// and wait acquires from it -- exactly the edges of .release / .acquire, no more (two objects by parity: a thread
+// arriving in phase k+2 has waited for phase k+1, which follows every wait for phase k).
+EMU_FN void cluster_arrive() {
   Cta& c = cta();
   Grid& g = *c.grid;
+  Fiber& f = *c.cur;
+  if (f.cluster_pending) fail("barrier.cluster.arrive twice without a barrier.cluster.wait between");
   ClusterBarrier& cb = g.cluster_bars[c.linear / g.cluster];
+  const unsigned phase = f.cluster_arrivals++;
+  f.cluster_pending = true;
 #if EMU_TSAN
-  __tsan_release(&cb);
+  __tsan_release(&cb.sync[phase & 1]);
 #endif
-  Rendezvous& r = c.cluster_local;
-  const unsigned local_gen = r.gen;
-  if (++r.arrived == r.expected) {  // this CTA is complete: the last thread meets the other CTAs
-    const unsigned gen = cb.gen.load(std::memory_order_acquire);
+  if (++c.cluster_arrived == c.bar.expected) {  // this CTA's last thread: the CTA has arrived
+    c.cluster_arrived = 0;
+    ++c.local_releases;
     if (cb.arrived.fetch_add(1, std::memory_order_acq_rel) + 1 == static_cast<unsigned>(g.cluster)) {
       cb.arrived.store(0, std::memory_order_relaxed);
-      cb.gen.fetch_add(1, std::memory_order_release);
+      cb.gen.store(phase + 1, std::memory_order_release);
       g_progress.fetch_add(1, std::memory_order_relaxed);
-    } else {
-      while (cb.gen.load(std::memory_order_acquire) == gen) block(Wait::Cluster);
     }
-    r.arrived = 0;
-    ++r.gen;
-    ++c.local_releases;
-  } else {
-    while (r.gen == local_gen) block(Wait::Cluster, &r.gen, local_gen);
   }
+}
+
+EMU_FN void cluster_wait() {
+  Cta& c = cta();
+  Grid& g = *c.grid;
+  Fiber& f = *c.cur;
+  if (!f.cluster_pending) fail("barrier.cluster.wait without a barrier.cluster.arrive before it");
+  ClusterBarrier& cb = g.cluster_bars[c.linear / g.cluster];
+  const unsigned phase = f.cluster_arrivals - 1;
+  while (cb.gen.load(std::memory_order_acquire) == phase) block(Wait::Cluster, nullptr, phase, &cb.gen);
+  f.cluster_pending = false;
 #if EMU_TSAN
-  __tsan_acquire(&cb);
+  __tsan_acquire(&cb.sync[phase & 1]);
 #endif
+}
+
+// cooperative_groups' cluster.sync(): arrive (release) and wait (acquire).
+EMU_FN void cluster_sync() {
+  cluster_arrive();
+  cluster_wait();
 }
 
 EMU_FN unsigned cluster_size() { return static_cast<unsigned>(cta().grid->cluster); }
@@ -886,10 +914,23 @@ void cp_async_wait_all() {
   c.cur->async.clear();
 }
 
+// Instrumented (not EMU_FN): ThreadSanitizer sees these as the atomics they are, and derives happens-before only
+// from a release store read by an acquire load -- a relaxed poll orders nothing, as on the GPU.
 unsigned ld_acquire(const unsigned* p) {
   const unsigned v = std::atomic_ref<unsigned>(*const_cast<unsigned*>(p)).load(std::memory_order_acquire);
   yield_spin();
   return v;
+}
+
+unsigned ld_relaxed(const unsigned* p) {
+  const unsigned v = std::atomic_ref<unsigned>(*const_cast<unsigned*>(p)).load(std::memory_order_relaxed);
+  yield_spin();
+  return v;
+}
+
+void st_release(unsigned* p, unsigned v) {
+  std::atomic_ref<unsigned>(*p).store(v, std::memory_order_release);
+  note_progress();
 }
 
 namespace detail {

@@ -61,7 +61,8 @@ std::vector<T> random_vec(size_t n, float scale, std::mt19937& rng) {
 }
 
 // Plans for a small GPU (few SMs, little shared memory), so that tiny layers -- affordable under TSan -- still
-// spread over several CTAs and clusters of several CTAs.
+// spread over several CTAs, batch groups (lstm backward: 2 x 3 CTAs), several chunks per CTA (rnn_tanh: 17 rows in
+// chunks of 8) and clusters of several CTAs.
 
 struct LayerResult {
   std::vector<float> y, grad_xg;
@@ -70,7 +71,7 @@ struct LayerResult {
 // One persistent forward + backward of `cell` (0 lstm, 1 gru, 2 rnn_tanh) on exchange `ex`.
 template <typename T>
 LayerResult persistent_layer(Exchange ex, int cell, int T_, int B, int H, bool reverse, const DeviceLimits& lim,
-                             int* ctas_fwd, int* ctas_bwd) {
+                             PersistentPlan* plan_fwd, PersistentPlan* plan_bwd) {
   std::mt19937 rng(1234);
   const int G = cell == 0 ? 4 : cell == 1 ? 3 : 1;
   const int W = cell == 0 ? 5 * H : cell == 1 ? 4 * H : 0;
@@ -79,8 +80,8 @@ LayerResult persistent_layer(Exchange ex, int cell, int T_, int B, int H, bool r
   check(why.empty(), "forward plan: " + why);
   why = plan_persistent(ex, true, cell, dtype_of<T>(), B, H, lim, &pb);
   check(why.empty(), "backward plan: " + why);
-  *ctas_fwd = pf.ctas;
-  *ctas_bwd = pb.ctas;
+  *plan_fwd = pf;
+  *plan_bwd = pb;
   std::vector<int64_t> lengths(B);
   for (int b = 0; b < B; ++b) lengths[b] = b == 1 ? 0 : T_ - (b % T_);
   auto x_gates = random_vec<T>(static_cast<size_t>(T_) * B * G * H, 1.f, rng);
@@ -89,7 +90,7 @@ LayerResult persistent_layer(Exchange ex, int cell, int T_, int B, int H, bool r
   std::vector<float> h_state(static_cast<size_t>(B) * H, 0.1f), c_state(static_cast<size_t>(B) * H, -0.2f);
   std::vector<T> y(static_cast<size_t>(T_) * B * H), ws(static_cast<size_t>(T_) * B * std::max(W, 1)), h_n(B * H), c_n(B * H);
   std::vector<T> exchange(static_cast<size_t>(2) * B * std::max(pf.k_padded, pb.k_padded), from_float<T>(0.f));
-  unsigned barrier = 0;
+  std::vector<unsigned> flags(static_cast<size_t>(std::max(pf.groups * pf.ctas, pb.groups * pb.ctas)), 0u);
 
   PersistentForward f{};
   f.cell = cell;
@@ -108,7 +109,7 @@ LayerResult persistent_layer(Exchange ex, int cell, int T_, int B, int H, bool r
   f.h_n = h_n.data();
   f.c_n = cell == 0 ? c_n.data() : nullptr;
   f.exchange = exchange.data();
-  f.barrier = &barrier;
+  f.flags = flags.data();
   cudaError_t err = launch_persistent_forward(ex, dtype_of<T>(), pf, f, nullptr);
   check(err == cudaSuccess, std::string("persistent forward: ") + cudaGetErrorString(err));
 
@@ -119,7 +120,7 @@ LayerResult persistent_layer(Exchange ex, int cell, int T_, int B, int H, bool r
   std::vector<T> grad_xg(static_cast<size_t>(T_) * B * G * H), grad_hg(static_cast<size_t>(T_) * B * G * H), grad_h0(B * H),
       grad_c0(B * H);
   std::fill(exchange.begin(), exchange.end(), from_float<T>(0.f));
-  barrier = 0;
+  std::fill(flags.begin(), flags.end(), 0u);
   PersistentBackward p{};
   p.cell = cell;
   p.T = T_;
@@ -140,7 +141,7 @@ LayerResult persistent_layer(Exchange ex, int cell, int T_, int B, int H, bool r
   p.grad_h0 = grad_h0.data();
   p.grad_c0 = cell == 0 ? grad_c0.data() : nullptr;
   p.exchange = exchange.data();
-  p.barrier = &barrier;
+  p.flags = flags.data();
   err = launch_persistent_backward(ex, dtype_of<T>(), pb, p, nullptr);
   check(err == cudaSuccess, std::string("persistent backward: ") + cudaGetErrorString(err));
 
@@ -159,15 +160,17 @@ float max_diff(const std::vector<float>& a, const std::vector<float>& b) {
 template <typename T>
 void persistent_case(const char* name, int cell, int T_, int B, int H, bool reverse, DeviceLimits lim, float tol) {
   const auto start = std::chrono::steady_clock::now();
-  int gf, gb, cf, cb;
+  PersistentPlan gf, gb, cf, cb;
   LayerResult grid = persistent_layer<T>(Exchange::Grid, cell, T_, B, H, reverse, lim, &gf, &gb);
   LayerResult cluster = persistent_layer<T>(Exchange::Cluster, cell, T_, B, H, reverse, lim, &cf, &cb);
   const float dy = max_diff(grid.y, cluster.y), dg = max_diff(grid.grad_xg, cluster.grad_xg);
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("%-34s grid %2d/%2d CTAs, cluster %2d/%2d CTAs: |y| diff %.2g, |grad| diff %.2g  (%.1f s)\n", name, gf,
-              gb, cf, cb, dy, dg, s);
+  // groups x CTAs (forward rows per group / chunk)
+  std::printf("%-34s grid %dx%d (%d/%d) / %dx%d, cluster %dx%d / %dx%d: |y| diff %.2g, |grad| diff %.2g  (%.1f s)\n",
+              name, gf.groups, gf.ctas, gf.group_rows, gf.chunk, gb.groups, gb.ctas, cf.groups, cf.ctas, cb.groups, cb.ctas,
+              dy, dg, s);
   check(dy <= tol && dg <= tol, std::string(name) + ": the grid and cluster exchanges disagree");
-  check(gf > 1 && gb > 1 && cf > 1, std::string(name) + ": meant to run multi-CTA grids and clusters");
+  check(gf.ctas > 1 && gb.ctas > 1 && cf.ctas > 1, std::string(name) + ": meant to run multi-CTA grids and clusters");
 }
 
 void alternating_case() {
@@ -302,8 +305,8 @@ int main(int argc, char** argv) {
   }
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   persistent_case<__half>("persistent lstm fp16 T3-B9-H40 rev", 0, 3, 9, 40, true, {6, 40 * 1024, 9}, 2e-2f);
-  persistent_case<__nv_bfloat16>("persistent gru bf16 T3-B5-H40", 1, 3, 5, 40, false, {4, 32 * 1024, 9}, 1e-1f);
-  persistent_case<float>("persistent rnn_tanh tf32 T3-B17-H40", 2, 3, 17, 40, true, {4, 24 * 1024, 9}, 1e-2f);
+  persistent_case<__nv_bfloat16>("persistent gru bf16 T3-B5-H40", 1, 3, 5, 40, false, {4, 34 * 1024, 9}, 1e-1f);
+  persistent_case<float>("persistent rnn_tanh tf32 T3-B17-H40", 2, 3, 17, 40, true, {4, 20 * 1024, 9}, 1e-2f);  // chunks of 8 rows
   alternating_case();
   beam_case(4, 2, 3000, 64);
   beam_case(2, 2, 300, 128);

@@ -33,6 +33,7 @@ class Mutation:
     new: str
     tests: str         # pytest -k expression over the cuda-emu tests that should see it
     tsan: bool = False  # also run the TSan harness
+    more: tuple = ()    # further (old, new) replacements in the same file
 
 
 MUTATIONS = [
@@ -46,13 +47,21 @@ MUTATIONS = [
     Mutation("no-cp-async-wait", "cp.async issued, never waited for", "cuda/rnn_persistent.cu",
              "  ptx::cp_async_wait_all();\n  __syncthreads();\n}", "  __syncthreads();\n}",
              "test_layer_matches_reference and persistent and fp16"),
-    Mutation("grid-barrier-no-wait", "grid barrier that does not wait for the other CTAs", "cuda/rnn_persistent.cu",
-             "    } while (seen < target);", "    } while (false && seen < target);",
+    Mutation("grid-barrier-no-wait", "grid exchange that does not wait for the other CTAs' flags", "cuda/rnn_persistent.cu",
+             "  if (static_cast<int>(threadIdx.x) < ctas) {  // the planner keeps ctas <= kThreads",
+             "  if (false && static_cast<int>(threadIdx.x) < ctas) {  // the planner keeps ctas <= kThreads",
              "test_odd_shapes and persistent and H129 and fp16", tsan=True),
-    Mutation("cluster-publish-no-barrier", "cluster publish without its cluster.sync", "cuda/rnn_persistent.cu",
-             "      *cluster.map_shared_rank(reinterpret_cast<uint4*>(local), rank) = val;\n    }\n    cluster.sync();",
-             "      *cluster.map_shared_rank(reinterpret_cast<uint4*>(local), rank) = val;\n    }",
-             "test_odd_shapes and cluster and H129 and fp16", tsan=True),
+    Mutation("grid-poll-no-acquire", "grid flags polled with relaxed loads only (the acquire load dropped)",
+             "cuda/rnn_persistent.cu",
+             "    while (ptx::ld_acquire_gpu(f) < epochs) {  // once: the flag only grows\n    }\n", "",
+             "test_odd_shapes and persistent and H129 and fp16", tsan=True),
+    Mutation("cluster-read-before-wait", "cluster forward reads the exchanged h before its barrier.cluster.wait",
+             "cuda/rnn_persistent.cu",
+             "        if (s > 0) ptx::cluster_wait_acquire();\n", "",
+             "test_odd_shapes and cluster and H129 and fp16", tsan=True,
+             more=(("      // 3. Publish h_t (epoch s + 1)",
+                    "      if constexpr (kCluster) {\n        if (s > 0) ptx::cluster_wait_acquire();\n      }\n"
+                    "      // 3. Publish h_t (epoch s + 1)"),)),
     Mutation("lengths-off-by-one", "lengths mask t <= len instead of t < len", "cuda/rnn_device.cuh",
              "return lengths == nullptr || t < lengths[b];", "return lengths == nullptr || t <= lengths[b];",
              "test_layer_matches_reference and lengths and fp32"),
@@ -148,8 +157,10 @@ def main(argv=None) -> int:
             shutil.copytree(ROOT / "csrc", src)
             path = src / m.file
             text = path.read_text()
-            assert text.count(m.old) == 1, f"{m.name}: the original text is not found once in {m.file}"
-            path.write_text(text.replace(m.old, m.new))
+            for old, new in ((m.old, m.new), *m.more):
+                assert text.count(old) == 1, f"{m.name}: the original text is not found once in {m.file}"
+                text = text.replace(old, new)
+            path.write_text(text)
             tus = [KERNEL_TUS[m.file]] if KERNEL_TUS[m.file] else ["rnn_persistent_emu", "rnn_pointwise_emu"]
             lib = tree / "libmutant.so"
             build_library(src, tus, lib)
