@@ -266,6 +266,19 @@ def test_emulated_shapes_take_multi_cta_plans():
         assert chunks["groups"] == 1 and chunks["chunk"] < chunks["group_rows"] == 33
         assert fields("persistent", "backward", "lstm", dtype, 33, 300)["groups"] == 5
 
+    # Both stagings of the grid exchange run here. The kernel stages each producer's slice as its flag arrives
+    # where a CTA's units are whole 16-byte pieces (rnn_persistent.cu: slices_stageable), else all rows after
+    # the last flag: rows for the fp16 forward of test_odd_shapes' H=129 (4 units x 2 bytes), slices for its
+    # fp32 forward and every backward (units a multiple of 16); slices with a second chunk staged by rows in
+    # test_grid_chunks_and_groups' fp32 forward.
+    def piece_bytes(direction, dtype, B, H):
+        return fields("persistent", direction, "lstm", dtype, B, H)["units"] * (4 if dtype == torch.float32 else 2)
+    assert piece_bytes("forward", torch.float16, 9, 129) % 16 != 0
+    assert piece_bytes("forward", torch.float32, 9, 129) % 16 == 0
+    assert piece_bytes("forward", torch.float32, 33, 300) % 16 == 0
+    for dtype in DTYPES.values():
+        assert piece_bytes("backward", dtype, 9, 129) % 16 == 0
+
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

@@ -8,8 +8,10 @@
 // A stays in shared memory for the whole launch (loaded once). B is all of h (or of the gate gradients) and
 // changes every step: each CTA publishes its slice and waits for everyone else's:
 //   grid      slices go to a double-buffered [2, B, K] buffer in global memory (L2); each CTA then release-stores
-//             its own step flag, and reads B after seeing every CTA's flag (cooperative launch: all CTAs are
-//             co-resident, the spin cannot hang), staging the chunk it needs into shared memory with cp.async;
+//             its own step flag; the threads watching producer r stage r's slice of the first chunk into shared
+//             memory (cp.async) as soon as r's flag is acquired (cooperative launch: all CTAs are co-resident,
+//             the spin cannot hang); further chunks, and plans whose slices are not whole 16-byte pieces, stage
+//             whole rows after the last flag;
 //   cluster   (sm_90) slices are written straight into every CTA's shared-memory copy of B through distributed
 //             shared memory; a split cluster barrier: arrive (release) right after the copies, wait (acquire)
 //             just before the next MMA reads them.
@@ -23,14 +25,17 @@
 //
 // One step, C CTAs per group, b batch rows per group, u units per CTA, e bytes per element (2; fp32: 4), K = H
 // forward and G*H backward; "trip" = one L2 round trip:
-//   grid      wait: thread r polls flag r with relaxed loads (LDG.STRONG.GPU: no fence, no L1 invalidation; the C
-//             flags are C/32 coalesced loads per trip), then one acquire load (1 trip, one CCTL.IVALL); stage b x K
-//             elements (b*K*e bytes) from L2 by cp.async (1 trip + bandwidth); MMA + cell; publish: b*u*e bytes
+//   grid      wait: the threads of producer r poll flag r with relaxed loads (LDG.STRONG.GPU: no fence, no L1
+//             invalidation), then one acquire load (1 trip, one CCTL.IVALL), then stage r's b*u*e bytes by cp.async
+//             (1 trip): early producers' slices load while late ones compute, so of the b*K*e bytes every CTA reads
+//             (the aggregate L2 read, the largest term at LSTM fp16 H=768 B=16) only what exceeds the producers'
+//             spread stays on the critical path (docs/latency_model.md); MMA + cell; publish: b*u*e bytes
 //             of h (gate gradients: b*G*u*e) to L2, bar.sync, one st.release.gpu (MEMBAR.ALL.GPU: waits for those
 //             stores only, ~1 trip; no SC fence, no central counter); then, off the critical path while the
 //             others catch up, y and the workspace rows (backward: grad_xg / grad_hg) and the next step's
-//             x_gates into registers (parked in shared memory once the wait is over). Critical path ~4-5 trips in sequence: h stores acknowledged (the release),
-//             flag store reaches L2, a poll returns it, the acquire load, the staging load.
+//             x_gates into registers (parked in shared memory once the wait is over). Critical path ~4-5 trips in
+//             sequence: h stores acknowledged (the release), flag store reaches L2, a poll returns it, the acquire
+//             load, the last slice's load.
 //   cluster   MMA + cell; publish: b*u*e bytes of h (b*G*u*e gate gradients) into each of the C CTAs' shared
 //             memory (DSMEM), arrive.release (MEMBAR.ALL.GPU over those stores only), the off-path stores and
 //             loads as above, wait.acquire. No L2 trip on the critical path.
@@ -189,6 +194,43 @@ __device__ __forceinline__ void wait_flags(const unsigned* flags, int ctas, unsi
     while (ptx::ld_acquire_gpu(f) < epochs) {  // once: the flag only grows
     }
   }
+  __syncthreads();
+}
+
+// Grid exchange, the first batch chunk of a step: the wait and the staging in one. Producer r's part of a row is
+// `segs` runs of `units` elements at columns seg * seg_stride + r * units; the threads of producer r (kThreads /
+// ctas of them) poll its flag, acquire it, and at once stage its runs of the chunk's rows by cp.async. The slices
+// of early producers load while late ones are still computing, so after the last flag lands one acquire and one
+// slice load remain on the critical path instead of the whole b x K read of h (every CTA's stage together: 2.4 MB,
+// ~0.43 us of L2 bandwidth per step at LSTM fp16 H=768 B=16; docs/latency_model.md). Needs units * sizeof(T) a
+// multiple of 16 (`slices_stageable`); the columns past every producer's (padding) are never written here, so the
+// caller zeroes shared memory once and stage_rows (later chunks) copies the exchange buffer's zeros into them.
+template <typename T>
+__device__ __forceinline__ bool slices_stageable(int units) {
+  return units * static_cast<int>(sizeof(T)) % 16 == 0;
+}
+
+template <typename T>
+__device__ __forceinline__ void wait_and_stage_slices(const unsigned* flags, int ctas, unsigned epochs, int units,
+                                                      int segs, int seg_stride, unsigned char* dst, int b_stride,
+                                                      const T* src, int rows, int row_elems) {
+  const int per_producer = kThreads / ctas;  // >= 1: the planner keeps ctas <= kThreads
+  const int producer = static_cast<int>(threadIdx.x) % ctas, part = static_cast<int>(threadIdx.x) / ctas;
+  if (part < per_producer) {
+    const unsigned* f = flags + producer;
+    while (ptx::ld_relaxed_gpu(f) < epochs) {
+    }
+    while (ptx::ld_acquire_gpu(f) < epochs) {  // once; then this producer's slice
+    }
+    const int vecs = units * static_cast<int>(sizeof(T)) / 16, pieces = rows * segs * vecs;
+    for (int i = part; i < pieces; i += per_producer) {
+      const int v = i % vecs, seg = i / vecs % segs, r = i / (vecs * segs);
+      const int col = seg * seg_stride + producer * units;
+      ptx::cp_async_cg_16(dst + r * b_stride + col * static_cast<int>(sizeof(T)) + v * 16,
+                          reinterpret_cast<const unsigned char*>(src + static_cast<int64_t>(r) * row_elems + col) + v * 16);
+    }
+  }
+  ptx::cp_async_wait_all();
   __syncthreads();
 }
 
@@ -447,6 +489,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     T* exchange = static_cast<T*>(p.exchange);
     const int64_t exchange_step = static_cast<int64_t>(B) * plan.k_padded;
     unsigned* flags = kCluster ? nullptr : p.flags + cta.group * plan.ctas;  // this group's
+    const bool slices = !kCluster && slices_stageable<T>(units);
 
     float h[kSlots], c[kSlots];  // the state of the thread's items, for all T steps
 #pragma unroll
@@ -471,6 +514,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       cluster_sync_all();  // every CTA's buffers are initialised before anyone writes into them
     } else {  // epoch 0: exchange buffer 0 = h0, this CTA's columns
+      if (slices) zero_smem(cta.sB, plan.smem_b);  // the padding columns no slice covers (ordered by the wait's bar.sync)
 #pragma unroll
       for (int i = 0; i < kSlots; ++i) {
         if (sl.owns(i)) {
@@ -493,6 +537,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       // 1. Wait for h_{t-1} (epoch s) of every CTA; meanwhile this step's x_gates arrive.
       if constexpr (kCluster) {
         if (s > 0) ptx::cluster_wait_acquire();
+      } else if (slices) {
+        wait_and_stage_slices<T>(flags, plan.ctas, s + 1, units, 1, 0, cta.sB, plan.b_stride,
+                                 exchange + (s & 1) * exchange_step + static_cast<int64_t>(cta.b_begin) * plan.k_padded,
+                                 min(plan.chunk, cta.b_end - cta.b_begin), plan.k_padded);
       } else {
         wait_flags(flags, plan.ctas, s + 1);
       }
@@ -505,8 +553,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         if constexpr (kCluster) {
           sB_chunk = cta.sB + (s & 1) * plan.chunk * plan.b_stride;
         } else {
-          stage_rows<T>(cta.sB, plan.b_stride, exchange + (s & 1) * exchange_step + static_cast<int64_t>(b0) * plan.k_padded,
-                        rows, plan.k_padded);
+          if (!slices || b0 != cta.b_begin) {  // the first chunk came with the wait
+            stage_rows<T>(cta.sB, plan.b_stride, exchange + (s & 1) * exchange_step + static_cast<int64_t>(b0) * plan.k_padded,
+                          rows, plan.k_padded);
+          }
           sB_chunk = cta.sB;
         }
         cta.chunk_mma<T>(plan, sB_chunk, rows, G * units);
@@ -629,6 +679,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     T* exchange = static_cast<T*>(p.exchange);
     const int64_t exchange_step = static_cast<int64_t>(B) * plan.k_padded;
     unsigned* flags = kCluster ? nullptr : p.flags + cta.group * plan.ctas;  // this group's
+    const bool slices = !kCluster && slices_stageable<T>(units);
 
     float grad_h[kSlots], grad_c[kSlots];  // dL/dh_t, dL/dc_t of the thread's items, carried over all steps
 #pragma unroll
@@ -647,6 +698,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       zero_smem(static_cast<unsigned char*>(cta.stage), plan.smem_stage);
       cluster_sync_all();
     } else {
+      if (slices) zero_smem(cta.sB, plan.smem_b);  // the padding columns no slice covers
       __syncthreads();
     }
 
@@ -731,6 +783,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       // 4. Wait for every CTA's gate gradients.
       if constexpr (kCluster) {
         ptx::cluster_wait_acquire();
+      } else if (slices) {
+        wait_and_stage_slices<T>(flags, plan.ctas, bs + 1, units, G, HP, cta.sB, plan.b_stride,
+                                 exchange + (bs & 1) * exchange_step + static_cast<int64_t>(cta.b_begin) * plan.k_padded,
+                                 min(plan.chunk, cta.b_end - cta.b_begin), plan.k_padded);
       } else {
         wait_flags(flags, plan.ctas, bs + 1);
       }
@@ -741,8 +797,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         if constexpr (kCluster) {
           sB_chunk = cta.sB + (bs & 1) * plan.chunk * plan.b_stride;
         } else {
-          stage_rows<T>(cta.sB, plan.b_stride, exchange + (bs & 1) * exchange_step + static_cast<int64_t>(b0) * plan.k_padded,
-                        rows, plan.k_padded);
+          if (!slices || b0 != cta.b_begin) {  // the first chunk came with the wait
+            stage_rows<T>(cta.sB, plan.b_stride, exchange + (bs & 1) * exchange_step + static_cast<int64_t>(b0) * plan.k_padded,
+                          rows, plan.k_padded);
+          }
           sB_chunk = cta.sB;
         }
         cta.chunk_mma<T>(plan, sB_chunk, rows, units);

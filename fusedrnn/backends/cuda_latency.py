@@ -16,10 +16,13 @@ One step, per path (the terms of `step_estimate`):
                         tensor-core throughput and its dependency chain (K / (16 * warps_k) MMAs in a row)
               reduce    split-K partial sums through shared memory (when warps_k > 1)
               pointwise the cell math of the CTA's (b, j) items
-              publish   the CTA's h slice to L2 (half a round trip to land), flag/tag release
-              wait      the consumers' acquire poll: one L2 round trip after the last producer lands, plus
-                        the skew of the last of many producers
-              stage     every CTA loads all of h (B x K) from L2: all CTAs at once, bounded by L2 bandwidth
+              publish   the CTA's h stores acknowledged (MEMBAR.ALL.GPU), then its step flag lands in L2
+              wait      the consumers' relaxed poll returns the last flag, one acquire load, plus the skew of
+                        the last of many producers
+              stage     every CTA loads all of h (B x K) from L2, bounded by L2 bandwidth: after the wait (rows
+                        staging), or slice by slice as each producer's flag is seen (slices staging, as built
+                        where a CTA's slice is whole 16-byte pieces), which hides the read behind the spread
+                        of the producers' landings and leaves the last slice's round trip
   cluster     mma, reduce, pointwise as above; publish = the slice written into every CTA of the cluster
               through DSMEM; barrier = split arrive.release / wait.acquire (no L2 on the critical path)
   alternating one cuBLAS GEMM and one pointwise kernel per step: two dependent kernels, each paying the
@@ -63,6 +66,7 @@ class Hopper:
     cluster_split_barrier_us: float = 0.35  # assumption: below cluster.sync's 0.6 us (no SC fence, no L1 inval.)
     grid_skew_us: float = 0.1             # assumption: the last of many producers lands this much after the mean
     grid_skew_ns_per_cta: float = 1.0     # assumption: ...plus this per CTA (consumers check every producer)
+    #                                       and the first lands as much before the mean (a symmetric spread)
     kernel_gap_us: float = 1.0            # assumption: GPU-side gap between two dependent kernels on a stream
     cublas_min_us: float = 2.5            # assumption: a latency-bound small cuBLAS GEMM
     pointwise_kernel_us: float = 1.5      # assumption: a small elementwise kernel, launch to completion
@@ -86,6 +90,7 @@ class Estimate:
     parts: dict = field(default_factory=dict)
     plan: Optional[dict] = None
     refused: Optional[str] = None
+    barrier: Optional[str] = None  # the grid exchange's design the estimate assumes (persistent path)
 
     def total_us(self, seq_len: int) -> float:
         return self.fixed_us + seq_len * self.per_step_us
@@ -117,12 +122,28 @@ def _elem(dtype: torch.dtype) -> int:
     return 4 if dtype == torch.float32 else 2
 
 
+# The grid exchange's synchronisation designs (step_estimate's `barrier`):
+#   built   what csrc/cuda/rnn_persistent.cu does: "slices" where a CTA's slice is whole 16-byte pieces
+#           (slices_stageable: units * element size % 16 == 0), else "flags"
+#   slices  per-CTA step flags; each producer's slice staged as soon as its flag is acquired
+#   flags   per-CTA step flags (a release store after MEMBAR.ALL.GPU, a relaxed poll, one acquire load), then
+#           all of h staged after the last flag
+#   sc      the grid barrier before issue #17: two SC fences, a central counter, a poll that invalidates L1
+#   tag     not built: the step tag inside the published h (readers poll the data itself, no flag), at the
+#           price of wider exchanged words
+BARRIERS = ("built", "slices", "flags", "sc", "tag")
+
+
+def slices_stageable(units: int, dtype: torch.dtype) -> bool:
+    """csrc/cuda/rnn_persistent.cu's slices_stageable: a producer's slice of a row is whole 16-byte pieces."""
+    return units * _elem(dtype) % 16 == 0
+
+
 def step_estimate(path: str, cell: str, hidden: int, batch: int, dtype: torch.dtype, direction: str,
-                  hw: Hopper = H100, barrier: str = "release-acquire") -> Estimate:
-    """The estimate of one path (module doc). barrier: "release-acquire" (issue #17's target: the step tag in
-    the published data, one round trip), "flags" (per-CTA step flags: a release store after MEMBAR.ALL.GPU,
-    a relaxed poll, one acquire load, then the staging loads) or "sc" (the grid barrier before issue #17: two
-    SC fences, a central counter, a poll that invalidates L1)."""
+                  hw: Hopper = H100, barrier: str = "built") -> Estimate:
+    """The estimate of one path (module doc); `barrier`: one of BARRIERS (the grid exchange's design)."""
+    if barrier not in BARRIERS:
+        raise ValueError(f"barrier must be one of {BARRIERS}, got {barrier!r}")
     G, elem = GATES[cell], _elem(dtype)
     H, B = hidden, batch
     backward = direction == "backward"
@@ -154,30 +175,39 @@ def step_estimate(path: str, cell: str, hidden: int, batch: int, dtype: torch.dt
     exchanged = batch_per_group * k_padded * elem                # bytes of h (or gate gradients) each CTA needs
     rt = hw.us(hw.l2_round_trip_cycles)
     if path == "persistent":
-        all_ctas_bytes = ctas * groups * exchanged
-        parts["stage"] = all_ctas_bytes / (hw.l2_bandwidth_tb_s * 1e6)
+        if barrier == "built":
+            barrier = "slices" if slices_stageable(units, dtype) else "flags"
+        aggregate = ctas * groups * exchanged / (hw.l2_bandwidth_tb_s * 1e6)  # every CTA's stage, at L2 bandwidth
+        skew = hw.grid_skew_us + ctas * hw.grid_skew_ns_per_cta * 1e-3
         if barrier == "sc":
             parts["barrier"] = 2 * hw.sc_fence_us + ctas * hw.atomic_arrival_ns * 1e-3 + 2 * rt
-            parts["stage"] += rt
-        elif barrier == "flags":  # per-CTA step flags as built on branch `persist` (its header: 4-5 round trips)
-            parts["publish"] = 1.5 * rt  # MEMBAR.ALL.GPU before the flag store, then the store lands
-            parts["wait"] = 2 * rt + hw.grid_skew_us + ctas * hw.grid_skew_ns_per_cta * 1e-3  # poll + acquire load
-            parts["stage"] += rt
-        else:
+            parts["stage"] = rt + aggregate
+        elif barrier in ("flags", "slices"):
+            parts["publish"] = 1.5 * rt  # MEMBAR.ALL.GPU waits for the h stores' acks, then the flag store lands
+            parts["wait"] = 2 * rt + skew  # the poll returns the last flag, then the acquire load
+            if barrier == "flags":
+                parts["stage"] = rt + aggregate
+            else:  # the first chunk's slices load as the producers land, spread over 2 x skew; what does not fit
+                # stays after, and later chunks (when a CTA's rows exceed one) are staged whole as before
+                first = aggregate / n_chunks
+                parts["stage"] = rt + max(0.0, first - 2 * skew) + (aggregate - first)
+        else:  # tag: 3 16-bit values + a 16-bit tag per 64-bit word (fp32: one value + a 32-bit tag); the data
+            # poll is per producer, so it overlaps like slices, with the wider words
             parts["publish"] = 0.5 * rt
-            parts["wait"] = rt + hw.grid_skew_us + ctas * hw.grid_skew_ns_per_cta * 1e-3
-            parts["stage"] += 0.5 * rt  # the data poll's extra half trip (tag in the data: no separate flag load)
+            parts["wait"] = rt + skew
+            wide = aggregate * (2.0 if elem == 4 else 4.0 / 3.0)
+            parts["stage"] = 0.5 * rt + max(0.0, wide / n_chunks - 2 * skew) + wide * (n_chunks - 1) / n_chunks
     else:  # cluster: every CTA writes its slice into all CTAs of its cluster
         slice_bytes = batch_per_group * units * G ** (1 if backward else 0) * elem
         parts["publish"] = hw.us(hw.dsmem_latency_cycles + ctas * slice_bytes / hw.dsmem_bytes_per_cycle)
         parts["barrier"] = hw.cluster_split_barrier_us if barrier != "sc" else 0.6
     weight_bytes = G * H * H * elem
     fixed = hw.launch_us + weight_bytes / (hw.hbm_tb_s * 1e6)
-    return Estimate(path, sum(parts.values()), fixed, parts, plan)
+    return Estimate(path, sum(parts.values()), fixed, parts, plan, barrier=barrier if path == "persistent" else None)
 
 
 def estimates(cell: str, hidden: int, batch: int, dtype: torch.dtype, direction: str, hw: Hopper = H100,
-              barrier: str = "release-acquire") -> dict:
+              barrier: str = "built") -> dict:
     return {p: step_estimate(p, cell, hidden, batch, dtype, direction, hw, barrier)
             for p in ("cluster", "persistent", "alternating")}
 
@@ -218,15 +248,15 @@ def table(cells=("lstm", "gru"), hiddens=(256, 512, 768, 1024, 2048), batches=(1
 
 def explain(cell: str, hidden: int, batch: int, dtype: torch.dtype, direction: str, hw: Hopper = H100) -> str:
     out = [f"{cell} H={hidden} B={batch} {dtype} {direction} on an H100 (model, not a measurement):"]
-    for barrier in ("release-acquire", "flags", "sc"):
+    for barrier in BARRIERS:
         for p, e in estimates(cell, hidden, batch, dtype, direction, hw, barrier).items():
-            if p == "alternating" and barrier != "release-acquire":
+            if p != "persistent" and barrier != "built":
                 continue
             if e.refused:
                 out.append(f"  {p:<11} refused: {e.refused}")
                 continue
             terms = " + ".join(f"{k} {v:.3f}" for k, v in e.parts.items())
-            label = p if p == "alternating" else f"{p} [{barrier}]"
+            label = f"{p} [{barrier}{' = ' + e.barrier if barrier != e.barrier and e.barrier else ''}]" if p == "persistent" else p
             out.append(f"  {label:<30} {e.per_step_us:.2f} us/step = {terms}; once {e.fixed_us:.2f} us; plan {e.plan}")
     anchor = CUDNN_ANCHOR_US.get((cell, hidden, batch, str(dtype).replace("torch.", ""), direction))
     if anchor:
