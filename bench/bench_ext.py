@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import fusedrnn
+from fusedrnn.bench.timing import median_ms
 from fusedrnn.reference import LN_EPS
 
 
@@ -63,26 +62,6 @@ def torch_layernorm_rnn(module, x, zoneout_h=None, zoneout_c=None):
     return torch.stack(ys)
 
 
-def _time(fns: dict, mode: str, min_repeats: int, max_seconds: float) -> dict:
-    times = {k: [] for k in fns}
-    start = time.perf_counter()
-    i = 0
-    while True:
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            if mode == "fwd":
-                with torch.no_grad():
-                    fn()
-            else:
-                fn().sum().backward()
-            if i:  # round 0 warms up
-                times[name].append(time.perf_counter() - t0)
-        i += 1
-        if i > min_repeats and time.perf_counter() - start > max_seconds:
-            break
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
-
-
 def run_case(kind: str, T: int, B: int, H: int, mode: str, min_repeats: int, max_seconds: float) -> dict:
     cell = "lstm" if "lstm" in kind else "gru"
     torch.manual_seed(0)
@@ -117,7 +96,7 @@ def run_case(kind: str, T: int, B: int, H: int, mode: str, min_repeats: int, max
         return run
     fns = {"torch loop": lambda: torch_layernorm_rnn(ours, x, *masks), "fusedrnn": lambda: ours(x)[0],
            "fusedrnn reference rows": on("reference"), "torch.nn plain": lambda: plain(x)[0]}
-    times = _time(fns, mode, min_repeats, max_seconds)
+    times = median_ms(fns, mode, min_repeats, max_seconds)
     backend = fusedrnn.explain(ours, x).backends[0]
     return {"kind": kind, "T": T, "B": B, "H": H, "mode": mode, "backend": backend, "max_abs_diff": err,
             "ms": times, "speedup_vs_torch_loop": times["torch loop"] / times["fusedrnn"],

@@ -16,33 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fusedrnn
-
-
-def _time(fns: dict, mode: str, repeats: int, max_seconds: float) -> dict:
-    times = {k: [] for k in fns}
-    start = time.perf_counter()
-    for i in range(repeats + 1):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            if mode == "fwd":
-                with torch.no_grad():
-                    fn()
-            else:
-                out = fn()
-                out.sum().backward()
-            if i:  # the first round warms up
-                times[name].append(time.perf_counter() - t0)
-        if i >= 3 and time.perf_counter() - start > max_seconds:
-            break
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+from fusedrnn.bench.timing import median_ms
 
 
 def run_case(cell: str, T: int, B: int, H: int, mode: str, repeats: int, max_seconds: float) -> dict:
@@ -72,7 +52,7 @@ def run_case(cell: str, T: int, B: int, H: int, mode: str, repeats: int, max_sec
             err = (fns[name]() - want).abs().max().item()
             if err > 1e-4:
                 raise SystemExit(f"{name} disagrees with torch.nn packed at {cell} T={T}: max error {err}")
-    ms = _time(fns, mode, repeats, max_seconds)
+    ms = median_ms(fns, mode, repeats, max_seconds)
     return {"cell": cell, "T": T, "B": B, "H": H, "mode": mode, "ms": {k: round(v, 4) for k, v in ms.items()},
             "backend_lengths": fusedrnn.explain(ours, x, lengths=lengths).backends[0],
             "backend_padded": fusedrnn.explain(ours, x).backends[0]}

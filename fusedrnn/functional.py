@@ -28,6 +28,23 @@ def _shape(t: Tensor) -> list:
     return list(t.shape)
 
 
+def _check_tensors(x: Tensor, specs, same_dtype: bool = True) -> None:
+    """Each (name, tensor or None, shape) of `specs`: a Tensor of that shape on x's device (and of x's dtype
+    when same_dtype); raises naming the argument, expected vs got."""
+    dtype, device = x.dtype, x.device
+    for name, t, shape in specs:
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a Tensor, got {type(t).__name__}")
+        if t.shape != shape:
+            raise ValueError(f"{name}: expected shape {list(shape)}, got {_shape(t)}")
+        if same_dtype and t.dtype != dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
+
+
 def check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths) -> None:
     """Raises a clear error (naming the argument, expected vs got) for any malformed layer call."""
     if cell not in CELLS:
@@ -54,20 +71,9 @@ def check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths) -> 
     if (b_ih is None) != (b_hh is None):
         raise ValueError("b_ih, b_hh: give both biases or neither")
     # tuples and one pass: this runs on every layer call (a decoding loop calls a cell per token)
-    dtype, device = x.dtype, x.device
-    for name, t, shape in (("w_ih", w_ih, (G * H, I)), ("w_hh", w_hh, (G * H, H_out)), ("h0", h0, (B, H_out)),
-                           ("c0", c0, (B, H)), ("b_ih", b_ih, (G * H,)), ("b_hh", b_hh, (G * H,)),
-                           ("w_hr", w_hr, (H_out, H))):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a Tensor, got {type(t).__name__}")
-        if t.shape != shape:
-            raise ValueError(f"{name}: expected shape {list(shape)}, got {_shape(t)}")
-        if t.dtype != dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
-        if t.device != device:
-            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
+    _check_tensors(x, (("w_ih", w_ih, (G * H, I)), ("w_hh", w_hh, (G * H, H_out)), ("h0", h0, (B, H_out)),
+                       ("c0", c0, (B, H)), ("b_ih", b_ih, (G * H,)), ("b_hh", b_hh, (G * H,)),
+                       ("w_hr", w_hr, (H_out, H))))
     if lengths is not None:
         check_lengths(lengths, T, B, x.device)
 
@@ -209,20 +215,10 @@ def check_ext_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c_w
         raise ValueError(f"{cell} has no cell state: ln_c_weight, ln_c_bias and zoneout_c must be None")
     if (ln_c_weight is None) != (ln_c_bias is None):
         raise ValueError("ln_c_weight, ln_c_bias: give both or neither")
-    for name, t, shape in (("ln_ih", ln_ih, (G * H,)), ("ln_hh", ln_hh, (G * H,)), ("ln_c_weight", ln_c_weight, (H,)),
-                           ("ln_c_bias", ln_c_bias, (H,)), ("zoneout_h", zoneout_h, (T, B, H)),
-                           ("zoneout_c", zoneout_c, (T, B, H))):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a Tensor, got {type(t).__name__}")
-        if t.shape != shape:
-            raise ValueError(f"{name}: expected shape {list(shape)}, got {_shape(t)}")
-        if t.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
-        if name.startswith("ln") and t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
-
+    _check_tensors(x, (("ln_ih", ln_ih, (G * H,)), ("ln_hh", ln_hh, (G * H,)), ("ln_c_weight", ln_c_weight, (H,)),
+                       ("ln_c_bias", ln_c_bias, (H,))))
+    _check_tensors(x, (("zoneout_h", zoneout_h, (T, B, H)), ("zoneout_c", zoneout_c, (T, B, H))),
+                   same_dtype=False)  # masks of any dtype: nonzero keeps the previous value
 
 def rnn_layer_ext(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
                   b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, ln_ih: Optional[Tensor] = None,

@@ -121,7 +121,44 @@ def _refuse_proxy(value) -> None:
 # PackedSequence <-> padded batch. torch's pad_packed_sequence / pack_padded_sequence copy one time step at a
 # time: at T=1000, B=16, H=128 the pair cost 18 ms around a 36 ms GRU forward (bench/bench_lengths.py). In
 # eager mode one scatter (unpack) and one gather (repack) over the packed rows do the same, straight in the
-# caller's batch order; under compile or tracing torch's functions stay (their shapes are static there).
+# caller's batch order; on CPU tensors the C++ pair of csrc/cpu/packed_sequence.cpp does each in one pass
+# (the index ops' setup alone cost 75-360 us at T=10, B=16 against a ~1 ms forward); under compile or tracing
+# torch's functions stay (their shapes are static there).
+class _CpuPackedToPadded(torch.autograd.Function):
+    """(data [rows, *], batch_sizes, sorted_indices) -> (padded [T, B, *], lengths [B]); its adjoint is the
+    repack of the gradient (rows past each end get none)."""
+
+    @staticmethod
+    def forward(ctx, data, batch_sizes, sorted_indices):
+        ctx.layout = (batch_sizes, sorted_indices)
+        padded, lengths = torch.ops.fusedrnn.cpu_packed_to_padded(data, batch_sizes, sorted_indices)
+        ctx.mark_non_differentiable(lengths)
+        return padded, lengths
+
+    @staticmethod
+    def backward(ctx, grad_padded, _grad_lengths):
+        return _CpuPaddedToPacked.apply(grad_padded, *ctx.layout), None, None
+
+
+class _CpuPaddedToPacked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, padded, batch_sizes, sorted_indices):
+        ctx.layout = (batch_sizes, sorted_indices)
+        return torch.ops.fusedrnn.cpu_padded_to_packed(padded, batch_sizes, sorted_indices)
+
+    @staticmethod
+    def backward(ctx, grad_data):
+        return _CpuPackedToPadded.apply(grad_data, *ctx.layout)[0], None, None
+
+
+def _cpu_packing(packed: PackedSequence) -> bool:
+    """Whether the C++ pair can take `packed` (CPU data, a plain tensor outside any transform)."""
+    from ._extension import has_extension
+    from .ops import plain_eager
+    return packed.data.device.type == "cpu" and has_extension() and \
+        hasattr(torch.ops.fusedrnn, "cpu_packed_to_padded") and plain_eager(("pack", packed.data))
+
+
 def _packed_positions(packed: PackedSequence) -> Tensor:
     """For each row of packed.data, in order, its flat index t * B + b into the padded [T, B] batch in the
     caller's order (b = sorted_indices[rank])."""
@@ -135,10 +172,14 @@ def _packed_positions(packed: PackedSequence) -> Tensor:
 
 
 def _unpack(packed: PackedSequence):
-    """-> (x [T, B, *] in the caller's batch order, lengths [B] on x's device, positions or None)."""
+    """-> (x [T, B, *] in the caller's batch order, lengths [B] on x's device, how to repack: the packed rows'
+    positions, "cpu" (the C++ pair) or None (torch's functions))."""
     if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
         x, lengths = pad_packed_sequence(packed)
         return x, lengths.to(x.device), None
+    if _cpu_packing(packed):
+        x, lengths = _CpuPackedToPadded.apply(packed.data, packed.batch_sizes, packed.sorted_indices)
+        return x, lengths, "cpu"
     data, batch_sizes = packed.data, packed.batch_sizes
     T, B = batch_sizes.shape[0], int(batch_sizes[0])
     positions = _packed_positions(packed)
@@ -150,13 +191,36 @@ def _unpack(packed: PackedSequence):
     return x, lengths.to(data.device), positions
 
 
-def _repack(y: Tensor, packed: PackedSequence, lengths: Tensor, positions: Optional[Tensor]) -> Tensor:
+def _repack(y: Tensor, packed: PackedSequence, lengths: Tensor, positions: Union[Tensor, str, None]) -> Tensor:
     """The packed data of y [T, B, *] (caller's batch order), laid out as `packed`'s."""
+    if isinstance(positions, str):
+        return _CpuPaddedToPacked.apply(y, packed.batch_sizes, packed.sorted_indices)
     if positions is None:
         sorted_y = y if packed.sorted_indices is None else y.index_select(1, packed.sorted_indices)
         sorted_lengths, _ = torch.sort(lengths.cpu(), descending=True)
         return pack_padded_sequence(sorted_y, sorted_lengths, enforce_sorted=True).data
     return y.reshape((-1,) + tuple(y.shape[2:])).index_select(0, positions)
+
+
+def _reset_parameters(module: nn.Module) -> None:
+    """torch.nn's draw for the RNN weights and biases (uniform in +-1/sqrt(H), in registration order, so the same
+    seed gives torch.nn's values); LayerNorm gains 1 and shifts 0, with no draw."""
+    stdv = 1.0 / math.sqrt(module.hidden_size) if module.hidden_size > 0 else 0
+    for name, weight in module.named_parameters():
+        if name.startswith("ln_"):
+            nn.init.zeros_(weight) if name.startswith("ln_c_bias") else nn.init.ones_(weight)
+        else:
+            nn.init.uniform_(weight, -stdv, stdv)
+
+
+def _regularisation_repr(module: nn.Module) -> str:
+    """The zoneout / dropconnect part of extra_repr (empty when both are off)."""
+    s = ""
+    if module.zoneout != (0.0, 0.0):
+        s += f", zoneout={module.zoneout[0] if module.zoneout[0] == module.zoneout[1] else module.zoneout}"
+    if module.dropconnect != 0:
+        s += f", dropconnect={module.dropconnect}"
+    return s
 
 
 class _RecurrentLayers(nn.Module):
@@ -298,13 +362,7 @@ class _RecurrentLayers(nn.Module):
         """Always False: nothing is cached from the weights, so nothing can be stale."""
         return False
 
-    def reset_parameters(self) -> None:
-        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for name, weight in self.named_parameters():
-            if name.startswith("ln_"):  # norm gains 1, shifts 0 (no draw: the other weights stay torch.nn's)
-                nn.init.zeros_(weight) if name.startswith("ln_c_bias") else nn.init.ones_(weight)
-            else:
-                nn.init.uniform_(weight, -stdv, stdv)
+    reset_parameters = _reset_parameters
 
     def flatten_parameters(self) -> None:
         """No-op: fusedrnn needs no flat weight buffer (kept so code written for torch.nn runs unchanged)."""
@@ -334,11 +392,7 @@ class _RecurrentLayers(nn.Module):
             s += ", bidirectional={bidirectional}"
         if self.merge_mode != "concat":
             s += ", merge_mode={merge_mode!r}"
-        if self.zoneout != (0.0, 0.0):
-            s += f", zoneout={self.zoneout[0] if self.zoneout[0] == self.zoneout[1] else self.zoneout}"
-        if self.dropconnect != 0:
-            s += ", dropconnect={dropconnect}"
-        return s.format(**self.__dict__)
+        return s.format(**self.__dict__) + _regularisation_repr(self)
 
     # -- forward ------------------------------------------------------------------------------------
     def _layer_weights(self, layer: int, direction: int):
@@ -714,10 +768,7 @@ class _Cell(nn.Module):
             self.register_parameter("bias_hh", None)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
+    reset_parameters = _reset_parameters
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
@@ -871,13 +922,6 @@ class _LayerNormCell(_Cell):
             self.ln_c_weight = nn.Parameter(torch.ones(hidden_size, **factory))
             self.ln_c_bias = nn.Parameter(torch.zeros(hidden_size, **factory))
 
-    def reset_parameters(self) -> None:
-        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for name, weight in self.named_parameters():
-            if name.startswith("ln_"):
-                nn.init.zeros_(weight) if name == "ln_c_bias" else nn.init.ones_(weight)
-            else:
-                nn.init.uniform_(weight, -stdv, stdv)
 
     def _one_step(self, x, h, c, w_ih, w_hh, b_ih, b_hh):
         if self.training and self.dropconnect > 0:
@@ -892,12 +936,7 @@ class _LayerNormCell(_Cell):
         return h, c
 
     def extra_repr(self) -> str:
-        s = super().extra_repr()
-        if self.zoneout != (0.0, 0.0):
-            s += f", zoneout={self.zoneout[0] if self.zoneout[0] == self.zoneout[1] else self.zoneout}"
-        if self.dropconnect != 0:
-            s += f", dropconnect={self.dropconnect}"
-        return s
+        return super().extra_repr() + _regularisation_repr(self)
 
 
 class LayerNormLSTMCell(_LayerNormCell):

@@ -25,6 +25,16 @@ def _call(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse) -> La
     return LayerCall(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
 
 
+def _refuse_forward_ad(op: str) -> None:
+    """torch.func.jvp / forward_ad strip the tangents before a torch.library op runs and then report a zero
+    tangent: refuse instead of answering wrongly (fusedrnn.functional routes these to the spec)."""
+    if forward_ad._current_level >= 0 and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"fusedrnn::{op} has no forward-mode AD rule, and inside torch.func.jvp / jacfwd / "
+            f"forward_ad.dual_level its tangent would silently be zero. Call fusedrnn.functional.{op} or the "
+            "fusedrnn modules instead: they run the differentiable spec (fusedrnn.reference) there")
+
+
 @torch.library.custom_op("fusedrnn::rnn_layer", mutates_args=())
 def rnn_layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
               b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor],
@@ -34,13 +44,7 @@ def rnn_layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tens
 
 
 def _forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, need_workspace):
-    if forward_ad._current_level >= 0 and not torch.compiler.is_compiling():
-        # torch.func.jvp / forward_ad strip the tangents before a torch.library op runs and then report a
-        # zero tangent: refuse instead of answering wrongly (fusedrnn.functional routes these to the spec).
-        raise RuntimeError(
-            "fusedrnn::rnn_layer has no forward-mode AD rule, and inside torch.func.jvp / jacfwd / "
-            "forward_ad.dual_level its tangent would silently be zero. Call fusedrnn.functional.rnn_layer or "
-            "the fusedrnn modules instead: they run the differentiable spec (fusedrnn.reference) there")
+    _refuse_forward_ad("rnn_layer")
     call = _call(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
     return select_backend(call, "forward", need_workspace).forward(call, need_workspace)
 
@@ -297,12 +301,6 @@ def select_ext_rows(cell, x, w_hh, ln_ih, zoneout_h, lengths, reverse, direction
     return _ext.ReferenceRows
 
 
-def _refuse_forward_ad(op: str) -> None:
-    if forward_ad._current_level >= 0 and not torch.compiler.is_compiling():
-        raise RuntimeError(
-            f"fusedrnn::{op} has no forward-mode AD rule, and inside torch.func.jvp / jacfwd / "
-            "forward_ad.dual_level its tangent would silently be zero. Call fusedrnn.functional or the "
-            "fusedrnn modules instead: they run the differentiable spec (fusedrnn.reference) there")
 
 
 @torch.library.custom_op("fusedrnn::rnn_layer_ext", mutates_args=())

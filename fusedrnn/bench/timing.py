@@ -15,6 +15,7 @@ Peak memory of one call, after the timed calls (so one-time allocations such as 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import re
@@ -66,6 +67,18 @@ def measure(steps: dict, device: torch.device, warmup: int, repeats: int,
             if len(t) >= repeats or (len(t) >= 3 and sum(t) / 1e3 >= max_seconds):
                 active.remove(name)
     return times
+
+
+def median_ms(calls: dict, mode: str, repeats: int, max_seconds: float,
+              device: torch.device = torch.device("cpu")) -> dict:
+    """{name: median ms} of `calls` ({name: fn returning a tensor}), taking turns as `measure` does: mode "fwd"
+    times fn() under no_grad, "fwdbwd" fn().sum().backward(); one warm-up call each."""
+    def step(fn):
+        if mode == "fwd":
+            return fn, torch.no_grad
+        return (lambda: fn().sum().backward()), contextlib.nullcontext
+    times = measure({name: step(fn) for name, fn in calls.items()}, device, 1, repeats, max_seconds)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def quantile(values: list[float], q: float) -> float:
