@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import lane
-from .functional import check_lengths, rnn_layer, rnn_layer_ext
+from .functional import rnn_layer, rnn_layer_ext
 from .reference import GATES
 
 LengthsLike = Union[Tensor, Sequence[int], None]
@@ -442,9 +442,8 @@ class _RecurrentLayers(nn.Module):
                              f"got {lengths.device}")
         if lengths.dim() != 1:
             raise ValueError(f"lengths: expected a 1-D tensor [B], got shape {list(lengths.shape)}")
-        lengths = lengths.to(x.device)
-        check_lengths(lengths, x.shape[0], x.shape[1], x.device)
-        return lengths
+        # dtype, shape and values: functional.rnn_layer(_ext) checks them on every call, before any work
+        return lengths.to(x.device)
 
     def _check_input(self, x: Tensor, expected_dim: int) -> None:
         """torch.nn.RNNBase.check_input: dtype (ValueError), then rank and input_size (RuntimeError)."""
