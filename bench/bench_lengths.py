@@ -7,7 +7,8 @@ padded. For each (cell, T) this times, with the same weights and the same batch 
     torch.nn packed          pack_padded_sequence(enforce_sorted=False) -> module -> pad_packed_sequence
     fusedrnn padded          the whole padded batch (auto)
     fusedrnn lengths=        module(padded, lengths=lengths)      (auto: a fused backend, see README)
-    fusedrnn packed          module(PackedSequence)               (auto)
+    fusedrnn packed          module(PackedSequence)               (auto), with the caller's pack / pad
+    fusedrnn packed module   the module call alone on a PackedSequence built once
 and prints each time and the ratios packed/padded, lengths/padded. fwd (no_grad) and fwd+bwd.
 
     python bench/bench_lengths.py [--threads 2] [--batch 16] [--hidden 128] [--seq-len 10,100,1000] [--json F]
@@ -44,7 +45,10 @@ def run_case(cell: str, T: int, B: int, H: int, mode: str, repeats: int, max_sec
         "fusedrnn padded": lambda: ours(x)[0],
         "fusedrnn lengths=": lambda: ours(x, lengths=lengths)[0],
         "fusedrnn packed": lambda: pad_packed_sequence(ours(packed())[0], total_length=T)[0],
+        # the module call alone, on a PackedSequence built once (as a data loader hands it over)
+        "fusedrnn packed module": lambda: ours(prebuilt)[0].data,
     }
+    prebuilt = packed()
     # same answers where defined: packed torch == fusedrnn lengths= == fusedrnn packed
     with torch.no_grad():
         want = fns["torch packed"]()
@@ -73,7 +77,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     rows = []
     print(f"{'case':26s} {'torch pad':>9s} {'torch pack':>10s} {'pack/pad':>8s} | {'fused pad':>9s} "
-          f"{'lengths=':>9s} {'len/pad':>7s} {'packed':>9s} {'pack/pad':>8s}  (ms; backend lengths/padded)")
+          f"{'lengths=':>9s} {'len/pad':>7s} {'packed':>9s} {'pack/pad':>8s} {'module':>8s} {'mod/pad':>7s}"
+          "  (ms; backend lengths/padded)")
     for cell in args.cells.split(","):
         for mode in args.modes.split(","):
             for T in (int(t) for t in args.seq_len.split(",")):
@@ -84,7 +89,9 @@ def main(argv=None) -> int:
                       f" {m['torch padded']:9.2f} {m['torch packed']:10.2f} {m['torch packed'] / m['torch padded']:8.2f}"
                       f" | {m['fusedrnn padded']:9.2f} {m['fusedrnn lengths=']:9.2f} "
                       f"{m['fusedrnn lengths='] / m['fusedrnn padded']:7.2f} {m['fusedrnn packed']:9.2f} "
-                      f"{m['fusedrnn packed'] / m['fusedrnn padded']:8.2f}  ({r['backend_lengths']}/{r['backend_padded']})",
+                      f"{m['fusedrnn packed'] / m['fusedrnn padded']:8.2f} {m['fusedrnn packed module']:8.2f} "
+                      f"{m['fusedrnn packed module'] / m['fusedrnn padded']:7.2f}  "
+                      f"({r['backend_lengths']}/{r['backend_padded']})",
                       flush=True)
     if args.json:
         with open(args.json, "w") as f:
