@@ -26,6 +26,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <limits>
 #include <optional>
 #include <string>
 #include <utility>
@@ -97,6 +98,12 @@ void check_args(const Dims& d, const Tensor& x, const Tensor& h0, const OptTenso
                 const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
                 const OptTensor& lengths) {
   check_layer_shapes("cuda", d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  // T, B, H, H_out (and the step t) travel to the kernels as int fields (rnn_kernels.h); every offset there is int64.
+  const std::pair<const char*, int64_t> sizes[] = {{"T", d.T}, {"B", d.B}, {"H", d.H}, {"H_out", d.H_out}};
+  for (const auto& [name, value] : sizes) {
+    TORCH_CHECK(value <= std::numeric_limits<int>::max(), "fusedrnn cuda: ", name, "=", value,
+                ": the CUDA kernels take it as a 32-bit int (at most ", std::numeric_limits<int>::max(), ")");
+  }
   for (const OptTensor& t : {OptTensor(x), OptTensor(h0), c0, OptTensor(w_ih), OptTensor(w_hh), b_ih, b_hh, w_hr}) {
     TORCH_CHECK(!t || (on_kernel_device(*t) && t->device() == x.device() && t->scalar_type() == x.scalar_type()),
                 "fusedrnn cuda: all tensors must be " FUSEDRNN_CUDA_TENSORS " of x's dtype on x's device");

@@ -98,6 +98,20 @@ def choose_path(call: LayerCall, direction: str, ops: str = "cuda_") -> str:
     return "alternating"
 
 
+INT32_MAX = 2**31 - 1
+
+
+def int32_reason(call: LayerCall) -> Optional[str]:
+    """Why the sizes of `call` do not fit the kernels' parameter structs, or None. T, B, H (and the step t) are
+    int fields there (csrc/cuda/rnn_kernels.h); every offset the kernels compute from them is int64."""
+    sizes = {"T": call.seq_len, "B": call.batch_size, "H": call.hidden_size, "H_out": call.output_size}
+    for name, value in sizes.items():
+        if value > INT32_MAX:
+            return (f"{name}={value}: the CUDA kernels take {name} as a 32-bit int (at most {INT32_MAX}); "
+                    "the cpu backend indexes in int64")
+    return None
+
+
 class CudaBackend(Backend):
     name = "cuda"
     ops = "cuda_"  # prefix of its torch ops: fusedrnn::cuda_rnn_layer, ...
@@ -116,6 +130,9 @@ class CudaBackend(Backend):
     def unsupported_reason(self, call: LayerCall):
         if call.dtype not in _DTYPES:
             return f"dtype {call.dtype} not supported (float32, float16, bfloat16 only)"
+        narrow = int32_reason(call)
+        if narrow is not None:
+            return narrow
         empty = empty_problem_reason(call)
         if empty is not None:
             return empty

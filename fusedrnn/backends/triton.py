@@ -80,6 +80,11 @@ def plan(call: LayerCall):
     if setting == "alternating":
         return "alternating", None, None
 
+    steps = P.steps_reason(call.seq_len)
+    if steps is not None:  # (the alternating path takes any T)
+        if setting in ("persistent", "barrier"):
+            return None, None, f"{setting} path: {steps}"
+        return "alternating", None, None
     fits = P.no_barrier_fits(cell, H, HO, elem, has_proj)
     if setting == "persistent" or (setting == "auto" and fits):
         if fits:
@@ -110,6 +115,8 @@ def plan(call: LayerCall):
                f"{P.weight_bytes(cell, sl, P.block(H), elem) // 1024} KB of weights at H={H}, over the "
                f"{P.WEIGHT_BUDGET // 1024} KB budget" if P.block(H) > sl else
                f"barrier path: H={H} is narrower than one slice of {sl} hidden units")
+    elif P.barrier_counter_reason(call.seq_len, -(-H // slice_h)) is not None:
+        why = "barrier path: " + P.barrier_counter_reason(call.seq_len, -(-H // slice_h))
     elif not interpret_concurrently:  # there every program is a thread: all are resident
         programs = -(-B // P.BLOCK_B) * -(-H // slice_h)
         sms = _sm_count(call.device)
@@ -121,6 +128,20 @@ def plan(call: LayerCall):
     if setting == "barrier":
         return None, None, why
     return "alternating", None, None
+
+
+def step_width_reason(call: LayerCall) -> Optional[str]:
+    """Why one step is too wide for the kernels, or None. Offsets within a step -- program id (batch row) times
+    row width, as in `b * 4 * H` -- are int32 arithmetic (only the step offset t * B * W is int64), so every
+    [B, W] block a step touches must hold fewer than 2^31 elements."""
+    from .base import workspace_width
+    G = call.w_hh.shape[0] // max(call.hidden_size, 1)
+    W = max(G * call.hidden_size, workspace_width(call.cell, call.hidden_size, call.w_hr is not None),
+            call.output_size)
+    if call.batch_size * W > 2**31 - 1:
+        return (f"B * W = {call.batch_size} * {W} = {call.batch_size * W} elements per step (W: the widest row, "
+                f"gates or workspace): the kernels index within a step in int32 (at most {2**31 - 1})")
+    return None
 
 
 class TritonBackend(Backend):
@@ -149,6 +170,9 @@ class TritonBackend(Backend):
         empty = empty_problem_reason(call)
         if empty is not None:
             return empty
+        wide = step_width_reason(call)
+        if wide is not None:
+            return wide
         if call.device.type == "cuda" and call.dtype == torch.bfloat16 and \
                 torch.cuda.get_device_capability(call.device) < (8, 0):
             return "bf16 tl.dot needs compute capability 8.0 or newer"

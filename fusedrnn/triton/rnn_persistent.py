@@ -656,6 +656,28 @@ def barrier_slice(cell: str, H: int, elem: int):
     return None
 
 
+# Index width. Step offsets are int64 (t.to(tl.int64) before any product with B; tests/test_index_width.py
+# runs every kernel at T = 10^6 with offsets past 2^31), but two values stay int32: the sequence lengths a
+# program holds (_load_lengths), so T must fit int32, and the barrier's arrival counter, which reaches
+# T * slices (int32 atomics on sync_ptr).
+INT32_MAX = 2**31 - 1
+
+
+def steps_reason(T: int):
+    """Why the persistent kernels cannot take T steps, or None."""
+    if T > INT32_MAX:
+        return f"T={T} steps: the persistent kernels hold the sequence lengths as int32 (at most {INT32_MAX})"
+    return None
+
+
+def barrier_counter_reason(T: int, slices: int):
+    """Why the barrier variant cannot run T steps over `slices` programs per batch tile, or None."""
+    if T * slices > INT32_MAX:
+        return (f"T={T} steps x {slices} slices = {T * slices} arrivals at the grid barrier, whose counter is "
+                f"int32 (at most {INT32_MAX})")
+    return None
+
+
 def config_allowed(num_warps: int, wbytes: int) -> bool:
     return num_warps >= 8 or wbytes <= FOUR_WARPS_MAX_WEIGHTS
 
