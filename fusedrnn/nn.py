@@ -151,12 +151,23 @@ class _CpuPaddedToPacked(torch.autograd.Function):
         return _CpuPackedToPadded.apply(grad_data, *ctx.layout)[0], None, None
 
 
+_cpu_packing_ops = None  # (packed_to_padded, padded_to_packed) of the C++ extension, looked up once; () if absent
+
+
 def _cpu_packing(packed: PackedSequence) -> bool:
     """Whether the C++ pair can take `packed` (CPU data, a plain tensor outside any transform)."""
-    from ._extension import has_extension
+    global _cpu_packing_ops
+    if _cpu_packing_ops is None:
+        from ._extension import has_extension
+        ops = torch.ops.fusedrnn
+        _cpu_packing_ops = (ops.cpu_packed_to_padded, ops.cpu_padded_to_packed) \
+            if has_extension() and hasattr(ops, "cpu_packed_to_padded") else ()
     from .ops import plain_eager
-    return packed.data.device.type == "cpu" and has_extension() and \
-        hasattr(torch.ops.fusedrnn, "cpu_packed_to_padded") and plain_eager(("pack", packed.data))
+    return bool(_cpu_packing_ops) and packed.data.device.type == "cpu" and plain_eager(("pack", packed.data))
+
+
+def _differentiated(t: Tensor) -> bool:
+    return torch.is_grad_enabled() and t.requires_grad
 
 
 def _packed_positions(packed: PackedSequence) -> Tensor:
@@ -178,7 +189,10 @@ def _unpack(packed: PackedSequence):
         x, lengths = pad_packed_sequence(packed)
         return x, lengths.to(x.device), None
     if _cpu_packing(packed):
-        x, lengths = _CpuPackedToPadded.apply(packed.data, packed.batch_sizes, packed.sorted_indices)
+        layout = (packed.data, packed.batch_sizes, packed.sorted_indices)
+        # the autograd.Function only where a gradient flows (its apply costs ~20 us)
+        x, lengths = _CpuPackedToPadded.apply(*layout) if _differentiated(packed.data) else \
+            _cpu_packing_ops[0](*layout)
         return x, lengths, "cpu"
     data, batch_sizes = packed.data, packed.batch_sizes
     T, B = batch_sizes.shape[0], int(batch_sizes[0])
@@ -194,7 +208,8 @@ def _unpack(packed: PackedSequence):
 def _repack(y: Tensor, packed: PackedSequence, lengths: Tensor, positions: Union[Tensor, str, None]) -> Tensor:
     """The packed data of y [T, B, *] (caller's batch order), laid out as `packed`'s."""
     if isinstance(positions, str):
-        return _CpuPaddedToPacked.apply(y, packed.batch_sizes, packed.sorted_indices)
+        layout = (y, packed.batch_sizes, packed.sorted_indices)
+        return _CpuPaddedToPacked.apply(*layout) if _differentiated(y) else _cpu_packing_ops[1](*layout)
     if positions is None:
         sorted_y = y if packed.sorted_indices is None else y.index_select(1, packed.sorted_indices)
         sorted_lengths, _ = torch.sort(lengths.cpu(), descending=True)
