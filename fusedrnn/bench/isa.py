@@ -18,13 +18,17 @@ from typing import Iterator, Optional
 
 LEVELS = ("avx512", "avx2", "baseline")
 
-# torch's names for each level: ATen's CPU capability, oneDNN's max ISA, MKL's instruction set.
+# torch's names for each level: ATen's CPU capability, oneDNN's max ISA, MKL's instruction set -- and MKL's
+# conditional-numerical-reproducibility branch, because on AMD CPUs MKL ignores MKL_ENABLE_INSTRUCTIONS (its
+# sgemm stayed the AVX2+FMA zen kernel at "SSE4_2": 71 GFLOP/s at 512^3 on one Zen 3 core) while MKL_CBWR
+# caps it (COMPATIBLE, MKL's SSE2 path: 15.9 GFLOP/s; AVX2: 56, unchanged). torch.nn.GRU / RNN run on MKL.
 TORCH_CAPS = {
     "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
-               "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+               "MKL_ENABLE_INSTRUCTIONS": "AVX512", "MKL_CBWR": "AVX512"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "MKL_CBWR": "AVX2"},
     "baseline": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
-                 "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+                 "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "MKL_CBWR": "COMPATIBLE"},
 }
 CHILD_ENV = "FUSEDRNN_BENCH_ISA_CHILD"
 
