@@ -252,3 +252,32 @@ def test_plot_without_matplotlib_is_skipped_with_a_message(tiny_run, monkeypatch
     why = report.plot_speedup(str(tmp_path / "p.png"), rows)
     assert "matplotlib is not installed" in why
     assert not (tmp_path / "p.png").exists()
+
+
+def test_lengths_mode_compares_padded_packed_and_lengths(capsys, tmp_path):
+    """--lengths: every column timed (so every path agreed with torch.nn packed first: run_case raises
+    otherwise), the table printed, results.json written."""
+    assert cli.main(["--lengths", "--device", "cpu", "--cell", "gru", "--mode", "fwd", "--seq-len", "3",
+                     "--batch", "2", "--hidden", "4", "--repeats", "3", "--max-seconds", "0.1",
+                     "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "gru-fwd-T3-B2-H4" in out and "lengths=" in out
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert len(rows) == 1 and set(rows[0]["ms"]) == {
+        "torch padded", "torch packed", "fusedrnn padded", "fusedrnn lengths=", "fusedrnn packed",
+        "fusedrnn packed module"}
+    assert all(v > 0 for v in rows[0]["ms"].values())
+
+
+def test_lengths_mode_catches_a_wrong_path(monkeypatch):
+    """The agreement check bites: with torch.nn's packed result perturbed, fusedrnn's lengths= result no longer
+    matches it and the case is refused before anything is timed."""
+    from fusedrnn.bench import lengths
+    real = torch.nn.utils.rnn.pad_packed_sequence
+
+    def shifted(*a, **k):  # torch's packed reference, perturbed
+        y, n = real(*a, **k)
+        return y + 1, n
+    monkeypatch.setattr(lengths, "pad_packed_sequence", shifted)
+    with pytest.raises(RuntimeError, match="disagrees with torch.nn packed"):
+        lengths.run_case("gru", 3, 2, 4, "fwd", 3, 0.1)

@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", action="store_true",
                    help="measure the backends 'auto' chooses among (default preset: tune) and write the dispatch "
                         "table --out/dispatch-<device class>.json; point $FUSEDRNN_DISPATCH_TABLE at it")
+    p.add_argument("--lengths", action="store_true",
+                   help="variable lengths instead of the preset: one batch of mixed lengths run padded, as a "
+                        "PackedSequence and with lengths=, torch.nn and fusedrnn (--cell default lstm,gru; "
+                        "--seq-len default 10,100,1000; --batch default 16; --hidden default 128); "
+                        "results.json in --out")
     p.add_argument("--seed", type=int, default=0, help="weights and inputs seed (default 0)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -133,7 +138,11 @@ def _choose(parser, flag: str, given, allowed, aliases=None) -> list[str]:
 
 def resolve(args, parser) -> tuple[torch.device, P.Preset, list[P.Case], list, dict]:
     """Validates the arguments; returns (device, preset, cases, providers, run settings)."""
-    # device
+    device = _resolve_device(args, parser)
+    return (device,) + _resolve_cases(args, parser, device)
+
+
+def _resolve_device(args, parser) -> torch.device:
     dev_text = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(dev_text)
@@ -149,7 +158,10 @@ def resolve(args, parser) -> tuple[torch.device, P.Preset, list[P.Case], list, d
             parser.error(f"--device {dev_text}: only {torch.cuda.device_count()} CUDA device(s)")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
+
+def _resolve_cases(args, parser, device: torch.device):
     preset_name = (args.preset or ("tune" if args.tune else P.default_preset(device))).lower()
     if preset_name not in P.PRESETS:
         parser.error(f"--preset: unknown preset {preset_name!r}; expected one of {', '.join(P.PRESETS)}")
@@ -220,7 +232,7 @@ def resolve(args, parser) -> tuple[torch.device, P.Preset, list[P.Case], list, d
                     repeats=preset.repeats if args.repeats is None else args.repeats,
                     max_seconds=preset.max_seconds if args.max_seconds is None else args.max_seconds,
                     time_limit=math.inf if args.time_limit is None else args.time_limit)
-    return device, preset, cases, providers, settings
+    return preset, cases, providers, settings
 
 
 def explicit_shapes(args) -> bool:
@@ -278,6 +290,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not os.path.exists(args.replot):
             parser.error(f"--replot: no such file {args.replot!r}")
         return _replot(args)
+    if args.lengths:
+        return _run_lengths(args, parser)
     device, preset, cases, providers, settings = resolve(args, parser)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -360,3 +374,23 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _run_lengths(args, parser) -> int:
+    """--lengths: fusedrnn/bench/lengths.py's comparison on this command's device, cells and sizes."""
+    from . import lengths
+    device = _resolve_device(args, parser)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cells = _choose(parser, "--cell", args.cell, list(lengths.CELLS)) or ["lstm", "gru"]
+    modes = _choose(parser, "--mode", args.mode, P.MODES, {"fwd+bwd": "fwdbwd", "train": "fwdbwd",
+                                                           "forward": "fwd", "inference": "fwd"}) or list(P.MODES)
+    seq_lens = _positive_ints(parser, "--seq-len", args.seq_len) or [10, 100, 1000]
+    batch = (_positive_ints(parser, "--batch", args.batch) or [16])[0]
+    hidden = (_positive_ints(parser, "--hidden", args.hidden) or [128])[0]
+    out = args.out or f"fusedrnn-bench-lengths-{device.type}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    os.makedirs(out, exist_ok=True)
+    lengths.run(cells, modes, seq_lens, batch, hidden, args.repeats or 10, args.max_seconds or 5.0, device,
+                torch.float16 if device.type == "cuda" else torch.float32, os.path.join(out, "results.json"))
+    print(f"results: {os.path.join(out, 'results.json')}")
+    return 0
