@@ -13,7 +13,7 @@ from ._extension import extension_error, has_extension  # noqa: F401
 from .backends import (BACKEND_NAMES, BackendUnsupportedError, available_backends, current_backend,  # noqa: F401
                        explain, use_backend)
 from .nn import (GRU, LSTM, RNN, GRUCell, LayerNormGRU, LayerNormGRUCell, LayerNormLSTM, LayerNormLSTMCell,  # noqa: F401
-                 LSTMCell, RNNCell, is_recurrent, symbolic_trace)
+                 LSTMCell, RNNCell, is_recurrent, pack_padded_sequence, pad_packed_sequence, symbolic_trace)
 from .decoding import beam_search, greedy_search, sample  # noqa: F401
 from .interop import convert, quantize_dynamic, to_torch  # noqa: F401
 
@@ -25,5 +25,5 @@ __all__ = [
     "available_backends", "use_backend", "current_backend", "explain", "BackendUnsupportedError",
     "BACKEND_NAMES", "has_extension", "functional", "ops", "reference",
     "beam_search", "greedy_search", "sample", "is_recurrent", "symbolic_trace", "convert", "to_torch",
-    "quantize_dynamic",
+    "quantize_dynamic", "pack_padded_sequence", "pad_packed_sequence",
 ]

@@ -154,8 +154,9 @@ class _CpuPaddedToPacked(torch.autograd.Function):
 _cpu_packing_ops = None  # (packed_to_padded, padded_to_packed) of the C++ extension, looked up once; () if absent
 
 
-def _cpu_packing(packed: PackedSequence) -> bool:
-    """Whether the C++ pair can take `packed` (CPU data, a plain tensor outside any transform)."""
+def _cpu_packing(data: Tensor) -> bool:
+    """Whether the C++ pair can take packed data / a padded batch `data` (CPU, a plain tensor outside any
+    transform)."""
     global _cpu_packing_ops
     if _cpu_packing_ops is None:
         from ._extension import has_extension
@@ -163,11 +164,54 @@ def _cpu_packing(packed: PackedSequence) -> bool:
         _cpu_packing_ops = (ops.cpu_packed_to_padded, ops.cpu_padded_to_packed) \
             if has_extension() and hasattr(ops, "cpu_packed_to_padded") else ()
     from .ops import plain_eager
-    return bool(_cpu_packing_ops) and packed.data.device.type == "cpu" and plain_eager(("pack", packed.data))
+    return bool(_cpu_packing_ops) and data.device.type == "cpu" and plain_eager(("pack", data))
 
 
 def _differentiated(t: Tensor) -> bool:
     return torch.is_grad_enabled() and t.requires_grad
+
+
+def pack_padded_sequence(input: Tensor, lengths, batch_first: bool = False,
+                         enforce_sorted: bool = True) -> PackedSequence:
+    """torch.nn.utils.rnn.pack_padded_sequence, the same PackedSequence out; on CPU tensors one C++ pass
+    instead of torch's copy per time step (0.3-50 ms at B=16, H=128, T 10-1000, as much as the RNN call
+    itself). Anything the fast path does not take -- other devices, transforms, a length out of range or
+    unsorted under enforce_sorted -- goes to torch's function, which raises its own errors."""
+    if isinstance(input, Tensor) and input.dim() >= 2 and _cpu_packing(input):
+        lens = lengths if isinstance(lengths, Tensor) else torch.as_tensor(lengths) if \
+            not isinstance(lengths, (str, bytes)) else None
+        T = input.shape[1] if batch_first else input.shape[0]
+        B = input.shape[0] if batch_first else input.shape[1]
+        if lens is not None and lens.device.type == "cpu" and lens.dim() == 1 and lens.numel() == B > 0 and \
+                not lens.dtype.is_floating_point and lens.dtype != torch.bool:
+            lens = lens.to(torch.int64)
+            lo, hi = (int(v) for v in torch.aminmax(lens))
+            ordered = bool((lens[:-1] >= lens[1:]).all())
+            if 1 <= lo and hi <= T and (ordered or not enforce_sorted):
+                sorted_lens, order = (lens, None) if enforce_sorted else torch.sort(lens, descending=True)
+                steps = torch.arange(hi)
+                batch_sizes = (sorted_lens.unsqueeze(0) > steps.unsqueeze(1)).sum(1)
+                x = input.transpose(0, 1) if batch_first else input
+                x = x.narrow(0, 0, hi)
+                sorted_indices = None if order is None else order.to(input.device)
+                layout = (x, batch_sizes, sorted_indices)
+                data = _CpuPaddedToPacked.apply(*layout) if _differentiated(x) else _cpu_packing_ops[1](*layout)
+                return PackedSequence(data, batch_sizes, sorted_indices, None)
+    return torch.nn.utils.rnn.pack_padded_sequence(input, lengths, batch_first, enforce_sorted)
+
+
+def pad_packed_sequence(sequence: PackedSequence, batch_first: bool = False, padding_value: float = 0.0,
+                        total_length: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """torch.nn.utils.rnn.pad_packed_sequence, the same (padded, lengths) out; on CPU tensors one C++ pass
+    instead of torch's copy per time step. Other devices, transforms, a nonzero padding_value or a
+    total_length that adds steps go to torch's function."""
+    if isinstance(sequence, PackedSequence) and padding_value == 0 and _cpu_packing(sequence.data) and \
+            total_length in (None, sequence.batch_sizes.shape[0]):
+        layout = (sequence.data, sequence.batch_sizes, sequence.sorted_indices)
+        padded, lengths = _CpuPackedToPadded.apply(*layout) if _differentiated(sequence.data) else \
+            _cpu_packing_ops[0](*layout)
+        return (padded.transpose(0, 1) if batch_first else padded), lengths
+    return torch.nn.utils.rnn.pad_packed_sequence(sequence, batch_first, padding_value, total_length)
 
 
 def _packed_positions(packed: PackedSequence) -> Tensor:
@@ -188,7 +232,7 @@ def _unpack(packed: PackedSequence):
     if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
         x, lengths = pad_packed_sequence(packed)
         return x, lengths.to(x.device), None
-    if _cpu_packing(packed):
+    if _cpu_packing(packed.data):
         layout = (packed.data, packed.batch_sizes, packed.sorted_indices)
         # the autograd.Function only where a gradient flows (its apply costs ~20 us)
         x, lengths = _CpuPackedToPadded.apply(*layout) if _differentiated(packed.data) else \

@@ -265,7 +265,7 @@ def test_lengths_mode_compares_padded_packed_and_lengths(capsys, tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert len(rows) == 1 and set(rows[0]["ms"]) == {
         "torch padded", "torch packed", "fusedrnn padded", "fusedrnn lengths=", "fusedrnn packed",
-        "fusedrnn packed module"}
+        "fusedrnn packed module", "fusedrnn packed (fusedrnn pack/pad)"}
     assert all(v > 0 for v in rows[0]["ms"].values())
 
 

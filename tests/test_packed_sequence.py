@@ -106,3 +106,71 @@ def test_malformed_packed_sequences_raise():
     bad = PackedSequence(torch.randn(6, 4), torch.tensor([2, 3, 1]))
     with pytest.raises(RuntimeError, match=r"non-increasing"):
         fusedrnn.GRU(4, 3)(bad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fusedrnn.pack_padded_sequence / pad_packed_sequence: torch's functions, one C++ pass each on the CPU
+# ---------------------------------------------------------------------------------------------------------
+def _same_packed(a: PackedSequence, b: PackedSequence):
+    assert torch.equal(a.data, b.data) and torch.equal(a.batch_sizes, b.batch_sizes)
+    for x, y in ((a.sorted_indices, b.sorted_indices), (a.unsorted_indices, b.unsorted_indices)):
+        assert (x is None and y is None) or torch.equal(x, y)
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time-major", "batch-first"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_drop_ins_match_torch(case, batch_first):
+    T, B, rest, enforce_sorted = CASES[case]
+    packed, lengths = _packed(T, B, rest, enforce_sorted)
+    padded = pad_packed_sequence(packed, batch_first=batch_first)[0]
+    for lens in (lengths, lengths.tolist()):
+        _same_packed(fusedrnn.pack_padded_sequence(padded, lens, batch_first, enforce_sorted),
+                     pack_padded_sequence(padded, lens, batch_first, enforce_sorted))
+    got, got_lengths = fusedrnn.pad_packed_sequence(packed, batch_first=batch_first)
+    want, want_lengths = pad_packed_sequence(packed, batch_first=batch_first)
+    assert torch.equal(got, want) and torch.equal(got_lengths, want_lengths)
+    # a padded batch longer than its longest sequence: the extra steps are dropped, as torch drops them
+    longer = torch.cat([padded, torch.ones_like(padded)], 1 if batch_first else 0)
+    _same_packed(fusedrnn.pack_padded_sequence(longer, lengths, batch_first, enforce_sorted),
+                 pack_padded_sequence(longer, lengths, batch_first, enforce_sorted))
+
+
+def test_drop_ins_are_differentiable():
+    packed, lengths = _packed(6, 4, (3,), False)
+    padded = pad_packed_sequence(packed)[0].clone().requires_grad_(True)
+    torch.autograd.gradcheck(lambda p: fusedrnn.pack_padded_sequence(p, lengths, enforce_sorted=False).data,
+                             (padded,))
+    data = packed.data.clone().requires_grad_(True)
+    repacked = lambda d: fusedrnn.pad_packed_sequence(  # noqa: E731
+        PackedSequence(d, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices))[0]
+    torch.autograd.gradcheck(repacked, (data,))
+
+
+def test_drop_ins_defer_to_torch_for_what_they_do_not_take():
+    packed, lengths = _packed(5, 3, (2,), False)
+    # torch's own errors, word for word
+    x = torch.randn(5, 3, 2)
+    for bad, kwargs in (([5, 0, 2], {"enforce_sorted": False}), ([2, 5, 3], {})):
+        with pytest.raises(RuntimeError) as want:
+            pack_padded_sequence(x, bad, **kwargs)
+        with pytest.raises(RuntimeError, match=str(want.value)[:40].replace("(", r"\(").replace(")", r"\)")):
+            fusedrnn.pack_padded_sequence(x, bad, **kwargs)
+    # padding values and total lengths the C++ pass does not produce: torch's results
+    for kwargs in ({"padding_value": -1.0}, {"total_length": 8}):
+        got, want = fusedrnn.pad_packed_sequence(packed, **kwargs), pad_packed_sequence(packed, **kwargs)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="total_length"):
+        fusedrnn.pad_packed_sequence(packed, total_length=2)
+
+
+def test_drop_ins_take_the_cpp_pass_on_cpu(monkeypatch):
+    """With torch's functions disabled, the CPU calls still run: they never went through them."""
+    packed, lengths = _packed(7, 4, (3,), False)
+    padded = pad_packed_sequence(packed)[0]
+
+    def refuse(*a, **k):
+        raise AssertionError("torch's function was called")
+    monkeypatch.setattr(torch.nn.utils.rnn, "pack_padded_sequence", refuse)
+    monkeypatch.setattr(torch.nn.utils.rnn, "pad_packed_sequence", refuse)
+    _same_packed(fusedrnn.pack_padded_sequence(padded, lengths, enforce_sorted=False), packed)
+    assert torch.equal(fusedrnn.pad_packed_sequence(packed)[0], padded)

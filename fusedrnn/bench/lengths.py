@@ -9,6 +9,8 @@ padded. For each (cell, T) this times, with the same weights and the same batch 
     fusedrnn lengths=       module(padded, lengths=lengths)      (auto: a fused backend, see README)
     fusedrnn packed         module(PackedSequence)               (auto), with the caller's pack / pad
     fusedrnn packed module  the module call alone on a PackedSequence built once (as a data loader hands it)
+    fusedrnn packed (fusedrnn pack/pad)  as "fusedrnn packed", with fusedrnn.pack_padded_sequence and
+                            fusedrnn.pad_packed_sequence (one C++ pass each on the CPU) in the caller's code
 fwd (no_grad) and fwd+bwd. Entry points: `python -m fusedrnn.bench --lengths` and bench/bench_lengths.py.
 """
 from __future__ import annotations
@@ -43,13 +45,16 @@ def run_case(cell: str, T: int, B: int, H: int, mode: str, repeats: int, max_sec
         "fusedrnn lengths=": lambda: ours(x, lengths=lengths)[0],
         "fusedrnn packed": lambda: pad_packed_sequence(ours(packed())[0], total_length=T)[0],
         "fusedrnn packed module": lambda: ours(prebuilt)[0].data,
+        # the same with fusedrnn's drop-ins for torch's pack / pad functions
+        "fusedrnn packed (fusedrnn pack/pad)": lambda: fusedrnn.pad_packed_sequence(
+            ours(fusedrnn.pack_padded_sequence(x, lengths, enforce_sorted=False))[0], total_length=T)[0],
     }
     prebuilt = packed()
     # same answers where defined: packed torch == fusedrnn lengths= == fusedrnn packed
     tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
     with torch.no_grad():
         want = fns["torch packed"]().float()
-        for name in ("fusedrnn lengths=", "fusedrnn packed"):
+        for name in ("fusedrnn lengths=", "fusedrnn packed", "fusedrnn packed (fusedrnn pack/pad)"):
             err = (fns[name]().float() - want).abs().max().item()
             if not err <= tolerance:
                 raise RuntimeError(f"{name} disagrees with torch.nn packed at {cell} T={T}: max error {err}")
@@ -62,7 +67,7 @@ def run_case(cell: str, T: int, B: int, H: int, mode: str, repeats: int, max_sec
 
 HEADER = (f"{'case':26s} {'torch pad':>9s} {'torch pack':>10s} {'pack/pad':>8s} | {'fused pad':>9s} "
           f"{'lengths=':>9s} {'len/pad':>7s} {'packed':>9s} {'pack/pad':>8s} {'module':>8s} {'mod/pad':>7s}"
-          "  (ms; backend lengths/padded)")
+          f" {'f.pack':>8s} {'f/pad':>6s}  (ms; backend lengths/padded)")
 
 
 def format_row(r: dict) -> str:
@@ -72,7 +77,8 @@ def format_row(r: dict) -> str:
             f" {m['torch padded']:9.2f} {m['torch packed']:10.2f} {m['torch packed'] / m['torch padded']:8.2f}"
             f" | {pad:9.2f} {m['fusedrnn lengths=']:9.2f} {m['fusedrnn lengths='] / pad:7.2f} "
             f"{m['fusedrnn packed']:9.2f} {m['fusedrnn packed'] / pad:8.2f} {m['fusedrnn packed module']:8.2f} "
-            f"{m['fusedrnn packed module'] / pad:7.2f}  ({r['backend_lengths']}/{r['backend_padded']})")
+            f"{m['fusedrnn packed module'] / pad:7.2f} {m['fusedrnn packed (fusedrnn pack/pad)']:8.2f} "
+            f"{m['fusedrnn packed (fusedrnn pack/pad)'] / pad:6.2f}  ({r['backend_lengths']}/{r['backend_padded']})")
 
 
 def run(cells, modes, seq_lens, B: int, H: int, repeats: int, max_seconds: float,
