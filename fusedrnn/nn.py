@@ -137,7 +137,10 @@ class _CpuPackedToPadded(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_padded, _grad_lengths):
-        return _CpuPaddedToPacked.apply(grad_padded, *ctx.layout), None, None
+        # a Function again only when the backward itself is differentiated (create_graph=True)
+        if torch.is_grad_enabled():
+            return _CpuPaddedToPacked.apply(grad_padded, *ctx.layout), None, None
+        return torch.ops.fusedrnn.cpu_padded_to_packed(grad_padded, *ctx.layout), None, None
 
 
 class _CpuPaddedToPacked(torch.autograd.Function):
@@ -148,7 +151,9 @@ class _CpuPaddedToPacked(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_data):
-        return _CpuPackedToPadded.apply(grad_data, *ctx.layout)[0], None, None
+        if torch.is_grad_enabled():
+            return _CpuPackedToPadded.apply(grad_data, *ctx.layout)[0], None, None
+        return torch.ops.fusedrnn.cpu_packed_to_padded(grad_data, *ctx.layout)[0], None, None
 
 
 _cpu_packing_ops = None  # (packed_to_padded, padded_to_packed) of the C++ extension, looked up once; () if absent
