@@ -183,8 +183,12 @@ def pack_padded_sequence(input: Tensor, lengths, batch_first: bool = False,
     itself). Anything the fast path does not take -- other devices, transforms, a length out of range or
     unsorted under enforce_sorted -- goes to torch's function, which raises its own errors."""
     if isinstance(input, Tensor) and input.dim() >= 2 and _cpu_packing(input):
-        lens = lengths if isinstance(lengths, Tensor) else torch.as_tensor(lengths) if \
-            not isinstance(lengths, (str, bytes)) else None
+        lens = lengths
+        if not isinstance(lens, Tensor):
+            try:
+                lens = torch.as_tensor(lengths)
+            except (TypeError, ValueError, RuntimeError):  # torch's function gives its own message for it
+                lens = None
         T = input.shape[1] if batch_first else input.shape[0]
         B = input.shape[0] if batch_first else input.shape[1]
         if lens is not None and lens.device.type == "cpu" and lens.dim() == 1 and lens.numel() == B > 0 and \

@@ -99,11 +99,16 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(workspace)
 
 
-def _rnn_layer_autograd(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
+def _require_workspace(ctx, op: str) -> None:
+    """A forward run without its workspace (need_workspace=False) cannot be differentiated: say so."""
     if not ctx.need_workspace:
         raise RuntimeError(
-            "fusedrnn::rnn_layer was called with need_workspace=False, so it cannot be differentiated; "
-            "call it through fusedrnn.functional.rnn_layer, which sets it when gradients are needed")
+            f"fusedrnn::{op} was called with need_workspace=False, so it cannot be differentiated; "
+            f"call it through fusedrnn.functional.{op}, which sets it when gradients are needed")
+
+
+def _rnn_layer_autograd(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
+    _require_workspace(ctx, "rnn_layer")
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, y, workspace = ctx.saved_tensors
     if grad_y is None:
         grad_y = torch.zeros_like(y)
@@ -362,10 +367,7 @@ def _ext_setup_context(ctx, inputs, output):
 
 
 def _rnn_layer_ext_autograd(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
-    if not ctx.need_workspace:
-        raise RuntimeError(
-            "fusedrnn::rnn_layer_ext was called with need_workspace=False, so it cannot be differentiated; "
-            "call it through fusedrnn.functional.rnn_layer_ext, which sets it when gradients are needed")
+    _require_workspace(ctx, "rnn_layer_ext")
     saved = ctx.saved_tensors
     inputs, (zoneout_h, zoneout_c, lengths, y, workspace) = saved[:_EXT_DIFFERENTIABLE], saved[_EXT_DIFFERENTIABLE:]
     x, h0, c0 = inputs[:3]
