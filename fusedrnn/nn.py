@@ -19,10 +19,12 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import lane
 from .functional import rnn_layer, rnn_layer_ext
+from .ops import plain_eager, run_packed_layer
 from .reference import GATES
 
 LengthsLike = Union[Tensor, Sequence[int], None]
@@ -156,6 +158,7 @@ class _CpuPaddedToPacked(torch.autograd.Function):
         return torch.ops.fusedrnn.cpu_packed_to_padded(grad_data, *ctx.layout)[0], None, None
 
 
+_PACKED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # the cpu kernel's (16-bit in fp32)
 _cpu_packing_ops = None  # (packed_to_padded, padded_to_packed) of the C++ extension, looked up once; () if absent
 
 
@@ -528,10 +531,13 @@ class _RecurrentLayers(nn.Module):
             raise RuntimeError(f"input must be on device {weight.device} (the device of the module's parameters), "
                                f"got {x.device}")
 
-    def _initial_state(self, hx: Optional[Tensor], x: Tensor, name: str, size: int) -> Tensor:
+    def _initial_state(self, hx: Optional[Tensor], x: Tensor, name: str, size: int,
+                       batch: Optional[int] = None) -> Tensor:
         """h0 or c0 as [L*D, B, size] (hx already 3-D: unbatched input's is unsqueezed), checked as torch.nn
-        checks it (the message names the size torch.nn names: "hidden", "hidden[0]", "hidden[1]")."""
-        expected = (self.num_layers * (2 if self.bidirectional else 1), x.shape[1], size)
+        checks it (the message names the size torch.nn names: "hidden", "hidden[0]", "hidden[1]"). B: batch,
+        else x.shape[1]."""
+        expected = (self.num_layers * (2 if self.bidirectional else 1), x.shape[1] if batch is None else batch,
+                    size)
         if hx is None:
             return x.new_zeros(expected)
         if tuple(hx.shape) != expected:
@@ -566,7 +572,10 @@ class _RecurrentLayers(nn.Module):
         elif h0.dim() != want:
             raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {h0.dim()}-D tensor")
 
-    def _run(self, x: Tensor, h0: Tensor, c0: Optional[Tensor], lengths: Optional[Tensor]):
+    def _run(self, x: Tensor, h0: Tensor, c0: Optional[Tensor], lengths: Optional[Tensor],
+             batch_sizes: Optional[Tensor] = None):
+        """All layers. With batch_sizes, x is a PackedSequence's data and the states are in its sorted order
+        (see _forward_packed)."""
         num_directions = 2 if self.bidirectional else 1
         h_n, c_n = [], []
         layer_input = x
@@ -582,7 +591,10 @@ class _RecurrentLayers(nn.Module):
                     w_hh = F.dropout(w_hh, self.dropconnect, training=True)
                 # select, not h0[k]: Python indexing costs ~5 us a call, select ~1
                 h0k, c0k = h0.select(0, k), None if c0 is None else c0.select(0, k)
-                if self._needs_ext():
+                if batch_sizes is not None:
+                    y, h, c = run_packed_layer(self.cell, layer_input, batch_sizes, h0k, c0k, w_ih, w_hh, b_ih,
+                                               b_hh, w_hr, direction == 1)
+                elif self._needs_ext():
                     zoneout_h, zoneout_c = self._zoneout_masks(layer_input, h0k.shape[-1])
                     y, h, c = rnn_layer_ext(self.cell, layer_input, h0k, c0k, w_ih, w_hh, b_ih, b_hh,
                                             *self._layer_norms(layer, direction), zoneout_h, zoneout_c,
@@ -606,6 +618,44 @@ class _RecurrentLayers(nn.Module):
         stack = lambda states: states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)  # noqa: E731
         return layer_input, stack(h_n), (stack(c_n) if c0 is not None else None)
 
+    def _packed_in_place(self, packed: PackedSequence, h0, c0) -> bool:
+        """Whether the layers can run on `packed`'s data in place (ops.run_packed_layer): CPU tensors, the cpu
+        kernel chosen (auto or use_backend("cpu")), a cell it runs (not the LayerNorm / zoneout ones), plain
+        eager (no compile, tracing, transform, forward AD or autocast). Otherwise _forward unpacks."""
+        data = packed.data
+        if data.device.type != "cpu" or data.dtype not in _PACKED_DTYPES or self._needs_ext() or \
+                data.shape[0] == 0 or data.shape[1] == 0 or self.hidden_size == 0 or packed.batch_sizes.numel() == 0 or \
+                torch._C._is_any_autocast_enabled() or forward_ad._current_level >= 0:
+            return False
+        from .backends import current_backend
+        if current_backend() not in ("auto", "cpu") or not _cpu_packing(data):
+            return False
+        return plain_eager((self.cell, data, h0, c0, packed.batch_sizes, *self._flat_weights))
+
+    def _forward_packed(self, packed: PackedSequence, h0: Optional[Tensor], c0: Optional[Tensor]):
+        """The module on a PackedSequence, its data never unpacked: the states are put in the sequence's sorted
+        order (as torch.nn's permute_hidden), the layers run on the packed rows, h_n / c_n go back to the
+        caller's order."""
+        data, batch_sizes = packed.data, packed.batch_sizes
+        batch = int(batch_sizes[0])
+        if h0 is not None:
+            self._check_hx_rank(h0, c0, 3)
+        h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
+        h0 = self._initial_state(h0, data, "hidden[0]" if self.cell == "lstm" else "hidden", h_out, batch)
+        if self.cell == "lstm":
+            c0 = self._initial_state(c0, data, "hidden[1]", self.hidden_size, batch)
+        if self.cell == "lstm":
+            h0, c0 = self.permute_hidden((h0, c0), packed.sorted_indices)
+        else:
+            h0 = self.permute_hidden(h0, packed.sorted_indices)
+        y, h_n, c_n = self._run(data, h0, c0, None, batch_sizes=batch_sizes)
+        if c_n is not None:
+            h_n, c_n = self.permute_hidden((h_n, c_n), packed.unsorted_indices)
+        else:
+            h_n = self.permute_hidden(h_n, packed.unsorted_indices)
+        output = PackedSequence(y, batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+        return output, (h_n if c_n is None else (h_n, c_n))
+
     def _forward(self, input, hx, lengths: LengthsLike):
         # torch.nn's checks in torch.nn's order: input rank, hx rank, input dtype and size, hx sizes, then
         # the sequence length (checked by torch's kernel, so after everything else)
@@ -616,6 +666,8 @@ class _RecurrentLayers(nn.Module):
                 raise ValueError("lengths: must be None for a PackedSequence input, which carries its own lengths")
             packed = input
             self._check_input(input.data, 2)
+            if self._packed_in_place(input, h0, c0):
+                return self._forward_packed(input, h0, c0)
             x, lengths, packed_rows = _unpack(input)  # batch in the caller's order, as hx
             is_batched = True
         else:

@@ -5,12 +5,12 @@
 // masks, lengths): 75 us at T=10, B=16, H=128 on a quiet core, 0.36 ms between other calls, against a ~1 ms
 // LSTM forward. Here each is one loop of row copies, with the lengths counted on the way.
 //
-// Layout: packed rows are time-major; at step t the rows of ranks 0 .. batch_sizes[t]-1 (sorted order, longest
-// first); rank r is the caller's sequence sorted_indices[r] (identity when absent). The padded batch is
-// [T, B, W] in the caller's order, zero past each sequence's end.
+// Layout: cpu/packed_layout.h. The padded batch is [T, B, W] in the caller's order, zero past each sequence's end.
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "cpu/packed_layout.h"
 
 #include <cstring>
 #include <vector>
@@ -20,54 +20,6 @@ namespace {
 
 using at::Tensor;
 using OptTensor = c10::optional<Tensor>;
-
-struct PackedLayout {
-  int64_t T = 0, B = 0, rows = 0;
-  std::vector<int64_t> first_row;  // [T]: the packed row of rank 0 at step t
-  std::vector<int64_t> sizes;      // batch_sizes
-  std::vector<int64_t> order;      // [B]: rank -> caller's index
-};
-
-// Validates batch_sizes / sorted_indices as a PackedSequence built by torch would have them (a hand-made one
-// with bad values must raise, not copy out of bounds).
-PackedLayout layout_of(const Tensor& batch_sizes, const OptTensor& sorted_indices, int64_t rows, const char* op) {
-  TORCH_CHECK(batch_sizes.dim() == 1 && batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong,
-              op, ": batch_sizes: expected a 1-D int64 CPU tensor (PackedSequence.batch_sizes), got ",
-              batch_sizes.scalar_type(), " of shape ", batch_sizes.sizes(), " on ", batch_sizes.device());
-  PackedLayout l;
-  l.T = batch_sizes.size(0);
-  TORCH_CHECK(l.T > 0, op, ": batch_sizes: expected at least one time step, got none");
-  const Tensor bs = batch_sizes.contiguous();
-  const int64_t* s = bs.data_ptr<int64_t>();
-  l.sizes.assign(s, s + l.T);
-  l.B = l.sizes[0];
-  l.first_row.resize(l.T);
-  for (int64_t t = 0; t < l.T; ++t) {
-    TORCH_CHECK(l.sizes[t] >= 1 && l.sizes[t] <= (t ? l.sizes[t - 1] : l.B), op,
-                ": batch_sizes: expected non-increasing values >= 1, got ", l.sizes[t], " at step ", t);
-    l.first_row[t] = l.rows;
-    l.rows += l.sizes[t];
-  }
-  TORCH_CHECK(l.rows == rows, op, ": batch_sizes sum to ", l.rows, " rows, but the data has ", rows);
-  l.order.resize(l.B);
-  if (sorted_indices && sorted_indices->defined()) {
-    TORCH_CHECK(sorted_indices->dim() == 1 && sorted_indices->size(0) == l.B && sorted_indices->scalar_type() == at::kLong,
-                op, ": sorted_indices: expected an int64 tensor [", l.B, "], got ", sorted_indices->scalar_type(),
-                " of shape ", sorted_indices->sizes());
-    const Tensor si = sorted_indices->to(at::kCPU).contiguous();
-    std::vector<char> seen(l.B, 0);
-    for (int64_t r = 0; r < l.B; ++r) {
-      const int64_t b = si.data_ptr<int64_t>()[r];
-      TORCH_CHECK(b >= 0 && b < l.B && !seen[b], op, ": sorted_indices: expected a permutation of 0..", l.B - 1,
-                  ", got ", b, " at position ", r);
-      seen[b] = 1;
-      l.order[r] = b;
-    }
-  } else {
-    for (int64_t r = 0; r < l.B; ++r) l.order[r] = r;
-  }
-  return l;
-}
 
 // Rows of a few hundred bytes: enough steps per task that the fork costs less than the copies.
 constexpr int64_t kStepsPerTask = 64;
@@ -97,10 +49,8 @@ std::tuple<Tensor, Tensor> packed_to_padded(const Tensor& data_, const Tensor& b
   });
   Tensor lengths = at::zeros({l.B}, batch_sizes.options());
   int64_t* len = lengths.data_ptr<int64_t>();
-  for (int64_t r = 0, t = l.T; r < l.B; ++r) {  // ranks are longest first: the step count only falls
-    while (t > 0 && l.sizes[t - 1] <= r) --t;
-    len[l.order[r]] = t;
-  }
+  const std::vector<int64_t> by_rank = l.lengths();
+  for (int64_t r = 0; r < l.B; ++r) len[l.order[r]] = by_rank[r];
   return {padded, lengths};
 }
 

@@ -3,6 +3,10 @@
 //   fusedrnn::cpu_rnn_layer(...)          -> (y, h_n, c_n, workspace)   same contract as fusedrnn::rnn_layer
 //   fusedrnn::cpu_rnn_layer_backward(...) -> grads of (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
 //
+// With batch_sizes (a PackedSequence's), x, y, the workspace and their gradients are packed [rows, *] and
+// h0 / c0 / h_n / c_n are in the sequence's sorted order (StepRows): multi-layer modules run on the packed
+// data with no unpack / repack between or around the layers.
+//
 // Structure: the input projection of all steps is one GEMM; each step is one small GEMM on weights packed once per call (cpu/blas.h) for the recurrent term
 // (plus one for the LSTM projection) and ONE fused pass over [B, H] that adds the biases, applies the cell
 // (cell_math.h), updates the state, masks by length and writes y and the workspace. Backward runs the same
@@ -19,6 +23,7 @@
 #include <type_traits>
 
 #include "cpu/blas.h"
+#include "cpu/packed_layout.h"
 #include "fusedrnn/cell_math.h"
 #include "fusedrnn/layer_args.h"
 
@@ -32,8 +37,13 @@ using Dims = LayerDims;
 
 void check_args(const Dims& d, const Tensor& x, const Tensor& h0, const OptTensor& c0, const Tensor& w_ih,
                 const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
-                const OptTensor& lengths) {
-  check_layer_shapes("cpu", d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+                const OptTensor& lengths, bool packed = false) {
+  if (packed) {  // x [rows, I]: its rows were checked against batch_sizes
+    TORCH_CHECK(x.size(1) == d.I, "fusedrnn cpu: packed x must be [rows, I]");
+    check_weight_shapes("cpu", d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  } else {
+    check_layer_shapes("cpu", d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  }
   for (const OptTensor& t : {OptTensor(x), OptTensor(h0), c0, OptTensor(w_ih), OptTensor(w_hh), b_ih, b_hh, w_hr}) {
     TORCH_CHECK(!t || (t->device().is_cpu() && t->scalar_type() == x.scalar_type()),
                 "fusedrnn cpu: all tensors must be CPU tensors of x's dtype");
@@ -63,6 +73,33 @@ inline int64_t step_time(const Dims& d, int64_t s) { return d.reverse ? d.T - 1 
 inline int64_t previous_time(const Dims& d, int64_t t, int64_t len) {
   if (!d.reverse) return t - 1;
   return t + 1 < len ? t + 1 : -1;
+}
+
+// Where each step's batch rows live in x, y, the workspace and the gradients.
+//  - Padded [T, B, *]: step t's rows start at t*B and all B are stored; a row past its sequence's end holds
+//    zeros and its state passes through.
+//  - Packed (a PackedSequence's data [rows, *], the batch in sorted order, longest first): step t's rows start
+//    at first[t] and only the stored[t] = batch_sizes[t] sequences still running have one. The others are
+//    neither stored nor computed: the step's GEMMs and pointwise pass skip them, so a batch of mixed lengths
+//    costs its valid rows only, and no unpack / repack copy surrounds the layer.
+struct StepRows {
+  std::vector<int64_t> first, stored;
+  int64_t total = 0;
+  bool packed = false;
+  int64_t at(int64_t t, int64_t b) const { return first[t] + b; }
+};
+
+StepRows padded_rows(const Dims& d) {
+  StepRows r;
+  r.first.resize(d.T);
+  for (int64_t t = 0; t < d.T; ++t) r.first[t] = t * d.B;
+  r.stored.assign(d.T, d.B);
+  r.total = d.T * d.B;
+  return r;
+}
+
+StepRows packed_rows(const PackedLayout& l) {
+  return StepRows{l.first_row, l.sizes, l.rows, true};
 }
 
 Tensor contig(const Tensor& t) { return t.contiguous(); }
@@ -211,6 +248,40 @@ StepSlice step_slice(const Dims& d, int64_t nr, const Team& team) {
   return sl;
 }
 
+// One call's sizes, row layout and per-sequence lengths, checked. With batch_sizes, x is a PackedSequence's
+// data [rows, I] and h0 / c0 are in its sorted order; lengths must then be absent (the layout carries them).
+struct LayerSetup {
+  Dims d;
+  StepRows rows;
+  std::vector<int64_t> len;
+};
+
+LayerSetup layer_setup(Cell cell, const Tensor& x, const Tensor& h0, const OptTensor& c0, const Tensor& w_ih,
+                       const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+                       const OptTensor& lengths, bool reverse, const OptTensor& batch_sizes) {
+  LayerSetup s;
+  if (!batch_sizes) {
+    s.d = layer_dims(cell, x, w_hh, h0, w_hr.has_value(), b_ih.has_value(), reverse);
+    check_args(s.d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
+    s.rows = padded_rows(s.d);
+    s.len = valid_lengths(s.d, lengths);
+    return s;
+  }
+  TORCH_CHECK(!lengths, "fusedrnn cpu: lengths must be None with batch_sizes (packed data carries its lengths)");
+  TORCH_CHECK(x.dim() == 2, "fusedrnn cpu: packed x must be [rows, I], got ", x.dim(), "-D");
+  const PackedLayout l = layout_of(*batch_sizes, std::nullopt, x.size(0), "fusedrnn cpu");
+  s.d = layer_dims(cell, l.T, l.B, x.size(1), w_hh, h0, w_hr.has_value(), b_ih.has_value(), reverse);
+  check_args(s.d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, std::nullopt, /*packed=*/true);
+  s.rows = packed_rows(l);
+  s.len = l.lengths();
+  return s;
+}
+
+// The shape of a per-row tensor of `width` columns: [T, B, width] padded, [rows, width] packed.
+std::vector<int64_t> row_shape(const Dims& d, const StepRows& sr, int64_t width) {
+  return sr.packed ? std::vector<int64_t>{sr.total, width} : std::vector<int64_t>{d.T, d.B, width};
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------
@@ -223,47 +294,55 @@ StepSlice step_slice(const Dims& d, int64_t nr, const Team& team) {
 inline int64_t projection_chunk(const Dims& d) { return std::clamp<int64_t>(64 / d.B, 1, d.T); }
 
 template <typename T>
-void forward_loop(const Dims& d, const std::vector<int64_t>& len, const T* x, const PackedB<T>& w_ih_t,
-                  T* x_gates, const PackedB<T>& w_hh_t,
+void forward_loop(const Dims& d, const StepRows& sr, const std::vector<int64_t>& len, const T* x,
+                  const PackedB<T>& w_ih_t, T* x_gates, const PackedB<T>& w_hh_t,
                   const T* bias, const T* bias_hn, const PackedB<T>& w_hr_t, T* h_buf, T* c, T* y, T* ws,
                   int64_t ws_stride, T* h_gates, T* r_buf, T* h_proj, bool gemms_done) {
   constexpr int64_t NR = kPanel<T>;
   const int64_t GH = d.G * d.H;
   run_team(loop_threads(d, NR), [&](Team team) {
     const StepSlice sl = step_slice(d, NR, team);
-    const int64_t rows = sl.b1 - sl.b0, j0 = sl.j0, n = sl.n, k0 = sl.k0, n_out = sl.n_out;
+    const int64_t j0 = sl.j0, n = sl.n, k0 = sl.k0, n_out = sl.n_out;
     const int64_t chunk = projection_chunk(d);
-    int64_t t_first = 0;  // earliest time of the current chunk
+    int64_t chunk_row = 0;  // first row of the current chunk (of its earliest time)
     for (int64_t s = 0; s < d.T; ++s) {
       const int64_t t = step_time(d, s);
+      // this thread's rows that step t stores: [b0, b_end) (all of its rows unless packed)
+      const int64_t b_end = std::min(sl.b1, sr.stored[t]);
       if (s % chunk == 0 && !gemms_done) {
         const int64_t steps = std::min(chunk, d.T - s);
-        t_first = d.reverse ? t - steps + 1 : t;
+        const int64_t t_first = d.reverse ? t - steps + 1 : t;
+        chunk_row = sr.first[t_first];
         if (!sl.shared && team.size > 1) {  // batch rows split: this thread's rows of each step
           for (int64_t i = 0; i < steps; ++i) {
-            const int64_t row = (t_first + i) * d.B + sl.b0;
-            gemm_panels<T>(rows, 0, w_ih_t.panels(), x + row * d.I, d.I, w_ih_t, T(0),
-                           x_gates + (i * d.B + sl.b0) * GH, GH);
+            const int64_t row = sr.at(t_first + i, sl.b0);
+            gemm_panels<T>(std::min(sl.b1, sr.stored[t_first + i]) - sl.b0, 0, w_ih_t.panels(), x + row * d.I, d.I,
+                           w_ih_t, T(0), x_gates + (row - chunk_row) * GH, GH);
           }
         } else {  // this thread's units, every row of the chunk
-          gemm_panels<T>(steps * d.B, sl.u0 * d.G, sl.u1 * d.G, x + t_first * d.B * d.I, d.I, w_ih_t, T(0),
-                         x_gates, GH);
+          const int64_t t_last = t_first + steps - 1;
+          gemm_panels<T>(sr.at(t_last, sr.stored[t_last]) - chunk_row, sl.u0 * d.G, sl.u1 * d.G,
+                         x + chunk_row * d.I, d.I, w_ih_t, T(0), x_gates, GH);
         }
       }
       const T* h_in = h_buf + (s % 2) * d.B * d.H_out;
       T* h_out = h_buf + ((s + 1) % 2) * d.B * d.H_out;
       if (!gemms_done) {
-        gemm_panels<T>(rows, sl.u0 * d.G, sl.u1 * d.G, h_in + sl.b0 * d.H_out, d.H_out, w_hh_t, T(0),
+        gemm_panels<T>(b_end - sl.b0, sl.u0 * d.G, sl.u1 * d.G, h_in + sl.b0 * d.H_out, d.H_out, w_hh_t, T(0),
                        h_gates + sl.b0 * GH, GH);
       }
-      const T* xg_t = x_gates + (t - t_first) * d.B * GH;
-      T* y_t = y + t * d.B * d.H_out;
-      T* ws_t = ws + t * d.B * ws_stride;  // ws_stride == 0: one scratch row block reused every step
+      const T* xg_t = x_gates + (sr.first[t] - chunk_row) * GH;
+      T* y_t = y + sr.first[t] * d.H_out;
+      T* ws_t = ws + sr.first[t] * ws_stride;  // ws_stride == 0: one scratch row block reused every step
       for (int64_t b = sl.b0; b < sl.b1; ++b) {
+        const int64_t hb = b * d.H_out + j0;
+        if (b >= b_end) {  // packed, this sequence has ended: its state passes through (projected: below)
+          if (!d.proj) std::copy(h_in + hb, h_in + hb + n, h_out + hb);
+          continue;
+        }
         const bool valid = t < len[b];
         const T* xg = xg_t + b * GH + j0;
         const T* hg = h_gates + b * GH + j0;
-        const int64_t hb = b * d.H_out + j0;
         T* w = ws_t + b * d.ws + j0;
         if (d.cell == Cell::LSTM) {
           lstm_forward_row<T>(d.H, n, xg, hg, bias + j0, c + b * d.H + j0, h_in + hb, h_out + hb, y_t + hb, w,
@@ -277,14 +356,14 @@ void forward_loop(const Dims& d, const std::vector<int64_t>& len, const T* x, co
       }
       if (d.proj) {  // h = W_hr r for valid rows (needs every unit of r); y row is zero for invalid ones
         if (sl.shared) team_barrier(team);
-        gemm_panels<T>(rows, sl.o0, sl.o1, r_buf + sl.b0 * d.H, d.H, w_hr_t, T(0), h_proj + sl.b0 * d.H_out,
-                       d.H_out);
+        gemm_panels<T>(b_end - sl.b0, sl.o0, sl.o1, r_buf + sl.b0 * d.H, d.H, w_hr_t, T(0),
+                       h_proj + sl.b0 * d.H_out, d.H_out);
         for (int64_t b = sl.b0; b < sl.b1; ++b) {
-          const bool valid = t < len[b];
+          const bool stored = b < b_end, valid = stored && t < len[b];
           for (int64_t j = k0; j < k0 + n_out; ++j) {
             const int64_t i = b * d.H_out + j;
             h_out[i] = valid ? h_proj[i] : h_in[i];
-            y_t[i] = valid ? h_proj[i] : T(0);
+            if (stored) y_t[i] = valid ? h_proj[i] : T(0);
           }
         }
       }
@@ -296,15 +375,17 @@ void forward_loop(const Dims& d, const std::vector<int64_t>& len, const T* x, co
 std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_rnn_layer(
     const std::string& cell_name, const Tensor& x_, const Tensor& h0_, const OptTensor& c0_, const Tensor& w_ih_,
     const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_, const OptTensor& w_hr_,
-    const OptTensor& lengths, bool reverse, bool need_workspace) {
+    const OptTensor& lengths, bool reverse, bool need_workspace, const OptTensor& batch_sizes) {
   const Cell cell = parse_cell(cell_name, "cpu");
   Tensor x = contig(x_), h0 = contig(h0_), w_ih = contig(w_ih_), w_hh = contig(w_hh_);
   OptTensor c0 = contig(c0_), b_ih = contig(b_ih_), b_hh = contig(b_hh_), w_hr = contig(w_hr_);
-  const Dims d = layer_dims(cell, x, w_hh, h0, w_hr.has_value(), b_ih.has_value(), reverse);
-  check_args(d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
-  const auto len = valid_lengths(d, lengths);
+  const LayerSetup setup = layer_setup(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, batch_sizes);
+  const Dims& d = setup.d;
+  const StepRows& sr = setup.rows;
+  const auto& len = setup.len;
+  const auto rows_shape = [&](int64_t width) { return row_shape(d, sr, width); };
   if (d.B == 0 || d.H == 0) {  // nothing to compute (and no division by the batch size below)
-    return {at::zeros({d.T, d.B, d.H_out}, x.options()), h0.clone(), c0 ? c0->clone() : at::empty({0}, x.options()),
+    return {at::zeros(rows_shape(d.H_out), x.options()), h0.clone(), c0 ? c0->clone() : at::empty({0}, x.options()),
             at::zeros({need_workspace ? d.T : 0, d.B, d.ws}, x.options())};
   }
 
@@ -318,11 +399,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_rnn_layer(
   const bool single_step = d.T == 1;
   Tensor x_gates = single_step ? at::mm(x.view({d.B, d.I}), w_ih.t())
                                : scratch(Scratch::kGates, {projection_chunk(d) * d.B, GH}, x.scalar_type());
-  Tensor y = at::empty({d.T, d.B, d.H_out}, x.options());
+  Tensor y = at::empty(rows_shape(d.H_out), x.options());
   Tensor h_buf = at::empty({2, d.B, d.H_out}, x.options());
   std::memcpy(h_buf.data_ptr(), h0.data_ptr(), h0.nbytes());  // h_buf[0] (contiguous, same dtype: checked)
   Tensor c = c0 ? c0->clone() : at::empty({0}, x.options());
-  Tensor ws = need_workspace ? at::empty({d.T, d.B, d.ws}, x.options()) : at::empty({0}, x.options());
+  Tensor ws = need_workspace ? at::empty(rows_shape(d.ws), x.options()) : at::empty({0}, x.options());
   // Without a workspace the rows still write one: a scratch block reused every step (stride 0).
   Tensor ws_scratch = need_workspace ? Tensor() : scratch(Scratch::kWorkspace, {d.B, d.ws}, x.scalar_type());
   Tensor h_gates = single_step ? at::mm(h0, w_hh.t()) : scratch(Scratch::kStepGates, {d.B, GH}, x.scalar_type());
@@ -349,7 +430,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_rnn_layer(
     const auto w_hh_t = single_step ? PackedB<T>()
                                     : pack_b<T>(Scratch::kPackRec, w_hh.data_ptr<T>(), d.H_out, d.G, d.H, 1, d.H_out);
     const auto w_hr_t = d.proj ? pack_b<T>(Scratch::kPackProj, w_hr->data_ptr<T>(), d.H, 1, d.H_out, 1, d.H) : PackedB<T>();
-    forward_loop<T>(d, len, x.data_ptr<T>(), w_ih_t, x_gates.data_ptr<T>(), w_hh_t, bias.data_ptr<T>(), bias_hn.data_ptr<T>(), w_hr_t,
+    forward_loop<T>(d, sr, len, x.data_ptr<T>(), w_ih_t, x_gates.data_ptr<T>(), w_hh_t, bias.data_ptr<T>(), bias_hn.data_ptr<T>(), w_hr_t,
                     h_buf.data_ptr<T>(), c0 ? c.data_ptr<T>() : nullptr, y.data_ptr<T>(),
                     (need_workspace ? ws : ws_scratch).data_ptr<T>(), need_workspace ? d.ws : 0,
                     h_gates.data_ptr<T>(), r_buf.data_ptr<T>(), h_proj.data_ptr<T>(), single_step);
@@ -414,16 +495,17 @@ FUSEDRNN_ISA_LEVELS(rnn_backward_row, (int64_t n, const T* __restrict__ h, const
 // ---------------------------------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------------------------------
-// Fills prev [T, B, W] with the state each valid step started from: states[previous_time] or init.
+// Fills prev (rows as sr, W wide) with the state each valid step started from: states[previous_time] or init.
 template <typename T>
-void gather_previous(const Dims& d, const std::vector<int64_t>& len, const T* states, int64_t stride,
-                     int64_t width, const T* init, T* prev) {
-  at::parallel_for(0, d.T * d.B, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t t = idx / d.B, b = idx % d.B;
-      const int64_t tp = t < len[b] ? previous_time(d, t, len[b]) : -1;
-      const T* src = tp >= 0 ? states + (tp * d.B + b) * stride : init + b * width;
-      std::copy(src, src + width, prev + idx * width);
+void gather_previous(const Dims& d, const StepRows& sr, const std::vector<int64_t>& len, const T* states,
+                     int64_t stride, int64_t width, const T* init, T* prev) {
+  at::parallel_for(0, d.T, std::max<int64_t>(1, 64 / d.B), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t b = 0; b < sr.stored[t]; ++b) {
+        const int64_t tp = t < len[b] ? previous_time(d, t, len[b]) : -1;
+        const T* src = tp >= 0 ? states + sr.at(tp, b) * stride : init + b * width;
+        std::copy(src, src + width, prev + sr.at(t, b) * width);
+      }
     }
   });
 }
@@ -441,23 +523,26 @@ void take_valid_rows(const Dims& d, const std::vector<int64_t>& len, int64_t t, 
 }
 
 // The reverse loop, split over the team as the forward (StepSlice). Each step's gate gradients go to their
-// own [t] slice of grad_xg / grad_hg, so one barrier per step suffices: the GEMM of step t reads every
-// unit's gate gradients of step t while faster threads already write step t-1's.
+// own rows of grad_xg / grad_hg, so one barrier per step suffices: the GEMM of step t reads every unit's gate
+// gradients of step t while faster threads already write step t-1's. Rows a packed step does not store
+// (ended sequences) are skipped: their gradients pass through unchanged.
 template <typename T>
-void backward_loop(const Dims& d, const std::vector<int64_t>& len, const PackedB<T>& w_hh, const PackedB<T>& w_hr,
-                   const T* y, const T* ws, const T* h_prev_all, const T* c0, const T* grad_y, T* grad_h, T* grad_c,
-                   T* grad_xg, T* grad_hg, T* grad_out_all, T* grad_r, T* grad_h_next, bool state_gemm_after) {
+void backward_loop(const Dims& d, const StepRows& sr, const std::vector<int64_t>& len, const PackedB<T>& w_hh,
+                   const PackedB<T>& w_hr, const T* y, const T* ws, const T* h_prev_all, const T* c0,
+                   const T* grad_y, T* grad_h, T* grad_c, T* grad_xg, T* grad_hg, T* grad_out_all, T* grad_r,
+                   T* grad_h_next, bool state_gemm_after) {
   constexpr int64_t NR = kPanel<T>;
   const int64_t GH = d.G * d.H;
   run_team(loop_threads(d, NR), [&](Team team) {
     const StepSlice sl = step_slice(d, NR, team);
-    const int64_t rows = sl.b1 - sl.b0, j0 = sl.j0, n = sl.n, k0 = sl.k0, n_out = sl.n_out;
+    const int64_t j0 = sl.j0, n = sl.n, k0 = sl.k0, n_out = sl.n_out;
     for (int64_t s = d.T - 1; s >= 0; --s) {
       const int64_t t = step_time(d, s);
+      const int64_t b_end = std::min(sl.b1, sr.stored[t]), row0 = sr.first[t];
       // grad_out = dL/dh_t for valid rows (zero for invalid ones: that step did nothing).
-      const T* gy_t = grad_y + t * d.B * d.H_out;
-      T* gout = grad_out_all + t * d.B * d.H_out;
-      for (int64_t b = sl.b0; b < sl.b1; ++b) {
+      const T* gy_t = grad_y + row0 * d.H_out;
+      T* gout = grad_out_all + row0 * d.H_out;
+      for (int64_t b = sl.b0; b < b_end; ++b) {
         const bool valid = t < len[b];
         for (int64_t j = k0; j < k0 + n_out; ++j) {
           const int64_t i = b * d.H_out + j;
@@ -467,20 +552,21 @@ void backward_loop(const Dims& d, const std::vector<int64_t>& len, const PackedB
       const T* g_r = gout;
       if (d.proj) {  // dL/dr = grad_out @ W_hr (needs every unit of grad_out)
         if (sl.shared) team_barrier(team);
-        gemm_panels<T>(rows, sl.u0, sl.u1, gout + sl.b0 * d.H_out, d.H_out, w_hr, T(0), grad_r + sl.b0 * d.H, d.H);
+        gemm_panels<T>(b_end - sl.b0, sl.u0, sl.u1, gout + sl.b0 * d.H_out, d.H_out, w_hr, T(0),
+                       grad_r + sl.b0 * d.H, d.H);
         g_r = grad_r;
       }
-      T* gxg_t = grad_xg + t * d.B * GH;
-      T* ghg_t = d.cell == Cell::GRU ? grad_hg + t * d.B * GH : gxg_t;
-      const T* ws_t = ws ? ws + t * d.B * d.ws : nullptr;
-      const T* y_t = y + t * d.B * d.H_out;
-      const T* hp_t = h_prev_all + t * d.B * d.H_out;
-      for (int64_t b = sl.b0; b < sl.b1; ++b) {
+      T* gxg_t = grad_xg + row0 * GH;
+      T* ghg_t = d.cell == Cell::GRU ? grad_hg + row0 * GH : gxg_t;
+      const T* ws_t = ws ? ws + row0 * d.ws : nullptr;
+      const T* y_t = y + row0 * d.H_out;
+      const T* hp_t = h_prev_all + row0 * d.H_out;
+      for (int64_t b = sl.b0; b < b_end; ++b) {
         const bool valid = t < len[b];
         T* gx = gxg_t + b * GH + j0;
         if (d.cell == Cell::LSTM) {
           const int64_t tp = valid ? previous_time(d, t, len[b]) : -1;
-          const T* c_prev = tp >= 0 ? ws + (tp * d.B + b) * d.ws + 4 * d.H : c0 + b * d.H;
+          const T* c_prev = tp >= 0 ? ws + sr.at(tp, b) * d.ws + 4 * d.H : c0 + b * d.H;
           lstm_backward_row<T>(d.H, n, ws_t + b * d.ws + j0, c_prev + j0, g_r + b * d.H + j0,
                                grad_c + b * d.H + j0, gx, valid);
         } else if (d.cell == Cell::GRU) {
@@ -493,9 +579,9 @@ void backward_loop(const Dims& d, const std::vector<int64_t>& len, const PackedB
       // dL/dh_{t-1} = grad_hg @ W_hh (+ GRU's direct term): needs every unit's gate gradients.
       if (state_gemm_after) break;  // single step: the caller runs it on at::mm
       if (sl.shared) team_barrier(team);
-      gemm_panels<T>(rows, sl.o0, sl.o1, ghg_t + sl.b0 * GH, GH, w_hh, d.cell == Cell::GRU ? T(1) : T(0),
+      gemm_panels<T>(b_end - sl.b0, sl.o0, sl.o1, ghg_t + sl.b0 * GH, GH, w_hh, d.cell == Cell::GRU ? T(1) : T(0),
                      grad_h_next + sl.b0 * d.H_out, d.H_out);
-      take_valid_rows<T>(d, len, t, sl.b0, sl.b1, k0, n_out, grad_h_next, grad_h);
+      take_valid_rows<T>(d, len, t, sl.b0, b_end, k0, n_out, grad_h_next, grad_h);
     }
   });
 }
@@ -504,17 +590,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_r
     const std::string& cell_name, const Tensor& x_, const Tensor& h0_, const OptTensor& c0_, const Tensor& w_ih_,
     const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_, const OptTensor& w_hr_,
     const OptTensor& lengths, bool reverse, const Tensor& y_, const Tensor& ws_, const Tensor& grad_y_,
-    const Tensor& grad_h_n, const OptTensor& grad_c_n) {
+    const Tensor& grad_h_n, const OptTensor& grad_c_n, const OptTensor& batch_sizes) {
   const Cell cell = parse_cell(cell_name, "cpu");
   Tensor x = contig(x_), h0 = contig(h0_), w_ih = contig(w_ih_), w_hh = contig(w_hh_);
   OptTensor c0 = contig(c0_), b_ih = contig(b_ih_), b_hh = contig(b_hh_), w_hr = contig(w_hr_);
   Tensor y = contig(y_), ws = contig(ws_), grad_y = contig(grad_y_);
-  const Dims d = layer_dims(cell, x, w_hh, h0, w_hr.has_value(), b_ih.has_value(), reverse);
-  check_args(d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
-  TORCH_CHECK(ws.numel() == d.T * d.B * d.ws,
+  const LayerSetup setup = layer_setup(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, batch_sizes);
+  const Dims& d = setup.d;
+  const StepRows& sr = setup.rows;
+  const auto& len = setup.len;
+  const int64_t rows = sr.total;
+  TORCH_CHECK(ws.numel() == rows * d.ws,
               "fusedrnn cpu: workspace of ", ws.numel(), " elements does not match this call (expected ",
-              d.T * d.B * d.ws, "): was the forward run with need_workspace=True?");
-  const auto len = valid_lengths(d, lengths);
+              rows * d.ws, "): was the forward run with need_workspace=True?");
+  TORCH_CHECK(y.numel() == rows * d.H_out && grad_y.numel() == rows * d.H_out,
+              "fusedrnn cpu: y and grad_y must have ", rows * d.H_out, " elements, got ", y.numel(), " and ",
+              grad_y.numel());
   const int64_t GH = d.G * d.H;
   auto opts = x.options();
   if (d.B == 0 || d.H == 0) {  // no step computed anything: the state gradients pass through, the rest is 0
@@ -529,22 +620,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_r
   Tensor grad_h = grad_h_n.contiguous().clone();
   Tensor grad_c = cell == Cell::LSTM ? (grad_c_n ? grad_c_n->contiguous().clone() : at::zeros_like(*c0))
                                      : at::empty({0}, opts);
-  Tensor grad_xg = scratch(Scratch::kGradGates, {d.T, d.B, GH}, x.scalar_type());
-  Tensor grad_hg = cell == Cell::GRU ? scratch(Scratch::kGradGatesH, {d.T, d.B, GH}, x.scalar_type()) : grad_xg;
-  Tensor grad_out_all = scratch(Scratch::kGradOut, {d.T, d.B, d.H_out}, x.scalar_type());
+  Tensor grad_xg = scratch(Scratch::kGradGates, {rows, GH}, x.scalar_type());
+  Tensor grad_hg = cell == Cell::GRU ? scratch(Scratch::kGradGatesH, {rows, GH}, x.scalar_type()) : grad_xg;
+  Tensor grad_out_all = scratch(Scratch::kGradOut, {rows, d.H_out}, x.scalar_type());
   Tensor grad_r = d.proj ? scratch(Scratch::kStepRows, {d.B, d.H}, x.scalar_type()) : Tensor();
   Tensor grad_h_next = scratch(Scratch::kStepProj, {d.B, d.H_out}, x.scalar_type());
-  Tensor h_prev_all = scratch(Scratch::kPrevState, {d.T, d.B, d.H_out}, x.scalar_type());
+  Tensor h_prev_all = scratch(Scratch::kPrevState, {rows, d.H_out}, x.scalar_type());
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fusedrnn_cpu_rnn_layer_backward", [&] {
-    gather_previous<scalar_t>(d, len, y.data_ptr<scalar_t>(), d.H_out, d.H_out, h0.data_ptr<scalar_t>(),
+    gather_previous<scalar_t>(d, sr, len, y.data_ptr<scalar_t>(), d.H_out, d.H_out, h0.data_ptr<scalar_t>(),
                               h_prev_all.data_ptr<scalar_t>());
     const auto w_hh_p = single_step ? PackedB<scalar_t>()
                                     : pack_b<scalar_t>(Scratch::kPackRec, w_hh.data_ptr<scalar_t>(), d.G * d.H, 1,
                                                        d.H_out, d.H_out, 1);
     const auto w_hr_p = d.proj ? pack_b<scalar_t>(Scratch::kPackProj, w_hr->data_ptr<scalar_t>(), d.H_out, 1, d.H, d.H, 1)
                                : PackedB<scalar_t>();
-    backward_loop<scalar_t>(d, len, w_hh_p, w_hr_p,
+    backward_loop<scalar_t>(d, sr, len, w_hh_p, w_hr_p,
                             y.data_ptr<scalar_t>(), d.ws ? ws.data_ptr<scalar_t>() : nullptr,
                             h_prev_all.data_ptr<scalar_t>(), c0 ? c0->data_ptr<scalar_t>() : nullptr,
                             grad_y.data_ptr<scalar_t>(), grad_h.data_ptr<scalar_t>(),
@@ -561,10 +652,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_r
     });
   }
 
-  // Everything off the recurrence: one GEMM / reduction each over all T*B rows, on the packed kernel
+  // Everything off the recurrence: one GEMM / reduction each over all stored rows, on the packed kernel
   // (see the input projection in the forward for why not at::mm).
-  const int64_t rows = d.T * d.B;
-  Tensor grad_x = at::empty({d.T, d.B, d.I}, opts);
+  Tensor grad_x = at::empty(row_shape(d, sr, d.I), opts);
   Tensor grad_w_ih = at::empty({GH, d.I}, opts);
   Tensor grad_w_hh = at::empty({GH, d.H_out}, opts);
   if (single_step) {
@@ -613,11 +703,11 @@ TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
   m.def("cpu_loop_plan(str cell, int batch, int hidden, int hidden_out, bool proj, bool fp64) -> int[]",
         &cpu_loop_plan);
   m.def("cpu_rnn_layer(str cell, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
-        "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool need_workspace) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool need_workspace, "
+        "Tensor? batch_sizes=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_rnn_layer_backward(str cell, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
         "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, Tensor y, Tensor workspace, "
-        "Tensor grad_y, Tensor grad_h_n, Tensor? grad_c_n) "
+        "Tensor grad_y, Tensor grad_h_n, Tensor? grad_c_n, Tensor? batch_sizes=None) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

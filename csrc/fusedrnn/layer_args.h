@@ -28,13 +28,13 @@ struct LayerDims {
   int64_t ws;  // workspace row width per batch element (layout: fusedrnn/backends/base.py)
 };
 
-inline LayerDims layer_dims(Cell cell, const at::Tensor& x, const at::Tensor& w_hh, const at::Tensor& h0, bool proj,
-                            bool bias, bool reverse) {
+inline LayerDims layer_dims(Cell cell, int64_t T, int64_t B, int64_t I, const at::Tensor& w_hh, const at::Tensor& h0,
+                            bool proj, bool bias, bool reverse) {
   LayerDims d;
   d.cell = cell;
-  d.T = x.size(0);
-  d.B = x.size(1);
-  d.I = x.size(2);
+  d.T = T;
+  d.B = B;
+  d.I = I;
   d.G = num_gates(cell);
   d.H = w_hh.size(0) / d.G;
   d.H_out = h0.size(-1);
@@ -45,11 +45,16 @@ inline LayerDims layer_dims(Cell cell, const at::Tensor& x, const at::Tensor& w_
   return d;
 }
 
-inline void check_layer_shapes(const char* backend, const LayerDims& d, const at::Tensor& x, const at::Tensor& h0,
-                               const std::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                               const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-                               const std::optional<at::Tensor>& w_hr) {
-  TORCH_CHECK(x.dim() == 3 && d.T > 0, "fusedrnn ", backend, ": x must be [T>0, B, I]");
+inline LayerDims layer_dims(Cell cell, const at::Tensor& x, const at::Tensor& w_hh, const at::Tensor& h0, bool proj,
+                            bool bias, bool reverse) {
+  return layer_dims(cell, x.size(0), x.size(1), x.size(2), w_hh, h0, proj, bias, reverse);
+}
+
+// Everything check_layer_shapes checks but x (a packed x is [rows, I]: its caller checks it).
+inline void check_weight_shapes(const char* backend, const LayerDims& d, const at::Tensor& h0,
+                                const std::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                                const std::optional<at::Tensor>& w_hr) {
   TORCH_CHECK(w_ih.sizes() == at::IntArrayRef({d.G * d.H, d.I}), "fusedrnn ", backend, ": w_ih must be [G*H, I]");
   TORCH_CHECK(w_hh.sizes() == at::IntArrayRef({d.G * d.H, d.H_out}), "fusedrnn ", backend,
               ": w_hh must be [G*H, H_out]");
@@ -66,6 +71,14 @@ inline void check_layer_shapes(const char* backend, const LayerDims& d, const at
   }
   TORCH_CHECK(!w_hr || d.cell == Cell::LSTM, "fusedrnn ", backend, ": projection is LSTM-only");
   TORCH_CHECK(d.proj || d.H_out == d.H, "fusedrnn ", backend, ": H_out != H needs w_hr");
+}
+
+inline void check_layer_shapes(const char* backend, const LayerDims& d, const at::Tensor& x, const at::Tensor& h0,
+                               const std::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                               const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                               const std::optional<at::Tensor>& w_hr) {
+  TORCH_CHECK(x.dim() == 3 && d.T > 0, "fusedrnn ", backend, ": x must be [T>0, B, I]");
+  check_weight_shapes(backend, d, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
 }
 
 }  // namespace fusedrnn

@@ -38,15 +38,17 @@ class CpuBackend(Backend):
         args = (call.x, call.h0, call.c0, call.w_ih, call.w_hh, call.b_ih, call.b_hh, call.w_hr)
         return _to(args, torch.float32) if call.dtype in _WIDENED else args
 
-    def forward(self, call: LayerCall, need_workspace: bool):
+    # batch_sizes: call.x is a PackedSequence's data [rows, I] and the states are in its sorted order (the
+    # kernel's packed layout, used by the modules' PackedSequence path: fusedrnn.nn).
+    def forward(self, call: LayerCall, need_workspace: bool, batch_sizes=None):
         out = torch.ops.fusedrnn.cpu_rnn_layer(call.cell, *self._layer_args(call), call.lengths, call.reverse,
-                                               need_workspace)
+                                               need_workspace, batch_sizes)
         return tuple(_to(out, call.dtype)) if call.dtype in _WIDENED else out
 
-    def backward(self, call: LayerCall, y, workspace, grad_y, grad_h_n, grad_c_n):
+    def backward(self, call: LayerCall, y, workspace, grad_y, grad_h_n, grad_c_n, batch_sizes=None):
         state = (y, workspace, grad_y, grad_h_n, grad_c_n)
         if call.dtype in _WIDENED:
             state = _to(state, torch.float32)
         grads = torch.ops.fusedrnn.cpu_rnn_layer_backward(call.cell, *self._layer_args(call), call.lengths,
-                                                          call.reverse, *state)
+                                                          call.reverse, *state, batch_sizes)
         return tuple(_to(grads, call.dtype)) if call.dtype in _WIDENED else grads
