@@ -11,9 +11,9 @@ import os
 from typing import Optional
 
 import torch
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from fusedrnn import reference
+from fusedrnn import ops, reference
 
 FACTOR = 2.0
 # Fixed bounds for full precision (relative to max(1, |ref|)): fp64 agrees to rounding; fp32 to ~1e-6
@@ -248,3 +248,29 @@ def compare_calls(ref_fn, our_fn, args, ref_params, our_params, second_order: bo
         assert_close_to_torch(f"second derivative {i}", o, r)
         compared += 1
     return compared
+
+
+def packed_spec(cell, batch_sizes, lengths, reverse, data, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                compute_dtype=None):
+    """The spec of a layer call on packed data (cpu kernel, batch_sizes): the reference layer on the padded
+    sorted batch, its output packed back."""
+    x, _ = pad_packed_sequence(PackedSequence(data, batch_sizes))
+    kw = {} if compute_dtype is None else dict(compute_dtype=compute_dtype)
+    y, h_n, c_n = reference.rnn_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths, **kw)
+    return pack_padded_sequence(y, lengths).data, h_n, c_n
+
+
+def packed_fast(cell, batch_sizes, reverse, data, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+    """The cpu kernel on packed data, through fusedrnn's eager packed path."""
+    return ops.run_packed_layer(cell, data, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
+
+
+def outputs_and_grads(fn, args: dict, seed=1):
+    """run_and_grad for keyword tensors that may be None: fresh leaves, the outputs and every gradient."""
+    args = {n: (t.detach().clone().requires_grad_(True) if t is not None else None) for n, t in args.items()}
+    outs = [o for o in fn(**args) if o is not None]
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum() for o in outs)
+    names = [n for n, t in args.items() if t is not None]
+    grads = torch.autograd.grad(loss, [args[n] for n in names])
+    return outs, dict(zip(names, grads))

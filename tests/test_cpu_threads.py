@@ -7,10 +7,13 @@ import os
 
 import pytest
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import fusedrnn
 from fusedrnn import functional
-from helpers import CELLS, cast_args, check_inputs_not_modified, compare_with_reference, make_layer_args, run_and_grad
+
+from helpers import (CELLS, assert_close_to_reference, cast_args, check_inputs_not_modified, compare_with_reference,
+                     make_layer_args, outputs_and_grads, packed_fast, packed_spec, run_and_grad)
 
 pytestmark = pytest.mark.skipif(fusedrnn.extension_error() is not None, reason="needs the C++ extension")
 
@@ -112,3 +115,26 @@ def test_half_precision_is_computed_in_fp32(cell, proj, dtype, lengths, reverse)
 def test_inputs_are_not_modified(cell, proj, threads):
     a = make_layer_args(cell, 9, 4, 3, 40, proj=proj, dtype=torch.float32, lengths=[9, 2, 0, 5])
     check_inputs_not_modified(cell, a, fusedrnn.use_backend("cpu"))
+
+
+@pytest.mark.parametrize("threads", [2, 3], indirect=True)
+@pytest.mark.parametrize("split", list(SPLITS))
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_team_split_on_packed_data(split, threads, reverse):
+    """The same splits on a PackedSequence's data (StepRows): each thread's rows shrink with batch_sizes, a
+    row split's thread may have none left, and the input projection's chunks start at packed rows."""
+    T, B, H, proj = SPLITS[split]
+    cell = "lstm"
+    assert plan(cell, B, H, proj or H, bool(proj), torch.float64) == [threads, 0 if split.startswith("rows") else 1]
+    lengths = torch.tensor(sorted(((T - 7 * b) % T + 1 for b in range(B)), reverse=True))
+    args = make_layer_args(cell, T, B, 5, H, proj=proj)
+    packed = pack_padded_sequence(args["x"], lengths)
+    args = {n: args[n] for n in ("h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")}
+    args["data"] = packed.data
+    want_out, want_grads = outputs_and_grads(
+        lambda **a: packed_spec(cell, packed.batch_sizes, lengths, reverse, **a), args)
+    out, grads = outputs_and_grads(lambda **a: packed_fast(cell, packed.batch_sizes, reverse, **a), args)
+    for name, o, w in zip(("y", "h_n", "c_n"), out, want_out):
+        assert_close_to_reference(name, o, w)
+    for name, g in grads.items():
+        assert_close_to_reference(f"grad {name}", g, want_grads[name])

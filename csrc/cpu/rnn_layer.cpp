@@ -304,20 +304,25 @@ void forward_loop(const Dims& d, const StepRows& sr, const std::vector<int64_t>&
     const StepSlice sl = step_slice(d, NR, team);
     const int64_t j0 = sl.j0, n = sl.n, k0 = sl.k0, n_out = sl.n_out;
     const int64_t chunk = projection_chunk(d);
-    int64_t chunk_row = 0;  // first row of the current chunk (of its earliest time)
+    // x_gates rows of the current chunk. Split by units, every thread writes its own columns of all the
+    // chunk's rows, packed as x's (step t at first[t] - chunk_row). Split by rows, the threads run without a
+    // barrier, one possibly a chunk ahead: step t of the chunk keeps the padded stride (t - t_first) * B, so
+    // each thread's rows stay its own whatever the packing.
+    const bool rows_split = !sl.shared && team.size > 1;
+    int64_t t_first = 0, chunk_row = 0;
     for (int64_t s = 0; s < d.T; ++s) {
       const int64_t t = step_time(d, s);
       // this thread's rows that step t stores: [b0, b_end) (all of its rows unless packed)
       const int64_t b_end = std::min(sl.b1, sr.stored[t]);
       if (s % chunk == 0 && !gemms_done) {
         const int64_t steps = std::min(chunk, d.T - s);
-        const int64_t t_first = d.reverse ? t - steps + 1 : t;
+        t_first = d.reverse ? t - steps + 1 : t;
         chunk_row = sr.first[t_first];
-        if (!sl.shared && team.size > 1) {  // batch rows split: this thread's rows of each step
+        if (rows_split) {  // this thread's rows of each step
           for (int64_t i = 0; i < steps; ++i) {
-            const int64_t row = sr.at(t_first + i, sl.b0);
-            gemm_panels<T>(std::min(sl.b1, sr.stored[t_first + i]) - sl.b0, 0, w_ih_t.panels(), x + row * d.I, d.I,
-                           w_ih_t, T(0), x_gates + (row - chunk_row) * GH, GH);
+            gemm_panels<T>(std::min(sl.b1, sr.stored[t_first + i]) - sl.b0, 0, w_ih_t.panels(),
+                           x + sr.at(t_first + i, sl.b0) * d.I, d.I, w_ih_t, T(0), x_gates + (i * d.B + sl.b0) * GH,
+                           GH);
           }
         } else {  // this thread's units, every row of the chunk
           const int64_t t_last = t_first + steps - 1;
@@ -331,7 +336,7 @@ void forward_loop(const Dims& d, const StepRows& sr, const std::vector<int64_t>&
         gemm_panels<T>(b_end - sl.b0, sl.u0 * d.G, sl.u1 * d.G, h_in + sl.b0 * d.H_out, d.H_out, w_hh_t, T(0),
                        h_gates + sl.b0 * GH, GH);
       }
-      const T* xg_t = x_gates + (sr.first[t] - chunk_row) * GH;
+      const T* xg_t = x_gates + (rows_split ? (t - t_first) * d.B : sr.first[t] - chunk_row) * GH;
       T* y_t = y + sr.first[t] * d.H_out;
       T* ws_t = ws + sr.first[t] * ws_stride;  // ws_stride == 0: one scratch row block reused every step
       for (int64_t b = sl.b0; b < sl.b1; ++b) {

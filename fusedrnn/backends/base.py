@@ -10,6 +10,9 @@ backend for the backward, e.g. when `use_backend` was left in between), and test
       gru       W = 4H: sigmoid(r), sigmoid(z), tanh(n), W_hn h_{t-1} + b_hn
       rnn_*     W = 0: y itself holds h_t, and tanh' = 1 - h^2, relu' = [h > 0]
 
+On a PackedSequence's data (the cpu kernel's packed layout, fusedrnn.ops.run_packed_layer) x, y, the workspace
+and their gradients are packed the same way, [rows, *], with step t's rows at their packed positions.
+
 The previous state of step t is read back from y: y[t-1] (or y[t+1] reversed) while that step is valid,
 else h0 -- see `previous_states`.
 """
