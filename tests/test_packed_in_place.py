@@ -215,7 +215,7 @@ def test_other_backends_and_transforms_unpack():
         assert decisions.backends == ["reference"] and "packed" not in decisions[0].call
         torch.testing.assert_close(gru(packed)[0].data, want, rtol=0, atol=1e-12)
     ln = fusedrnn.LayerNormGRU(3, 4)
-    assert not ln._packed_in_place(packed, None, None)
+    assert not ln._in_place_ok(packed.data, None, None, packed.batch_sizes)
     params = dict(gru.named_parameters())
     data = packed.data
     run = lambda p, d: torch.func.functional_call(  # noqa: E731

@@ -81,14 +81,57 @@ Tensor padded_to_packed(const Tensor& padded_, const Tensor& batch_sizes, const 
   return data;
 }
 
+// The layout torch.nn.utils.rnn.pack_padded_sequence gives a batch of `lengths` (T padded steps):
+// (batch_sizes, sorted_indices, unsorted_indices), the indices empty under enforce_sorted. The order is
+// at::sort's (descending), the sort torch's function runs, so ties fall the same way. Lengths it would
+// refuse (outside [1, T], unsorted under enforce_sorted) give an empty batch_sizes: the caller then leaves
+// the call to torch's function, for torch's own error. Replaces ~10 tensor ops of Python (aminmax, the
+// order check, sort, arange, compare, sum: 0.2-0.3 ms a call between RNN calls at T=10, B=16).
+std::tuple<Tensor, Tensor, Tensor> packed_layout(const Tensor& lengths_, int64_t T, bool enforce_sorted) {
+  TORCH_CHECK(lengths_.device().is_cpu() && lengths_.dim() == 1 && at::isIntegralType(lengths_.scalar_type(), false),
+              "packed_layout: lengths: expected a 1-D integer CPU tensor, got ", lengths_.scalar_type(), " of shape ",
+              lengths_.sizes(), " on ", lengths_.device());
+  const Tensor lengths = lengths_.to(at::kLong).contiguous();
+  const int64_t B = lengths.numel();
+  const auto long_opts = at::TensorOptions().dtype(at::kLong);
+  const Tensor none = at::empty({0}, long_opts);
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  int64_t lo = B ? len[0] : 0, hi = 0;
+  bool ordered = true;
+  for (int64_t b = 0; b < B; ++b) {
+    lo = std::min(lo, len[b]);
+    hi = std::max(hi, len[b]);
+    ordered = ordered && (b == 0 || len[b - 1] >= len[b]);
+  }
+  if (B == 0 || lo < 1 || hi > T || (enforce_sorted && !ordered)) return {none, none, none};
+  Tensor sorted_indices = none, unsorted_indices = none, sorted_lengths = lengths;
+  if (!enforce_sorted) {
+    std::tie(sorted_lengths, sorted_indices) = at::sort(lengths, 0, /*descending=*/true);
+    unsorted_indices = at::empty({B}, long_opts);
+    const int64_t* order = sorted_indices.data_ptr<int64_t>();
+    int64_t* inverse = unsorted_indices.data_ptr<int64_t>();
+    for (int64_t r = 0; r < B; ++r) inverse[order[r]] = r;
+  }
+  Tensor batch_sizes = at::empty({hi}, long_opts);
+  const int64_t* sl = sorted_lengths.data_ptr<int64_t>();
+  int64_t* bs = batch_sizes.data_ptr<int64_t>();
+  for (int64_t t = 0, running = B; t < hi; ++t) {  // lengths descend: the running count only falls
+    while (running > 0 && sl[running - 1] <= t) --running;
+    bs[t] = running;
+  }
+  return {batch_sizes, sorted_indices, unsorted_indices};
+}
+
 }  // namespace
 }  // namespace fusedrnn::cpu
 
 TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
   m.def("cpu_packed_to_padded(Tensor data, Tensor batch_sizes, Tensor? sorted_indices) -> (Tensor, Tensor)");
   m.def("cpu_padded_to_packed(Tensor padded, Tensor batch_sizes, Tensor? sorted_indices) -> Tensor");
+  m.def("cpu_packed_layout(Tensor lengths, int T, bool enforce_sorted) -> (Tensor, Tensor, Tensor)");
 }
 TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
   m.impl("cpu_packed_to_padded", &fusedrnn::cpu::packed_to_padded);
   m.impl("cpu_padded_to_packed", &fusedrnn::cpu::padded_to_packed);
+  m.impl("cpu_packed_layout", &fusedrnn::cpu::packed_layout);
 }
