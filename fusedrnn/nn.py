@@ -638,14 +638,17 @@ class _RecurrentLayers(nn.Module):
 
     def _in_place_ok(self, data: Tensor, h0, c0, batch_sizes: Tensor) -> bool:
         """Whether the layers can run on packed `data` in place (ops.run_packed_layer): CPU tensors, the cpu
-        kernel chosen (auto or use_backend("cpu")), a cell it runs (not the LayerNorm / zoneout ones), plain
-        eager (no compile, tracing, transform, forward AD or autocast). Otherwise _forward unpacks."""
+        kernel chosen (use_backend("cpu"), or "auto" where it picks cpu for variable lengths), a cell it runs
+        (not the LayerNorm / zoneout ones), plain eager (no compile, tracing, transform, forward AD or
+        autocast). Otherwise _forward unpacks."""
         if data.device.type != "cpu" or data.dtype not in _PACKED_DTYPES or self._needs_ext() or \
                 data.shape[0] == 0 or data.shape[-1] == 0 or self.hidden_size == 0 or batch_sizes.numel() == 0 or \
                 torch._C._is_any_autocast_enabled() or forward_ad._current_level >= 0:
             return False
-        from .backends import current_backend
-        if current_backend() not in ("auto", "cpu") or not _cpu_packing(data):
+        from .backends import auto_takes_cpu_kernel_for_lengths, current_backend
+        setting = current_backend()
+        if not (setting == "cpu" or (setting == "auto" and auto_takes_cpu_kernel_for_lengths())) or \
+                not _cpu_packing(data):
             return False
         return plain_eager((self.cell, data, h0, c0, batch_sizes, *self._flat_weights))
 

@@ -240,3 +240,91 @@ def test_packed_module_skips_ended_rows():
         torch.testing.assert_close(pad_packed_sequence(out)[0][: lengths[b], b : b + 1], y_b, rtol=0, atol=1e-12)
         torch.testing.assert_close(h[:, b], h_b[:, 0], rtol=0, atol=1e-12)
         torch.testing.assert_close(c[:, b], c_b[:, 0], rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# lengths= as a packed call (fusedrnn.nn._run_lengths_packed) and the layout op behind both
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("enforce_sorted", [True, False], ids=["sorted", "unsorted"])
+@pytest.mark.parametrize("lengths", [[5, 5, 5, 5], [5, 2, 5, 1], [1], [3, 3, 1, 2, 3, 3, 2]],
+                         ids=["full", "ties", "B1", "B7-ties"])
+def test_packed_layout_op_is_torchs(lengths, enforce_sorted):
+    lengths = torch.tensor(lengths)
+    if enforce_sorted:
+        lengths = lengths.sort(descending=True).values
+    x = torch.randn(6, lengths.numel(), 2)
+    want = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
+    batch_sizes, sorted_indices, unsorted_indices = torch.ops.fusedrnn.cpu_packed_layout(lengths.int(), 6,
+                                                                                         enforce_sorted)
+    assert torch.equal(batch_sizes, want.batch_sizes) and batch_sizes.dtype == torch.int64
+    if enforce_sorted:
+        assert sorted_indices.numel() == 0 and unsorted_indices.numel() == 0
+    else:
+        assert torch.equal(sorted_indices, want.sorted_indices)
+        assert torch.equal(unsorted_indices, want.unsorted_indices)
+
+
+def test_packed_layout_op_refuses_with_an_empty_layout():
+    op = torch.ops.fusedrnn.cpu_packed_layout
+    for lengths, T, enforce_sorted in (([3, 0], 4, False), ([5, 2], 4, False), ([2, 3], 4, True),
+                                       ([], 4, False), ([-1, 2], 4, False)):
+        assert op(torch.tensor(lengths, dtype=torch.int64), T, enforce_sorted)[0].numel() == 0
+    with pytest.raises(RuntimeError, match=r"lengths: expected a 1-D integer CPU tensor"):
+        op(torch.tensor([2.0, 1.0]), 4, False)
+
+
+MODULES_LEN = {
+    "lstm-proj": (fusedrnn.LSTM, dict(proj_size=3)),
+    "gru-bi-2layers-batch-first": (fusedrnn.GRU, dict(num_layers=2, bidirectional=True, batch_first=True)),
+    "rnn-tanh": (fusedrnn.RNN, {}),
+}
+
+
+@pytest.mark.parametrize("lengths", [[8, 2, 5, 1, 3], [4, 2, 3, 1, 4]], ids=["max-T", "max-below-T"])
+@pytest.mark.parametrize("module_id", list(MODULES_LEN))
+def test_lengths_run_packed_when_it_pays_and_match_the_padded_path(module_id, lengths, monkeypatch):
+    cls, kw = MODULES_LEN[module_id]
+    torch.manual_seed(0)
+    module = cls(4, 5, **kw).double()
+    T, B = 8, 5
+    x = torch.randn(B, T, 4, dtype=torch.float64) if kw.get("batch_first") else torch.randn(T, B, 4, dtype=torch.float64)
+    lengths = torch.tensor(lengths)
+
+    def run(pays):
+        monkeypatch.setattr(fnn, "PACKING_PAYS", pays)
+        leaf = x.clone().requires_grad_(True)
+        decisions = fusedrnn.explain(module, leaf, lengths=lengths)
+        y, state = module(leaf, lengths=lengths)
+        states = state if isinstance(state, tuple) else (state,)
+        g = torch.Generator().manual_seed(1)
+        outs = [y, *states]
+        loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+        grads = torch.autograd.grad(loss, [leaf, *module.parameters()])
+        return decisions, outs, grads
+
+    packed_dec, packed_outs, packed_grads = run(0.85)
+    padded_dec, padded_outs, padded_grads = run(0.0)
+    assert all("packed" in d.call for d in packed_dec) and not any("packed" in d.call for d in padded_dec)
+    for a, b in zip(packed_outs, padded_outs):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for a, b in zip(packed_grads, padded_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+    # zeros past each end, as the padded path gives (and torch.nn's unpacked output)
+    y = packed_outs[0] if not kw.get("batch_first") else packed_outs[0].transpose(0, 1)
+    for b, n in enumerate(lengths.tolist()):
+        assert not y[n:, b].any()
+
+
+def test_lengths_that_do_not_pay_or_cannot_pack_stay_padded():
+    gru = fusedrnn.GRU(3, 4)
+    x = torch.randn(10, 4, 3)
+    for lengths in ([10, 10, 10, 9], [10, 0, 3, 2]):  # 97.5% of the rows; a length of 0 cannot be packed
+        decisions = fusedrnn.explain(gru, x, lengths=torch.tensor(lengths))
+        assert not any("packed" in d.call for d in decisions), lengths
+    assert all("packed" in d.call for d in fusedrnn.explain(gru, x, lengths=torch.tensor([10, 1, 3, 2])))
+    # and the padded path's own errors for bad lengths
+    with pytest.raises(ValueError, match=r"lengths: expected every length in \[0, 10\]"):
+        gru(x, lengths=torch.tensor([11, 1, 3, 2]))
+    with pytest.raises(TypeError, match=r"lengths: expected an integer dtype"):
+        gru(x, lengths=torch.tensor([1.0, 1.0, 3.0, 2.0]))

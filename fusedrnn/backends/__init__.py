@@ -94,6 +94,19 @@ def available_backends(device: Union[str, torch.device, torch.Tensor] = "cpu") -
     return [n for n in order if BACKENDS[n].unavailable_reason(dev) is None]
 
 
+def auto_takes_cpu_kernel_for_lengths() -> bool:
+    """Whether "auto" runs a variable-length CPU call on the cpu backend: no other fused backend that is
+    available comes before it (select_backend takes the first fused one for lengths). The modules' in-place
+    PackedSequence path runs the cpu kernel itself, so it asks this first."""
+    cpu = torch.device("cpu")
+    for name in PREFERENCE.get("cpu", DEFAULT_PREFERENCE):
+        if name == "cpu":
+            return True
+        if name not in ("aten", "reference") and BACKENDS[name].unavailable_reason(cpu) is None:
+            return False
+    return False
+
+
 def refusal(backend: Backend, call: LayerCall) -> Optional[str]:
     """Why `backend` cannot run `call`, or None."""
     return backend.unavailable_reason(call.device) or backend.unsupported_reason(call)

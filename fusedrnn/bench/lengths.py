@@ -8,9 +8,10 @@ padded. For each (cell, T) this times, with the same weights and the same batch 
     fusedrnn padded         the whole padded batch (auto)
     fusedrnn lengths=       module(padded, lengths=lengths)      (auto: a fused backend, see README)
     fusedrnn packed         module(PackedSequence)               (auto), with the caller's pack / pad
-    fusedrnn packed module  the module call alone on a PackedSequence built once (as a data loader hands it)
+    fusedrnn packed module  the module call alone on a PackedSequence built once (as a data loader hands it):
+                            on the CPU the layers run on the packed rows in place
     fusedrnn packed (fusedrnn pack/pad)  as "fusedrnn packed", with fusedrnn.pack_padded_sequence and
-                            fusedrnn.pad_packed_sequence (one C++ pass each on the CPU) in the caller's code
+                            fusedrnn.pad_packed_sequence (C++ on the CPU) in the caller's code
 fwd (no_grad) and fwd+bwd. Entry points: `python -m fusedrnn.bench --lengths` and bench/bench_lengths.py.
 """
 from __future__ import annotations
