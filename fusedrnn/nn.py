@@ -655,22 +655,24 @@ class _RecurrentLayers(nn.Module):
     def _forward_packed(self, packed: PackedSequence, h0: Optional[Tensor], c0: Optional[Tensor]):
         """The module on a PackedSequence, its data never unpacked (see _run_packed)."""
         batch = int(packed.batch_sizes[0])
-        if h0 is not None:
+        states_given = h0 is not None
+        if states_given:
             self._check_hx_rank(h0, c0, 3)
         h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
         h0 = self._initial_state(h0, packed.data, "hidden[0]" if self.cell == "lstm" else "hidden", h_out, batch)
         if self.cell == "lstm":
             c0 = self._initial_state(c0, packed.data, "hidden[1]", self.hidden_size, batch)
-        y, h_n, c_n = self._run_packed(packed, h0, c0)
+        y, h_n, c_n = self._run_packed(packed, h0, c0, states_given)
         output = PackedSequence(y, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
         return output, (h_n if c_n is None else (h_n, c_n))
 
-    def _run_packed(self, packed: PackedSequence, h0: Tensor, c0: Optional[Tensor]):
+    def _run_packed(self, packed: PackedSequence, h0: Tensor, c0: Optional[Tensor], states_given: bool):
         """(y data, h_n, c_n) of every layer on packed.data in place; h0 / c0 [L*D, B, *] in the caller's
-        order are put in the sequence's sorted order (as torch.nn's permute_hidden), h_n / c_n put back."""
-        if self.cell == "lstm":
+        order are put in the sequence's sorted order (as torch.nn's permute_hidden; zeros need not be), h_n /
+        c_n put back."""
+        if states_given and self.cell == "lstm":
             h0, c0 = self.permute_hidden((h0, c0), packed.sorted_indices)
-        else:
+        elif states_given:
             h0 = self.permute_hidden(h0, packed.sorted_indices)
         y, h_n, c_n = self._run(packed.data, h0, c0, None, batch_sizes=packed.batch_sizes)
         if c_n is not None:
@@ -679,7 +681,7 @@ class _RecurrentLayers(nn.Module):
             h_n = self.permute_hidden(h_n, packed.unsorted_indices)
         return y, h_n, c_n
 
-    def _run_lengths_packed(self, x: Tensor, h0: Tensor, c0: Optional[Tensor], lengths: Tensor):
+    def _run_lengths_packed(self, x: Tensor, h0: Tensor, c0: Optional[Tensor], lengths: Tensor, states_given: bool):
         """`lengths=` on the padded batch x [T, B, I] as a PackedSequence run in place (pack, layers, unpack:
         one C++ pass each), when it pays: the layers then skip every step past each sequence's end. None where
         it does not apply (see _in_place_ok; a length of 0 or out of range, which the padded path handles
@@ -695,7 +697,7 @@ class _RecurrentLayers(nn.Module):
         layout = (x.narrow(0, 0, batch_sizes.shape[0]), batch_sizes, sorted_indices)
         data = _CpuPaddedToPacked.apply(*layout) if _differentiated(x) else _cpu_packing_ops[1](*layout)
         packed = PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices)
-        y_data, h_n, c_n = self._run_packed(packed, h0, c0)
+        y_data, h_n, c_n = self._run_packed(packed, h0, c0, states_given)
         layout = (y_data, batch_sizes, sorted_indices)
         y = _CpuPackedToPadded.apply(*layout)[0] if _differentiated(y_data) else _cpu_packing_ops[0](*layout)[0]
         if y.shape[0] < T:  # every sequence ended before T: the steps after are zeros, as the padded path gives
@@ -751,7 +753,7 @@ class _RecurrentLayers(nn.Module):
                 self._plain_torch_layers():
             done = lane.module_call(self, x, h0, c0)  # the whole module in torch's kernel, when auto says so
         elif lengths is not None and packed is None:
-            done = self._run_lengths_packed(x, h0, c0, lengths)
+            done = self._run_lengths_packed(x, h0, c0, lengths, hx is not None)
         y, h_n, c_n = done if done is not None else self._run(x, h0, c0, lengths)
 
         if packed is not None:

@@ -280,26 +280,33 @@ MODULES_LEN = {
 }
 
 
+@pytest.mark.parametrize("with_hx", [False, True], ids=["no-hx", "hx"])
 @pytest.mark.parametrize("lengths", [[8, 2, 5, 1, 3], [4, 2, 3, 1, 4]], ids=["max-T", "max-below-T"])
 @pytest.mark.parametrize("module_id", list(MODULES_LEN))
-def test_lengths_run_packed_when_it_pays_and_match_the_padded_path(module_id, lengths, monkeypatch):
+def test_lengths_run_packed_when_it_pays_and_match_the_padded_path(module_id, lengths, with_hx, monkeypatch):
     cls, kw = MODULES_LEN[module_id]
     torch.manual_seed(0)
     module = cls(4, 5, **kw).double()
     T, B = 8, 5
     x = torch.randn(B, T, 4, dtype=torch.float64) if kw.get("batch_first") else torch.randn(T, B, 4, dtype=torch.float64)
     lengths = torch.tensor(lengths)
+    layers = kw.get("num_layers", 1) * (2 if kw.get("bidirectional") else 1)
+    hx = [torch.randn(layers, B, kw.get("proj_size") or 5, dtype=torch.float64)]
+    if cls is fusedrnn.LSTM:
+        hx.append(torch.randn(layers, B, 5, dtype=torch.float64))
 
     def run(pays):
         monkeypatch.setattr(fnn, "PACKING_PAYS", pays)
         leaf = x.clone().requires_grad_(True)
-        decisions = fusedrnn.explain(module, leaf, lengths=lengths)
-        y, state = module(leaf, lengths=lengths)
+        states0 = [t.clone().requires_grad_(True) for t in hx] if with_hx else []
+        arg = None if not with_hx else tuple(states0) if len(states0) == 2 else states0[0]
+        decisions = fusedrnn.explain(module, leaf, arg, lengths=lengths)
+        y, state = module(leaf, arg, lengths=lengths)
         states = state if isinstance(state, tuple) else (state,)
         g = torch.Generator().manual_seed(1)
         outs = [y, *states]
         loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
-        grads = torch.autograd.grad(loss, [leaf, *module.parameters()])
+        grads = torch.autograd.grad(loss, [leaf, *states0, *module.parameters()])
         return decisions, outs, grads
 
     packed_dec, packed_outs, packed_grads = run(0.85)
