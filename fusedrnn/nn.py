@@ -175,16 +175,22 @@ def _cpu_packing(data: Tensor) -> bool:
     return bool(_cpu_packing_ops) and data.device.type == "cpu" and plain_eager(("pack", data))
 
 
-# lengths= runs packed when its packed rows are at most this share of the padded ones. Measured (B=16, H=128,
-# LSTM / GRU, T 10 / 100, fwd / fwd+bwd, 2 Zen 3 cores), packed / padded cost of the same lengths= call:
-# 1.00-1.08x with no row skipped, 0.92-1.04x at 91% of the rows, 0.86-0.96x at 81%, 0.78-0.96x at 72%.
+# lengths= runs packed when (a) its packed rows are at most PACKING_PAYS of the padded ones and (b) the skipped
+# rows' multiply-adds (x3 with a backward) reach PACKING_MIN_MACS: the route's fixed cost (the layout, a copy
+# each way and their autograd nodes, ~0.2-0.3 ms between RNN calls on the 2 Zen 3 cores here) must be paid by
+# the work it skips. Measured there (B=16, H=128, packed / padded cost of the same lengths= call): with no row
+# skipped 1.00-1.08x; 0.92-1.04x at 91% of the rows, 0.86-0.96x at 81%, 0.78-0.96x at 72% (T 10 / 100);
+# at T=10, 62% of the rows, LSTM forward (8M multiply-adds skipped) 1.04-1.09x, forward+backward 0.88-0.93x.
 PACKING_PAYS = 0.85
+PACKING_MIN_MACS = 1 << 24
 
 
-def _packing_pays(batch_sizes: Tensor, T: int, B: int) -> bool:
-    """Whether `lengths=` runs faster packed (the steps past each end skipped, two more copies each way) than
-    padded: when the packed rows are at most PACKING_PAYS of the padded ones."""
-    return int(batch_sizes.sum()) <= PACKING_PAYS * T * B
+def _packing_pays(rows: int, T: int, B: int, row_macs: int, backward: bool) -> bool:
+    """Whether `lengths=` runs faster packed (the steps past each end skipped, a copy more each way) than
+    padded; rows: the packed rows (the sum of the lengths), row_macs: one row's multiply-adds through every
+    layer."""
+    skipped = T * B - rows
+    return rows <= PACKING_PAYS * T * B and skipped * row_macs * (3 if backward else 1) >= PACKING_MIN_MACS
 
 
 def _differentiated(t: Tensor) -> bool:
@@ -681,6 +687,17 @@ class _RecurrentLayers(nn.Module):
             h_n = self.permute_hidden(h_n, packed.unsorted_indices)
         return y, h_n, c_n
 
+    def _row_macs(self) -> int:
+        """Multiply-adds of one batch row of one step through every layer and direction (forward)."""
+        G, H = GATES[self.cell], self.hidden_size
+        H_out = self.proj_size or H
+        D = 2 if self.bidirectional else 1
+        per_row = 0
+        for layer in range(self.num_layers):
+            inputs = self.input_size if layer == 0 else D * H_out
+            per_row += D * (G * H * (inputs + H_out) + (H * H_out if self.proj_size else 0))
+        return per_row
+
     def _run_lengths_packed(self, x: Tensor, h0: Tensor, c0: Optional[Tensor], lengths: Tensor, states_given: bool):
         """`lengths=` on the padded batch x [T, B, I] as a PackedSequence run in place (pack, layers, unpack:
         one C++ pass each), when it pays: the layers then skip every step past each sequence's end. None where
@@ -690,9 +707,15 @@ class _RecurrentLayers(nn.Module):
         if not _cpu_packing(x) or lengths.dim() != 1 or lengths.numel() != B or lengths.device.type != "cpu" or \
                 lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
             return None  # what the padded path refuses, it refuses with its own message
+        backward = _differentiated(x) or (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (h0, c0, *self._flat_weights)))
+        row_macs = self._row_macs()
+        if T * B * row_macs * (3 if backward else 1) < PACKING_MIN_MACS:  # could not pay whatever the lengths
+            return None
+        if not _packing_pays(int(lengths.sum()), T, B, row_macs, backward):
+            return None
         batch_sizes, sorted_indices, unsorted_indices = _cpu_packing_ops[2](lengths, T, False)
-        if batch_sizes.numel() == 0 or not _packing_pays(batch_sizes, T, B) or \
-                not self._in_place_ok(x, h0, c0, batch_sizes):
+        if batch_sizes.numel() == 0 or not self._in_place_ok(x, h0, c0, batch_sizes):
             return None
         layout = (x.narrow(0, 0, batch_sizes.shape[0]), batch_sizes, sorted_indices)
         data = _CpuPaddedToPacked.apply(*layout) if _differentiated(x) else _cpu_packing_ops[1](*layout)

@@ -295,6 +295,8 @@ def test_lengths_run_packed_when_it_pays_and_match_the_padded_path(module_id, le
     if cls is fusedrnn.LSTM:
         hx.append(torch.randn(layers, B, 5, dtype=torch.float64))
 
+    monkeypatch.setattr(fnn, "PACKING_MIN_MACS", 0)  # tiny sizes: the share of skipped rows decides
+
     def run(pays):
         monkeypatch.setattr(fnn, "PACKING_PAYS", pays)
         leaf = x.clone().requires_grad_(True)
@@ -323,13 +325,24 @@ def test_lengths_run_packed_when_it_pays_and_match_the_padded_path(module_id, le
         assert not y[n:, b].any()
 
 
-def test_lengths_that_do_not_pay_or_cannot_pack_stay_padded():
+def test_lengths_that_do_not_pay_or_cannot_pack_stay_padded(monkeypatch):
     gru = fusedrnn.GRU(3, 4)
     x = torch.randn(10, 4, 3)
+
+    def packs(lengths, module=gru, x=x):  # explain() would run without autograd: record with it
+        with fusedrnn.backends.recording_decisions() as decisions:
+            module(x, lengths=torch.tensor(lengths))
+        return all("packed" in d.call for d in decisions)
+    # too little work skipped to pay for the packing: 24 rows of 84 multiply-adds
+    assert not packs([10, 1, 3, 2])
+    big = fusedrnn.GRU(64, 256)
+    assert packs([10, 1, 3, 2], big, torch.randn(10, 4, 64))  # 24 rows x 3*256*320: 5.9M, x3 with backward
+    with torch.no_grad():  # forward only: a third of that, under PACKING_MIN_MACS
+        assert not packs([10, 1, 3, 2], big, torch.randn(10, 4, 64))
+    monkeypatch.setattr(fnn, "PACKING_MIN_MACS", 0)
     for lengths in ([10, 10, 10, 9], [10, 0, 3, 2]):  # 97.5% of the rows; a length of 0 cannot be packed
-        decisions = fusedrnn.explain(gru, x, lengths=torch.tensor(lengths))
-        assert not any("packed" in d.call for d in decisions), lengths
-    assert all("packed" in d.call for d in fusedrnn.explain(gru, x, lengths=torch.tensor([10, 1, 3, 2])))
+        assert not packs(lengths), lengths
+    assert packs([10, 1, 3, 2])
     # and the padded path's own errors for bad lengths
     with pytest.raises(ValueError, match=r"lengths: expected every length in \[0, 10\]"):
         gru(x, lengths=torch.tensor([11, 1, 3, 2]))
