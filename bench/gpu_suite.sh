@@ -10,7 +10,9 @@
 #             every path vs cuDNN, LSTM H {256,768,1024} x B {1,16,64} x fp16/bf16 x fwd/fwd+bwd, the model's
 #             estimate beside each, and the synchronisation floor; 150 s), sanitize-quick (memcheck, racecheck
 #             on the tiny cases of every kernel, 90 s), emu-conformance (bench/emu_conformance.py: the
-#             emulator vs the GPU, 60 s). Results as for every run: the folder, its tarball, files in $OUT.
+#             emulator vs the GPU, 60 s), lengths (bench/bench_lengths.py: padded / packed / lengths=, torch.nn
+#             and fusedrnn, T 10 / 1000 fwd+bwd, issue #18; what is left, at most 40 s). Results as for every
+#             run: the folder, its tarball, files in $OUT.
 #
 #   env       nvidia-smi, driver, nvcc, compute-sanitizer, python/torch/triton versions, git commit -> env.txt
 #   build     FUSEDRNN_CUDA_ARCHS from nvidia-smi's compute capability (9.0 -> 90a), then
@@ -292,6 +294,9 @@ stage_quick() {
     [[ "$SUITE_DEVICE" == cuda ]] || emu_args=(--emu-only)
     STEP_CAP=60 step emu-conformance "$RESULTS/emu_conformance.log" "$PY" bench/emu_conformance.py "${emu_args[@]}" \
         || status=1
+    # issue #18's GPU row, in what time is left: padded / PackedSequence / lengths= for torch.nn and fusedrnn
+    STEP_CAP=40 step lengths "$RESULTS/lengths.log" "$PY" bench/bench_lengths.py --device "$SUITE_DEVICE" \
+        --seq-len 10,1000 --modes fwdbwd --repeats 10 --max-seconds 0.5 --json "$RESULTS/lengths.json" || status=1
     return $status
 }
 
