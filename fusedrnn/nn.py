@@ -660,6 +660,9 @@ class _RecurrentLayers(nn.Module):
 
     def _forward_packed(self, packed: PackedSequence, h0: Optional[Tensor], c0: Optional[Tensor]):
         """The module on a PackedSequence, its data never unpacked (see _run_packed)."""
+        if packed.sorted_indices is not None:  # a hand-made one must be a permutation, as unpacking checked
+            torch.ops.fusedrnn.cpu_check_packed_layout(packed.batch_sizes, packed.sorted_indices,
+                                                       packed.data.shape[0])
         batch = int(packed.batch_sizes[0])
         states_given = h0 is not None
         if states_given:

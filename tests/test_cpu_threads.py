@@ -118,13 +118,12 @@ def test_inputs_are_not_modified(cell, proj, threads):
 
 
 @pytest.mark.parametrize("threads", [2, 3], indirect=True)
-@pytest.mark.parametrize("split", list(SPLITS))
+@pytest.mark.parametrize("cell,split", CASES)
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-def test_team_split_on_packed_data(split, threads, reverse):
+def test_team_split_on_packed_data(cell, split, threads, reverse):
     """The same splits on a PackedSequence's data (StepRows): each thread's rows shrink with batch_sizes, a
     row split's thread may have none left, and the input projection's chunks start at packed rows."""
     T, B, H, proj = SPLITS[split]
-    cell = "lstm"
     assert plan(cell, B, H, proj or H, bool(proj), torch.float64) == [threads, 0 if split.startswith("rows") else 1]
     lengths = torch.tensor(sorted(((T - 7 * b) % T + 1 for b in range(B)), reverse=True))
     args = make_layer_args(cell, T, B, 5, H, proj=proj)

@@ -32,7 +32,7 @@ SHAPES = {  # T, B, I, H, lengths (sorted, longest first; None: random in [1, T]
     "T1-B1-H1": (1, 1, 2, 1, [1]),
     "T7-B3-H5": (7, 3, 4, 5, [7, 4, 1]),
     "T9-B5-H63-equal": (9, 5, 3, 63, [9, 9, 9, 9, 9]),
-    "T12-B17-H6": (12, 17, 5, 6, None),  # more rows than one thread's tile: rows split over the team
+    "T12-B17-H6": (12, 17, 5, 6, None),  # random lengths (one thread: test_cpu_threads splits the team)
 }
 
 
@@ -103,6 +103,28 @@ def test_packed_layer_gradcheck_and_double_backward(cell_id):
 
     assert torch.autograd.gradcheck(fn, leaves)
     assert torch.autograd.gradgradcheck(fn, leaves)  # create_graph=True: the differentiable spec path
+
+
+def test_modules_refuse_a_hand_made_layout():
+    """A PackedSequence whose sorted_indices is no permutation raises (as unpacking it did), naming it."""
+    gru = fusedrnn.GRU(2, 3)
+    packed = pack_padded_sequence(torch.randn(4, 3, 2), torch.tensor([2, 4, 1]), enforce_sorted=False)
+    bad = PackedSequence(packed.data, packed.batch_sizes, torch.tensor([0, 0, 1]), torch.tensor([0, 2, 1]))
+    with pytest.raises(RuntimeError, match=r"sorted_indices: expected a permutation of 0..2, got 0 at position 1"):
+        gru(bad)
+
+
+def test_packed_backward_refuses_mis_sized_state_gradients():
+    """The op's backward checks every state gradient's shape (a [1, 2] grad_h_n for B=3 corrupted memory)."""
+    args, batch_sizes, _ = _layer_args("lstm", None, 4, 3, 2, 3, [4, 2, 1])
+    call = ("lstm", args["data"], args["h0"], args["c0"], args["w_ih"], args["w_hh"], args["b_ih"], args["b_hh"],
+            None, None, False)
+    y, h_n, c_n, ws = torch.ops.fusedrnn.cpu_rnn_layer(*call, True, batch_sizes)
+    backward = torch.ops.fusedrnn.cpu_rnn_layer_backward
+    with pytest.raises(RuntimeError, match=r"grad_h_n must be \[B, H_out\] = \[3, 3\], got \[1, 2\]"):
+        backward(*call, y, ws, torch.ones_like(y), torch.zeros(1, 2, dtype=torch.float64), c_n, batch_sizes)
+    with pytest.raises(RuntimeError, match=r"grad_c_n must be an LSTM's \[B, H\] = \[3, 3\]"):
+        backward(*call, y, ws, torch.ones_like(y), h_n, torch.zeros(3, 1, dtype=torch.float64), batch_sizes)
 
 
 def test_packed_layer_refuses_bad_layouts():

@@ -122,6 +122,13 @@ std::tuple<Tensor, Tensor, Tensor> packed_layout(const Tensor& lengths_, int64_t
   return {batch_sizes, sorted_indices, unsorted_indices};
 }
 
+// Raises unless (batch_sizes, sorted_indices) over `rows` packed rows is a layout torch builds: the modules'
+// in-place path (fusedrnn/nn.py) checks a hand-made PackedSequence once a call, as the unpack path did
+// (index_select alone would take a sorted_indices with repeats and answer wrongly).
+void check_packed_layout(const Tensor& batch_sizes, const OptTensor& sorted_indices, int64_t rows) {
+  layout_of(batch_sizes, sorted_indices, rows, "PackedSequence");
+}
+
 }  // namespace
 }  // namespace fusedrnn::cpu
 
@@ -129,9 +136,11 @@ TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
   m.def("cpu_packed_to_padded(Tensor data, Tensor batch_sizes, Tensor? sorted_indices) -> (Tensor, Tensor)");
   m.def("cpu_padded_to_packed(Tensor padded, Tensor batch_sizes, Tensor? sorted_indices) -> Tensor");
   m.def("cpu_packed_layout(Tensor lengths, int T, bool enforce_sorted) -> (Tensor, Tensor, Tensor)");
+  m.def("cpu_check_packed_layout(Tensor batch_sizes, Tensor? sorted_indices, int rows) -> ()");
 }
 TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
   m.impl("cpu_packed_to_padded", &fusedrnn::cpu::packed_to_padded);
   m.impl("cpu_padded_to_packed", &fusedrnn::cpu::padded_to_packed);
   m.impl("cpu_packed_layout", &fusedrnn::cpu::packed_layout);
+  m.impl("cpu_check_packed_layout", &fusedrnn::cpu::check_packed_layout);
 }

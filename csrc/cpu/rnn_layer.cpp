@@ -611,6 +611,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_r
   TORCH_CHECK(y.numel() == rows * d.H_out && grad_y.numel() == rows * d.H_out,
               "fusedrnn cpu: y and grad_y must have ", rows * d.H_out, " elements, got ", y.numel(), " and ",
               grad_y.numel());
+  TORCH_CHECK(grad_h_n.sizes() == at::IntArrayRef({d.B, d.H_out}), "fusedrnn cpu: grad_h_n must be [B, H_out] = [",
+              d.B, ", ", d.H_out, "], got ", grad_h_n.sizes());
+  TORCH_CHECK(!grad_c_n || (cell == Cell::LSTM && grad_c_n->sizes() == at::IntArrayRef({d.B, d.H}) &&
+                            grad_c_n->scalar_type() == x.scalar_type()),
+              "fusedrnn cpu: grad_c_n must be an LSTM's [B, H] = [", d.B, ", ", d.H, "] of x's dtype");
+  TORCH_CHECK(grad_h_n.scalar_type() == x.scalar_type() && grad_y.scalar_type() == x.scalar_type() &&
+                  y.scalar_type() == x.scalar_type() && ws.scalar_type() == x.scalar_type(),
+              "fusedrnn cpu: y, workspace and the gradients must have x's dtype");
   const int64_t GH = d.G * d.H;
   auto opts = x.options();
   if (d.B == 0 || d.H == 0) {  // no step computed anything: the state gradients pass through, the rest is 0
