@@ -8,20 +8,7 @@
 // Built twice, like rnn_layer_cuda.cpp: FUSEDRNN_WITH_CUDA (CUDA tensors) and FUSEDRNN_EMU (cuda-emu, CPU tensors).
 #if defined(FUSEDRNN_WITH_CUDA) || defined(FUSEDRNN_EMU)
 
-#include <ATen/ATen.h>
-#include <torch/library.h>
-#ifdef FUSEDRNN_EMU
-#include "emu/torch_shim.h"
-#else
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#define FUSEDRNN_CUDA_OP(name) "cuda_" name
-#define FUSEDRNN_CUDA_KEY CUDA
-#define FUSEDRNN_CUDA_TENSORS "CUDA tensors"
-#endif
-
-#include <cuda_runtime_api.h>
+#include "cuda/op_glue.h"
 
 #include <array>
 #include <tuple>

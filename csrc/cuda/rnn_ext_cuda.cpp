@@ -14,20 +14,7 @@
 // ops fusedrnn::cuda_emu_ext_*, CPU tensors, the kernels emulated; csrc/emu/rnn_ext_cuda_emu.cpp).
 #if defined(FUSEDRNN_WITH_CUDA) || defined(FUSEDRNN_EMU)
 
-#include <ATen/ATen.h>
-#include <torch/library.h>
-#ifdef FUSEDRNN_EMU
-#include "emu/torch_shim.h"
-#else
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#define FUSEDRNN_CUDA_OP(name) "cuda_" name
-#define FUSEDRNN_CUDA_KEY CUDA
-#define FUSEDRNN_CUDA_TENSORS "CUDA tensors"
-#endif
-
-#include <cuda_runtime_api.h>
+#include "cuda/op_glue.h"
 
 #include <array>
 #include <optional>
@@ -35,12 +22,6 @@
 #include <tuple>
 
 #include "cuda/rnn_ext.h"
-
-#ifndef FUSEDRNN_EMU
-namespace fusedrnn::cuda {
-inline bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }  // as in rnn_layer_cuda.cpp
-}  // namespace fusedrnn::cuda
-#endif
 
 namespace fusedrnn::cuda::ext {
 namespace {

@@ -15,16 +15,9 @@
 // csrc/emu/: ops cuda_emu_*, the kernels emulated, cuBLAS on at::mm through csrc/emu/torch_shim.h).
 #if defined(FUSEDRNN_WITH_CUDA) || defined(FUSEDRNN_EMU)
 
-#include <ATen/ATen.h>
 #include <ATen/Context.h>
-#include <torch/library.h>
-#ifdef FUSEDRNN_EMU
-#include "emu/torch_shim.h"
-#else
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
+
+#include "cuda/op_glue.h"
 
 #include <limits>
 #include <optional>
@@ -39,18 +32,7 @@
 #include "fusedrnn/cell_math.h"
 #include "fusedrnn/layer_args.h"
 
-#ifndef FUSEDRNN_EMU
-#define FUSEDRNN_CUDA_OP(name) "cuda_" name
-#define FUSEDRNN_CUDA_KEY CUDA
-#define FUSEDRNN_CUDA_TENSORS "CUDA tensors"
-#endif
-
 namespace fusedrnn::cuda {
-#ifndef FUSEDRNN_EMU
-inline bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
-inline bool is_kernel_device(const c10::Device& d) { return d.is_cuda(); }
-#endif
-
 namespace {
 
 using at::Tensor;
