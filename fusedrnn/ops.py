@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from .backends import LayerCall, current_backend, record_decision, select_backend, use_backend, workspace_width
+from .backends import (BACKENDS, LayerCall, current_backend, record_decision, select_backend, use_backend,
+                       workspace_width)
 from .backends.reference import ReferenceBackend
 from .reference import GATES
 
@@ -107,17 +108,26 @@ def _require_workspace(ctx, op: str) -> None:
             f"call it through fusedrnn.functional.{op}, which sets it when gradients are needed")
 
 
+def _cotangents(cell: str, y: Tensor, h0: Tensor, c0: Optional[Tensor], grad_y, grad_h_n, grad_c_n):
+    """The incoming gradients of (y, h_n, c_n), zeros for the outputs nobody used; grad_c_n None unless LSTM."""
+    grad_y = torch.zeros_like(y) if grad_y is None else grad_y
+    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
+    if cell != "lstm":
+        return grad_y, grad_h_n, None
+    return grad_y, grad_h_n, torch.zeros_like(c0) if grad_c_n is None else grad_c_n
+
+
+def _present(grads, inputs) -> list:
+    """Each gradient, or None where its input was absent (the kernels return empty tensors for those)."""
+    return [g if t is not None else None for g, t in zip(grads, inputs)]
+
+
 def _rnn_layer_autograd(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
     _require_workspace(ctx, "rnn_layer")
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, y, workspace = ctx.saved_tensors
-    if grad_y is None:
-        grad_y = torch.zeros_like(y)
-    if grad_h_n is None:
-        grad_h_n = torch.zeros_like(h0)
-    if ctx.cell == "lstm" and grad_c_n is None:
-        grad_c_n = torch.zeros_like(c0)
+    grad_y, grad_h_n, grad_c_n = _cotangents(ctx.cell, y, h0, c0, grad_y, grad_h_n, grad_c_n)
     args = (ctx.cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ctx.reverse, y, workspace, grad_y,
-            grad_h_n, grad_c_n if ctx.cell == "lstm" else None)
+            grad_h_n, grad_c_n)
     if torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
         # create_graph=True (double backward) or a functorch transform (vmap over the backward:
         # is_grads_batched): the fast kernels' gradients are not differentiable, so these come from the
@@ -126,9 +136,7 @@ def _rnn_layer_autograd(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
     else:
         with use_backend(ctx.backend_setting):
             grads = (_backward if plain_eager(args) else rnn_layer_backward)(*args)
-    present = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    gx, gh0, gc0, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = (g if t is not None else None for g, t in zip(grads, present))
-    return None, gx, gh0, gc0, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr, None, None, None
+    return None, *_present(grads, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)), None, None, None
 
 
 rnn_layer.register_autograd(_rnn_layer_autograd, setup_context=_setup_context)
@@ -255,17 +263,6 @@ def run_layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tens
 # ~0.4 ms (12%). Under torch.compile, tracing, functorch transforms, forward AD and autocast the modules
 # unpack instead and call rnn_layer with lengths.
 # ---------------------------------------------------------------------------------------------------------
-_CPU = None  # the CpuBackend instance, looked up once
-
-
-def _cpu_backend():
-    global _CPU
-    if _CPU is None:
-        from .backends import BACKENDS
-        _CPU = BACKENDS["cpu"]
-    return _CPU
-
-
 def describe_packed_call(cell: str, data: Tensor, batch_sizes: Tensor, w_hh: Tensor, reverse: bool) -> str:
     return (f"{cell} packed rows={data.shape[0]} T={batch_sizes.shape[0]} B={int(batch_sizes[0])} "
             f"I={data.shape[1]} H={w_hh.shape[0] // GATES[cell]} {data.dtype} cpu"
@@ -287,7 +284,7 @@ class _PackedLayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cell, data, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
         call = LayerCall(cell, data, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, None, reverse)
-        y, h_n, c_n, workspace = _cpu_backend().forward(call, True, batch_sizes)
+        y, h_n, c_n, workspace = BACKENDS["cpu"].forward(call, True, batch_sizes)
         ctx.cell, ctx.reverse, ctx.batch_sizes = cell, reverse, batch_sizes
         ctx.save_for_backward(data, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, workspace)
         return y, h_n, c_n
@@ -296,21 +293,16 @@ class _PackedLayerFunction(torch.autograd.Function):
     def backward(ctx, grad_y, grad_h_n, grad_c_n):
         data, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, workspace = ctx.saved_tensors
         cell = ctx.cell
-        grad_y = torch.zeros_like(y) if grad_y is None else grad_y
-        grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
-        if cell == "lstm":
-            grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
-        else:
-            grad_c_n = None
+        grad_y, grad_h_n, grad_c_n = _cotangents(cell, y, h0, c0, grad_y, grad_h_n, grad_c_n)
         inputs = (data, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
         if torch.is_grad_enabled():  # create_graph=True: the gradients must themselves be differentiable
             grads = _differentiable_packed_backward(cell, data, ctx.batch_sizes, *inputs[1:], ctx.reverse, grad_y,
                                                     grad_h_n, grad_c_n)
         else:
             call = LayerCall(cell, *inputs, None, ctx.reverse)
-            grads = _cpu_backend().backward(call, y, workspace, grad_y, grad_h_n, grad_c_n, ctx.batch_sizes)
-        gx, gh0, gc0, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr = (g if t is not None else None for g, t in zip(grads, inputs))
-        return None, gx, None, gh0, gc0, gw_ih, gw_hh, gb_ih, gb_hh, gw_hr, None
+            grads = BACKENDS["cpu"].backward(call, y, workspace, grad_y, grad_h_n, grad_c_n, ctx.batch_sizes)
+        gx, *rest = _present(grads, inputs)
+        return None, gx, None, *rest, None
 
 
 def run_packed_layer(cell: str, data: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor,
@@ -327,7 +319,7 @@ def run_packed_layer(cell: str, data: Tensor, batch_sizes: Tensor, h0: Tensor, c
                                                  reverse)
     else:
         call = LayerCall(cell, *args, None, reverse)
-        y, h_n, c_n, _ = _cpu_backend().forward(call, False, batch_sizes)
+        y, h_n, c_n, _ = BACKENDS["cpu"].forward(call, False, batch_sizes)
     return y, h_n, (c_n if cell == "lstm" else None)
 
 
@@ -454,22 +446,17 @@ def _rnn_layer_ext_autograd(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
     saved = ctx.saved_tensors
     inputs, (zoneout_h, zoneout_c, lengths, y, workspace) = saved[:_EXT_DIFFERENTIABLE], saved[_EXT_DIFFERENTIABLE:]
     x, h0, c0 = inputs[:3]
-    lstm = ctx.cell == "lstm"
-    grad_y = torch.zeros_like(y) if grad_y is None else grad_y
-    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
-    if lstm and grad_c_n is None:
-        grad_c_n = torch.zeros_like(c0)
+    grad_y, grad_h_n, grad_c_n = _cotangents(ctx.cell, y, h0, c0, grad_y, grad_h_n, grad_c_n)
     if torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
         # create_graph=True (double backward) or a transform over the backward: the row kernels' gradients
         # are not differentiable; these come from the spec (one recomputation of the forward in PyTorch ops)
         grads = differentiable_ext_backward(ctx.cell, *inputs, zoneout_h, zoneout_c, lengths, ctx.reverse,
-                                            grad_y, grad_h_n, grad_c_n if lstm else None)
+                                            grad_y, grad_h_n, grad_c_n)
     else:
         with use_backend(ctx.backend_setting):
             grads = rnn_layer_ext_backward(ctx.cell, *inputs, zoneout_h, zoneout_c, lengths, ctx.reverse, y,
-                                           workspace, grad_y, grad_h_n, grad_c_n if lstm else None)
-    grads = [g if t is not None else None for g, t in zip(grads, inputs)]
-    return None, *grads, None, None, None, None, None
+                                           workspace, grad_y, grad_h_n, grad_c_n)
+    return None, *_present(grads, inputs), None, None, None, None, None
 
 
 rnn_layer_ext.register_autograd(_rnn_layer_ext_autograd, setup_context=_ext_setup_context)
