@@ -197,6 +197,23 @@ def _differentiated(t: Tensor) -> bool:
     return torch.is_grad_enabled() and t.requires_grad
 
 
+# The C++ pair with autograd only where a gradient flows (an autograd.Function's apply costs ~20 us).
+def _to_packed(padded: Tensor, batch_sizes: Tensor, sorted_indices: Optional[Tensor]) -> Tensor:
+    layout = (padded, batch_sizes, sorted_indices)
+    return _CpuPaddedToPacked.apply(*layout) if _differentiated(padded) else _cpu_packing_ops[1](*layout)
+
+
+def _to_padded(data: Tensor, batch_sizes: Tensor, sorted_indices: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    layout = (data, batch_sizes, sorted_indices)
+    return _CpuPackedToPadded.apply(*layout) if _differentiated(data) else _cpu_packing_ops[0](*layout)
+
+
+def _integer_lengths(lengths: Tensor, batch: int) -> bool:
+    """Whether `lengths` is what the C++ layout takes: a 1-D integer CPU tensor of one length per sequence."""
+    return lengths.device.type == "cpu" and lengths.dim() == 1 and lengths.numel() == batch and \
+        not (lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool)
+
+
 def pack_padded_sequence(input: Tensor, lengths, batch_first: bool = False,
                          enforce_sorted: bool = True) -> PackedSequence:
     """torch.nn.utils.rnn.pack_padded_sequence, the same PackedSequence out; on CPU tensors two C++ calls (the
@@ -219,9 +236,7 @@ def _cpu_pack(input, lengths, batch_first: bool, enforce_sorted: bool) -> Option
             lens = torch.as_tensor(lengths)
         except (TypeError, ValueError, RuntimeError):  # torch's function gives its own message for it
             return None
-    B = input.shape[0] if batch_first else input.shape[1]
-    if lens.device.type != "cpu" or lens.dim() != 1 or lens.numel() != B or lens.dtype.is_floating_point or \
-            lens.dtype.is_complex or lens.dtype == torch.bool:
+    if not _integer_lengths(lens, input.shape[0] if batch_first else input.shape[1]):
         return None
     T = input.shape[1] if batch_first else input.shape[0]
     batch_sizes, sorted_indices, unsorted_indices = _cpu_packing_ops[2](lens, T, enforce_sorted)
@@ -231,9 +246,7 @@ def _cpu_pack(input, lengths, batch_first: bool, enforce_sorted: bool) -> Option
     x = x.narrow(0, 0, batch_sizes.shape[0])
     if enforce_sorted:
         sorted_indices = unsorted_indices = None
-    layout = (x, batch_sizes, sorted_indices)
-    data = _CpuPaddedToPacked.apply(*layout) if _differentiated(x) else _cpu_packing_ops[1](*layout)
-    return PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices)
+    return PackedSequence(_to_packed(x, batch_sizes, sorted_indices), batch_sizes, sorted_indices, unsorted_indices)
 
 
 def pad_packed_sequence(sequence: PackedSequence, batch_first: bool = False, padding_value: float = 0.0,
@@ -243,9 +256,7 @@ def pad_packed_sequence(sequence: PackedSequence, batch_first: bool = False, pad
     total_length that adds steps go to torch's function."""
     if isinstance(sequence, PackedSequence) and padding_value == 0 and _cpu_packing(sequence.data) and \
             total_length in (None, sequence.batch_sizes.shape[0]):
-        layout = (sequence.data, sequence.batch_sizes, sequence.sorted_indices)
-        padded, lengths = _CpuPackedToPadded.apply(*layout) if _differentiated(sequence.data) else \
-            _cpu_packing_ops[0](*layout)
+        padded, lengths = _to_padded(sequence.data, sequence.batch_sizes, sequence.sorted_indices)
         return (padded.transpose(0, 1) if batch_first else padded), lengths
     return torch.nn.utils.rnn.pad_packed_sequence(sequence, batch_first, padding_value, total_length)
 
@@ -269,10 +280,7 @@ def _unpack(packed: PackedSequence):
         x, lengths = pad_packed_sequence(packed)
         return x, lengths.to(x.device), None
     if _cpu_packing(packed.data):
-        layout = (packed.data, packed.batch_sizes, packed.sorted_indices)
-        # the autograd.Function only where a gradient flows (its apply costs ~20 us)
-        x, lengths = _CpuPackedToPadded.apply(*layout) if _differentiated(packed.data) else \
-            _cpu_packing_ops[0](*layout)
+        x, lengths = _to_padded(packed.data, packed.batch_sizes, packed.sorted_indices)
         return x, lengths, "cpu"
     data, batch_sizes = packed.data, packed.batch_sizes
     T, B = batch_sizes.shape[0], int(batch_sizes[0])
@@ -288,8 +296,7 @@ def _unpack(packed: PackedSequence):
 def _repack(y: Tensor, packed: PackedSequence, lengths: Tensor, positions: Union[Tensor, str, None]) -> Tensor:
     """The packed data of y [T, B, *] (caller's batch order), laid out as `packed`'s."""
     if isinstance(positions, str):
-        layout = (y, packed.batch_sizes, packed.sorted_indices)
-        return _CpuPaddedToPacked.apply(*layout) if _differentiated(y) else _cpu_packing_ops[1](*layout)
+        return _to_packed(y, packed.batch_sizes, packed.sorted_indices)
     if positions is None:
         sorted_y = y if packed.sorted_indices is None else y.index_select(1, packed.sorted_indices)
         sorted_lengths, _ = torch.sort(lengths.cpu(), descending=True)
@@ -642,13 +649,14 @@ class _RecurrentLayers(nn.Module):
         stack = lambda states: states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)  # noqa: E731
         return layer_input, stack(h_n), (stack(c_n) if c0 is not None else None)
 
-    def _in_place_ok(self, data: Tensor, h0, c0, batch_sizes: Tensor) -> bool:
+    def _in_place_ok(self, data: Tensor, h0, c0, batch_sizes: Optional[Tensor] = None) -> bool:
         """Whether the layers can run on packed `data` in place (ops.run_packed_layer): CPU tensors, the cpu
         kernel chosen (use_backend("cpu"), or "auto" where it picks cpu for variable lengths), a cell it runs
         (not the LayerNorm / zoneout ones), plain eager (no compile, tracing, transform, forward AD or
         autocast). Otherwise _forward unpacks."""
         if data.device.type != "cpu" or data.dtype not in _PACKED_DTYPES or self._needs_ext() or \
-                data.shape[0] == 0 or data.shape[-1] == 0 or self.hidden_size == 0 or batch_sizes.numel() == 0 or \
+                data.shape[0] == 0 or data.shape[-1] == 0 or self.hidden_size == 0 or \
+                (batch_sizes is not None and batch_sizes.numel() == 0) or \
                 torch._C._is_any_autocast_enabled() or forward_ad._current_level >= 0:
             return False
         from .backends import auto_takes_cpu_kernel_for_lengths, current_backend
@@ -707,8 +715,7 @@ class _RecurrentLayers(nn.Module):
         it does not apply (see _in_place_ok; a length of 0 or out of range, which the padded path handles
         or refuses) or does not pay."""
         T, B = x.shape[0], x.shape[1]
-        if not _cpu_packing(x) or lengths.dim() != 1 or lengths.numel() != B or lengths.device.type != "cpu" or \
-                lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        if not _integer_lengths(lengths, B):
             return None  # what the padded path refuses, it refuses with its own message
         backward = _differentiated(x) or (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (h0, c0, *self._flat_weights)))
@@ -717,15 +724,13 @@ class _RecurrentLayers(nn.Module):
             return None
         if not _packing_pays(int(lengths.sum()), T, B, row_macs, backward):
             return None
-        batch_sizes, sorted_indices, unsorted_indices = _cpu_packing_ops[2](lengths, T, False)
-        if batch_sizes.numel() == 0 or not self._in_place_ok(x, h0, c0, batch_sizes):
+        if not self._in_place_ok(x, h0, c0):
             return None
-        layout = (x.narrow(0, 0, batch_sizes.shape[0]), batch_sizes, sorted_indices)
-        data = _CpuPaddedToPacked.apply(*layout) if _differentiated(x) else _cpu_packing_ops[1](*layout)
-        packed = PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices)
+        packed = _cpu_pack(x, lengths, batch_first=False, enforce_sorted=False)
+        if packed is None:  # a length of 0 or past T: the padded path takes or refuses it
+            return None
         y_data, h_n, c_n = self._run_packed(packed, h0, c0, states_given)
-        layout = (y_data, batch_sizes, sorted_indices)
-        y = _CpuPackedToPadded.apply(*layout)[0] if _differentiated(y_data) else _cpu_packing_ops[0](*layout)[0]
+        y = _to_padded(y_data, packed.batch_sizes, packed.sorted_indices)[0]
         if y.shape[0] < T:  # every sequence ended before T: the steps after are zeros, as the padded path gives
             y = torch.cat([y, y.new_zeros((T - y.shape[0],) + tuple(y.shape[1:]))])
         return y, h_n, c_n
