@@ -250,6 +250,16 @@ def compare_calls(ref_fn, our_fn, args, ref_params, our_params, second_order: bo
     return compared
 
 
+def packed_layer_args(cell: str, T: int, B: int, I: int, H: int, lengths, proj: int = 0, seed: int = 0):
+    """make_layer_args with x packed by `lengths` (sorted, longest first): (keyword arguments of packed_fast
+    without the batch_sizes -- data in place of x --, batch_sizes, lengths)."""
+    args = make_layer_args(cell, T, B, I, H, proj=proj, seed=seed, requires_grad=False)
+    lengths = torch.as_tensor(lengths)
+    packed = pack_padded_sequence(args["x"], lengths)
+    keep = {n: args[n] for n in ("h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")}
+    return dict(data=packed.data, **keep), packed.batch_sizes, lengths
+
+
 def packed_spec(cell, batch_sizes, lengths, reverse, data, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
                 compute_dtype=None):
     """The spec of a layer call on packed data (cpu kernel, batch_sizes): the reference layer on the padded

@@ -7,13 +7,12 @@ import os
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
-
 import fusedrnn
 from fusedrnn import functional
 
 from helpers import (CELLS, assert_close_to_reference, cast_args, check_inputs_not_modified, compare_with_reference,
-                     make_layer_args, outputs_and_grads, packed_fast, packed_spec, run_and_grad)
+                     make_layer_args, outputs_and_grads, packed_fast, packed_layer_args, packed_spec,
+                     run_and_grad)
 
 pytestmark = pytest.mark.skipif(fusedrnn.extension_error() is not None, reason="needs the C++ extension")
 
@@ -126,13 +125,9 @@ def test_team_split_on_packed_data(cell, split, threads, reverse):
     T, B, H, proj = SPLITS[split]
     assert plan(cell, B, H, proj or H, bool(proj), torch.float64) == [threads, 0 if split.startswith("rows") else 1]
     lengths = torch.tensor(sorted(((T - 7 * b) % T + 1 for b in range(B)), reverse=True))
-    args = make_layer_args(cell, T, B, 5, H, proj=proj)
-    packed = pack_padded_sequence(args["x"], lengths)
-    args = {n: args[n] for n in ("h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")}
-    args["data"] = packed.data
-    want_out, want_grads = outputs_and_grads(
-        lambda **a: packed_spec(cell, packed.batch_sizes, lengths, reverse, **a), args)
-    out, grads = outputs_and_grads(lambda **a: packed_fast(cell, packed.batch_sizes, reverse, **a), args)
+    args, batch_sizes, lengths = packed_layer_args(cell, T, B, 5, H, lengths, proj=proj)
+    want_out, want_grads = outputs_and_grads(lambda **a: packed_spec(cell, batch_sizes, lengths, reverse, **a), args)
+    out, grads = outputs_and_grads(lambda **a: packed_fast(cell, batch_sizes, reverse, **a), args)
     for name, o, w in zip(("y", "h_n", "c_n"), out, want_out):
         assert_close_to_reference(name, o, w)
     for name, g in grads.items():

@@ -14,10 +14,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 import fusedrnn
 from fusedrnn import nn as fnn
-from fusedrnn import reference
 from fusedrnn._extension import has_extension
 
-from helpers import assert_close_to_reference, outputs_and_grads, packed_fast, packed_spec
+from helpers import assert_close_to_reference, outputs_and_grads, packed_fast, packed_layer_args, packed_spec
 
 pytestmark = pytest.mark.skipif(not has_extension(), reason="needs the C++ extension")
 
@@ -36,21 +35,13 @@ SHAPES = {  # T, B, I, H, lengths (sorted, longest first; None: random in [1, T]
 }
 
 
-def _layer_args(cell, proj, T, B, I, H, lengths, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    G = reference.GATES[cell]
-    H_out = proj or H
-    r = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * 0.5).to(dtype)  # noqa: E731
-    if lengths is None:
+def _layer_args(cell, proj, T, B, I, H, lengths, seed=0):
+    if lengths is None:  # random in [1, T], one of T, sorted
+        g = torch.Generator().manual_seed(seed)
         lengths = torch.randint(1, T + 1, (B,), generator=g)
         lengths[0] = T
         lengths = lengths.sort(descending=True).values
-    lengths = torch.as_tensor(lengths)
-    x = r(T, B, I)
-    packed = pack_padded_sequence(x, lengths)
-    args = dict(data=packed.data, h0=r(B, H_out), c0=r(B, H) if cell == "lstm" else None, w_ih=r(G * H, I),
-                w_hh=r(G * H, H_out), b_ih=r(G * H), b_hh=r(G * H), w_hr=r(H_out, H) if proj else None)
-    return args, packed.batch_sizes, lengths
+    return packed_layer_args(cell, T, B, I, H, lengths, proj=proj or 0, seed=seed)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
